@@ -1,0 +1,38 @@
+"""The ``tcrlsd`` command line: tools people run by hand around the DVC stages.
+
+Each command lives in ``tcrlsd/commands/<module>.py`` and imports heavy libraries (torch,
+transformers, math-verify) inside its body, so ``tcrlsd --help`` and the light commands start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="tcrlsd",
+    help=(
+        "RLVR for math, densified by teacher critiques. The training iteration itself runs with "
+        "`dvc repro`; these commands grade answers, recompute and compare advantages offline, "
+        "and inspect what an iteration stored."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# (module under tcrlsd.commands, function, command name)
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+)
+
+for _module, _func, _name in COMMANDS:
+    app.command(_name)(getattr(importlib.import_module(f"tcrlsd.commands.{_module}"), _func))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Typed, frozen params: one ``params.yaml`` section per stage, one dataclass per section.
+
+Each library module that a stage drives defines its own frozen dataclass (``GenerateParams`` in
+``tcrlsd.generate``, ...); this module turns a YAML mapping into one, rejecting unknown keys with an
+error that names the valid ones, and checking each value's type. Presets in ``configs/`` are
+mappings of the same shape, deep-merged over ``params.yaml`` -- not a second config system.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+__all__ = ["ParamsError", "from_mapping", "load_section", "load_yaml", "merge"]
+
+T = TypeVar("T")
+
+
+class ParamsError(ValueError):
+    """A params file or section is wrong (unknown key, wrong type, missing section)."""
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge ``override`` into a copy of ``base`` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ParamsError as exc:
+                errors.append(str(exc))
+        raise ParamsError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ParamsError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        return tuple(_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, where)
+    return value
+
+
+def from_mapping(cls: type[T], data: dict | None, section: str) -> T:
+    """Build frozen dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"params section {section!r}: unknown key(s) {', '.join(unknown)}; "
+            f"valid keys: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _check_type(v, hints[k], f"params {section}.{k}") for k, v in data.items()}
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ParamsError(f"params section {section!r}: missing required key(s) {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ParamsError(f"params section {section!r}: {exc}") from None
+
+
+def load_section(path: str | os.PathLike, section: str, cls: type[T], preset: str | os.PathLike | None = None) -> T:
+    """Load ``section`` of the params file at ``path`` (a preset merged over it) into ``cls``."""
+    data = load_yaml(path)
+    if preset:
+        data = merge(data, load_yaml(preset))
+    if section not in data:
+        raise ParamsError(f"{path}: no section {section!r}; sections found: {', '.join(data) or '(none)'}")
+    return from_mapping(cls, data[section], section)

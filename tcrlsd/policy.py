@@ -1,0 +1,175 @@
+"""Policy checkpoints: the embedded tiny Llama, its trained tokenizer, and safe loading of any model.
+
+Every checkpoint, the embedded one or a real Llama/Qwen path, is a normal Hugging Face folder
+loaded through ``AutoModelForCausalLM`` / ``AutoTokenizer``. Weights load from safetensors only
+(``use_safetensors=True``: a folder with only a pickle ``.bin`` is refused), and
+``trust_remote_code`` stays off unless the caller turns it on.
+
+torch and transformers are imported inside the functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+__all__ = [
+    "TinyLlamaConfig",
+    "train_tokenizer",
+    "build_tiny_llama",
+    "save_policy",
+    "load_policy",
+    "load_tokenizer",
+    "encode_prompt",
+    "torch_dtype",
+]
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+
+@dataclass(frozen=True)
+class TinyLlamaConfig:
+    """Shape of the embedded default policy (a LlamaConfig, nothing model-specific elsewhere)."""
+
+    vocab_size: int = 384
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained on ``texts``, digits split one per token.
+
+    Byte-level means any text (critiques, LaTeX, garbage) encodes without unknown tokens; single
+    digits keep arithmetic learnable for a tiny model. Returns a ``PreTrainedTokenizerFast`` with
+    ``<s>``/``</s>``/``<pad>`` set and BOS prepended on encode.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_llama(tokenizer, config: TinyLlamaConfig = TinyLlamaConfig(), seed: int = 0):
+    """A randomly initialised Llama-architecture causal LM sized by ``config``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_theta=config.rope_theta,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model
+
+
+def save_policy(model, tokenizer, path: str | os.PathLike) -> Path:
+    """Save model (safetensors) and tokenizer as a Hugging Face folder, atomically."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def torch_dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(table)}") from None
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_policy(
+    path: str | os.PathLike,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)`` from a local Hugging Face folder, safetensors only, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    if p.exists() and not any(p.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"{p}: no *.safetensors weights; tcrlsd loads safetensors only (convert pickle .bin files first)"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    model.to(device)
+    model.eval()
+    return model, load_tokenizer(path, trust_remote_code)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered prompt, adding BOS only if the text does not already start with it.
+
+    A chat template renders the BOS itself; adding another would double it.
+    """
+    bos = tokenizer.bos_token
+    add_special = not (bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])

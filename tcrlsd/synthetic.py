@@ -1,0 +1,72 @@
+"""The synthetic task behind the embedded default: multi-step arithmetic with worked solutions.
+
+A problem is a chain of operations on a starting number ("Start with 12. Add 7, then multiply by
+3, then subtract 5. What is the result?"); its gold solution writes one step per line
+("12 + 7 = 19") and ends with the final answer in ``\\boxed{}``. The level is the number of
+operations, so difficulty is a dial: a tiny model learns level 1 quickly and level 4 slowly, which
+gives the mixed GRPO groups that RL needs. Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+__all__ = ["Problem", "make_problem", "make_problems", "solution_steps", "ANSWER_LINE"]
+
+ANSWER_LINE = "The answer is \\boxed{{{}}}."
+_OPS = {"add": "+", "subtract": "-", "multiply by": "*"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    problem: str
+    solution: str
+    answer: str
+    level: int
+    steps: tuple[tuple[int, str, int, int], ...]  # (left, op symbol, right, result)
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def make_problem(rng: random.Random, level: int, max_operand: int = 20) -> Problem:
+    """One problem with ``level`` operations; values stay non-negative and below 1000."""
+    value = rng.randint(2, max_operand)
+    start = value
+    words, steps = [], []
+    for _ in range(level):
+        choices = ["add", "subtract"] + (["multiply by"] if value <= 99 else [])
+        verb = rng.choice(choices)
+        op = _OPS[verb]
+        if op == "*":
+            b = rng.randint(2, 5)
+        elif op == "-":
+            if value < 2:
+                verb, op = "add", "+"
+                b = rng.randint(1, max_operand)
+            else:
+                b = rng.randint(1, min(value - 1, max_operand))
+        else:
+            b = rng.randint(1, max_operand)
+        result = _apply(value, op, b)
+        steps.append((value, op, b, result))
+        words.append(f"{verb} {b}")
+        value = result
+    chain = ", then ".join(words)
+    problem = f"Start with {start}. {chain[0].upper() + chain[1:]}. What is the result?"
+    solution = solution_steps(steps, value)
+    return Problem(problem, solution, str(value), level, tuple(steps))
+
+
+def solution_steps(steps, final: int) -> str:
+    lines = [f"{a} {op} {b} = {r}" for a, op, b, r in steps]
+    lines.append(ANSWER_LINE.format(final))
+    return "\n".join(lines)
+
+
+def make_problems(n: int, seed: int, levels: tuple[int, ...] = (1, 2, 3, 4), max_operand: int = 20) -> list[Problem]:
+    """``n`` problems, levels cycling through ``levels``, deterministic in ``seed``."""
+    rng = random.Random(seed)
+    return [make_problem(rng, levels[i % len(levels)], max_operand) for i in range(n)]
