@@ -35,6 +35,6 @@ class GenerationBackend(Protocol):
         """For each prompt (token ids), ``samples_per_prompt`` completions, in order.
 
         Deterministic: the same prompts, sampling config (seed included) and weights give the same
-        completions on CPU, whatever the batch composition.
+        completions on CPU.
         """
         ...
