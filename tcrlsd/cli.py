@@ -24,6 +24,7 @@ app = typer.Typer(
 
 # (module under tcrlsd.commands, function, command name)
 COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("preset", "preset", "preset"),
 )
 
 for _module, _func, _name in COMMANDS:

@@ -1,0 +1,32 @@
+"""`tcrlsd preset`: apply one of the method note's runs (configs/presets/) to params.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def preset(
+    name: str = typer.Argument(None, help="Preset name (grpo, rlsd_gold, rlsd_self, tc_rlsd_mult, tc_rlsd_add, tc_rlsd_hybrid) or a YAML path."),
+    params: Path = typer.Option(Path("params.yaml"), help="The params file to update."),
+    presets_dir: Path = typer.Option(Path("configs/presets"), help="Where named presets live."),
+    list_: bool = typer.Option(False, "--list", help="List the known presets and exit."),
+) -> None:
+    """Merge a preset's keys into params.yaml (comments kept); `dvc repro` then re-runs what changed."""
+    from tcrlsd.params import ParamsError
+    from tcrlsd.presets import apply_preset, list_presets, preset_path
+
+    if list_ or name is None:
+        for n in list_presets(presets_dir):
+            typer.echo(n)
+        return
+    try:
+        changes = apply_preset(params, preset_path(name, presets_dir))
+    except ParamsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    if not changes:
+        typer.echo(f"{params}: already matches preset {name}")
+    for key, old, new in changes:
+        typer.echo(f"{params}: {key}: {old} -> {new}")
