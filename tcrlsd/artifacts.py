@@ -32,6 +32,7 @@ from tcrlsd.schemas import SchemaError, validate
 __all__ = [
     "artifact_path",
     "read_artifact",
+    "artifact_files",
     "read_table",
     "write_table",
     "write_artifact",
@@ -43,6 +44,7 @@ __all__ = [
 
 _PART_RE = re.compile(r"^part-(\d{5})\.parquet$")
 MANIFEST = "_manifest.json"
+ROW_GROUP_ROWS = 1024
 
 
 def _tmp_name(path: Path) -> Path:
@@ -62,7 +64,9 @@ def write_table(table: pa.Table, path: str | os.PathLike, name: str | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=False, write_statistics=False)
+        # Small row groups let readers stream token-level artifacts with flat memory.
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=False, write_statistics=False,
+                       row_group_size=ROW_GROUP_ROWS)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -114,15 +118,15 @@ def _parts(folder: Path) -> list[Path]:
     return sorted(q for q in folder.iterdir() if _PART_RE.match(q.name))
 
 
-def read_artifact(path: str | os.PathLike, name: str, columns: list[str] | None = None) -> pa.Table:
-    """Read artifact ``name`` from a file or a folder of shards, validated and concatenated.
+def artifact_files(path: str | os.PathLike, name: str) -> list[Path]:
+    """The Parquet file(s) of artifact ``name`` at ``path``: the file itself or the folder's parts.
 
     A folder with a manifest must be complete (all its parts present); an incomplete one is an
     error that says how many parts are missing, so a half-finished stage is never read as whole.
     """
     p = artifact_path(path)
     if p.is_file():
-        return read_table(p, name, columns)
+        return [p]
     parts = _parts(p)
     man = p / MANIFEST
     if man.exists():
@@ -137,10 +141,18 @@ def read_artifact(path: str | os.PathLike, name: str, columns: list[str] | None 
             )
     if not parts:
         raise SchemaError(f"{p}: folder holds no part-NNNNN.parquet shards of {name}")
-    tables = [read_table(q, name if columns is None else None, columns) for q in parts]
+    return parts
+
+
+def read_artifact(path: str | os.PathLike, name: str, columns: list[str] | None = None) -> pa.Table:
+    """Read artifact ``name`` from a file or a folder of shards, validated and concatenated."""
+    files = artifact_files(path, name)
+    if len(files) == 1 and files[0] == artifact_path(path):
+        return read_table(files[0], name, columns)
+    tables = [read_table(q, name if columns is None else None, columns) for q in files]
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     if columns is None:
-        table = validate(table, name, source=str(p))
+        table = validate(table, name, source=str(artifact_path(path)))
     return table
 
 

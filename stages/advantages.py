@@ -1,0 +1,59 @@
+"""DVC stage ``advantages``: scores + verdicts + rollouts -> the ``advantages`` artifact and its metrics.
+
+    python stages/advantages.py --params params.yaml --rollouts data/iter-0000/rollouts \
+        --verdicts data/iter-0000/verdicts.parquet --scores data/iter-0000/scores \
+        [--critiques data/iter-0000/critiques] --out data/iter-0000/advantages.parquet \
+        --metrics data/iter-0000/metrics/advantages.json
+
+Params: section ``advantages`` (estimator, alpha, beta, lam0, lam_decay_steps, eps_w, norm_by_std,
+delta_clip). λ follows the schedule at the rollouts' ``iteration``. The scores are streamed batch by
+batch; the output is written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tcrlsd.advantages import AdvantagesParams, IterationInputs, compute_advantages
+from tcrlsd.artifacts import artifact_path, write_json
+from tcrlsd.params import ParamsError, load_section
+from tcrlsd.schemas import SchemaError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", required=True, help="params.yaml (section 'advantages')")
+    ap.add_argument("--preset", default=None, help="params-shaped YAML merged over --params")
+    ap.add_argument("--rollouts", required=True, help="rollouts artifact (NAME.parquet or NAME/ of shards)")
+    ap.add_argument("--verdicts", required=True, help="verdicts artifact")
+    ap.add_argument("--scores", required=True, help="scores artifact")
+    ap.add_argument("--critiques", default=None, help="critiques artifact: critique coverage from feedback_text")
+    ap.add_argument("--out", required=True, help="output advantages Parquet file")
+    ap.add_argument("--metrics", default=None, help="output metrics JSON")
+    args = ap.parse_args(argv)
+
+    try:
+        params = load_section(args.params, "advantages", AdvantagesParams, preset=args.preset)
+        inputs = IterationInputs(
+            rollouts=artifact_path(args.rollouts),
+            verdicts=artifact_path(args.verdicts),
+            scores=artifact_path(args.scores),
+            critiques=artifact_path(args.critiques) if args.critiques else None,
+        )
+        metrics = compute_advantages(inputs, params, args.out)  # validates inputs, writes atomically
+    except (ParamsError, SchemaError, FileNotFoundError, ValueError) as exc:
+        print(f"advantages: error: {exc}", file=sys.stderr)
+        return 2
+    if args.metrics:
+        write_json(metrics, args.metrics)
+    print(
+        f"advantages: {metrics['estimator']} λ={metrics['lam']:.4g} on {metrics['rollouts']} rollouts, "
+        f"{metrics['tokens']} tokens -> {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
