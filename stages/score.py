@@ -1,0 +1,61 @@
+"""DVC stage `score`: student and teacher log-probs of every response token.
+
+    python stages/score.py --params params.yaml --rollouts data/iter-0000/rollouts \
+        --critiques data/iter-0000/critiques --policy models/policy-0000 \
+        [--teacher-policy models/teacher-0000] --out data/iter-0000/scores \
+        [--shard i/N] --metrics data/iter-0000/metrics/score.json
+
+Writes the folder artifact ``scores/`` part by part (resumable; ``--shard i/N`` workers split the
+parts). The metrics JSON (Delta-gap and its spread over token positions, throughput) is written by
+whichever run finds the artifact complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tcrlsd.artifacts import ShardSpec, artifact_path, read_artifact, write_json
+from tcrlsd.params import load_section
+from tcrlsd.score import ScoreParams, build_inputs, checkpoint_digest, run_score, score_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", required=True, help="params.yaml (section `score`)")
+    ap.add_argument("--rollouts", required=True, help="rollouts artifact (file or folder of shards)")
+    ap.add_argument("--critiques", required=True, help="critiques artifact (file or folder of shards)")
+    ap.add_argument("--policy", required=True, help="student policy checkpoint folder")
+    ap.add_argument("--teacher-policy", default=None, help="teacher checkpoint folder (score.teacher lagged or ema)")
+    ap.add_argument("--out", required=True, help="scores artifact folder to write")
+    ap.add_argument("--shard", default=None, help="i/N: this worker does parts p with p %% N == i")
+    ap.add_argument("--metrics", default=None, help="metrics JSON, written once the artifact is complete")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+
+    params = load_section(args.params, "score", ScoreParams)
+    rollouts = read_artifact(args.rollouts, "rollouts")
+    critiques = read_artifact(args.critiques, "critiques")
+    inputs = build_inputs(rollouts, critiques, critiques_source=str(artifact_path(args.critiques)))
+    digests = {"rollouts": checkpoint_digest(artifact_path(args.rollouts)),
+               "critiques": checkpoint_digest(artifact_path(args.critiques))}
+    stats = run_score(rollouts, inputs, args.policy, args.out, params, teacher_policy=args.teacher_policy,
+                      shard=ShardSpec.parse(args.shard), input_digests=digests, progress=not args.no_progress)
+    if not stats.complete:
+        print(f"score: wrote {stats.parts_done} part(s); other parts still pending (other shards); "
+              "metrics are written by the run that completes the artifact", file=sys.stderr)
+        return 0
+    scores = read_artifact(args.out, "scores")  # validated: finite values, equal list lengths
+    metrics = score_metrics(scores, inputs)
+    metrics["teacher"] = params.teacher
+    metrics["teacher_checkpoint"] = scores.column("teacher_checkpoint")[0].as_py() if scores.num_rows else None
+    metrics["run"] = stats.as_dict()
+    if args.metrics:
+        write_json(metrics, args.metrics)
+    print(f"score: {metrics['rollouts']} rollouts, coverage {metrics['critique_coverage']}, "
+          f"delta_gap {metrics['delta_gap']}, {stats.as_dict()['tokens_per_s']} tok/s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
