@@ -25,6 +25,9 @@ app = typer.Typer(
 # (module under tcrlsd.commands, function, command name)
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("preset", "preset", "preset"),
+    ("grade", "grade", "grade"),
+    ("advantages", "recompute", "recompute"),
+    ("advantages", "compare", "compare"),
 )
 
 for _module, _func, _name in COMMANDS:

@@ -1,0 +1,58 @@
+"""DVC stage ``verify``: rollouts + prompts -> ``verdicts`` (reward per rollout) and metrics.
+
+    python stages/verify.py --params params.yaml --prompts data/prompts.parquet \
+        --rollouts data/iter-0000/rollouts --out data/iter-0000/verdicts.parquet \
+        --metrics data/iter-0000/metrics/verify.json
+
+Grading is cheap (milliseconds a row in worker processes), so the stage is not resumable part by
+part: it regrades everything and writes its outputs atomically (a killed run leaves the old files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from tcrlsd.artifacts import read_artifact, write_artifact, write_json
+from tcrlsd.params import ParamsError, load_section
+from tcrlsd.schemas import SchemaError
+from tcrlsd.verify import VerifyError, VerifyParams, WorkerStartError, verify_rollouts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", required=True, help="params.yaml (section 'verify')")
+    ap.add_argument("--preset", default=None, help="params-shaped YAML merged over --params")
+    ap.add_argument("--prompts", required=True, help="prompts Parquet (prompt_id, answer, source)")
+    ap.add_argument("--rollouts", required=True, help="rollouts artifact: NAME.parquet or a folder of shards")
+    ap.add_argument("--out", required=True, help="output verdicts Parquet file")
+    ap.add_argument("--metrics", default=None, help="output JSON: reward mean, counts by reason / source / grader")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = ap.parse_args(argv)
+
+    started = time.monotonic()
+    try:
+        params = load_section(args.params, "verify", VerifyParams, preset=args.preset)
+        prompts = read_artifact(args.prompts, "prompts")
+        rollouts = read_artifact(args.rollouts, "rollouts")
+        verdicts, metrics = verify_rollouts(rollouts, prompts, params, progress=not args.no_progress,
+                                            prompts_source=args.prompts)
+    except (ParamsError, SchemaError, FileNotFoundError, VerifyError, WorkerStartError) as exc:
+        print(f"verify: error: {exc}", file=sys.stderr)
+        return 2
+    write_artifact(verdicts, args.out, "verdicts")
+    if args.metrics:
+        write_json(metrics, args.metrics)
+    took = time.monotonic() - started
+    reasons = ", ".join(f"{k} {v}" for k, v in metrics["by_reason"].items() if v)
+    print(
+        f"verify: {verdicts.num_rows} rollouts, reward mean {metrics['reward_mean']:.4f} ({reasons}); "
+        f"{took:.1f} s; wrote {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
