@@ -1,0 +1,266 @@
+"""The generate stage: pick this iteration's training prompts and sample a GRPO group for each.
+
+Prompt selection walks the training prompts in epochs. Epoch e is a permutation of the train
+prompt ids (sorted by id first, so the file's row order does not matter) seeded by (seed, e);
+iteration k takes positions [k*P, (k+1)*P) of the concatenated epochs, P = ``prompts_per_step``.
+Every train prompt is therefore seen once per epoch. Where a step straddles two epochs, the
+new epoch's first prompts are reordered (stably) so that no prompt appears twice in one step --
+a prompt twice in a step would give two GRPO groups with the same rollout ids.
+
+The step's prompts are cut into ``num_parts`` contiguous parts (whole groups); each part is one
+``part-NNNNN.parquet`` of the ``rollouts`` folder, generated with sampling seed
+derive_seed(seed, iteration, part). Parts are the unit of sharing (``--shard i/N`` takes parts
+p % N == i) and of resuming (a finished part is never generated again while the manifest's
+fingerprint -- params, input file identities, iteration -- still matches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from tcrlsd.artifacts import (
+    ShardedOutput,
+    ShardSpec,
+    fingerprint_files,
+    read_artifact,
+    split_evenly,
+)
+from tcrlsd.generate_backends import BACKENDS, derive_seed
+from tcrlsd.generation import SamplingConfig
+from tcrlsd.schemas import SchemaError, schema_for
+
+__all__ = [
+    "GenerateParams",
+    "epoch_order",
+    "rollout_metrics",
+    "rollout_rows",
+    "run_generate",
+    "select_prompts",
+    "train_prompt_ids",
+]
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """The ``generate:`` section of params.yaml (documented there key by key)."""
+
+    backend: str = "transformers"
+    prompts_per_step: int = 32
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    seed: int = 0
+    num_parts: int = 4
+    device: str = "cpu"
+    dtype: str = "auto"
+    batch_size: int = 256
+    max_batch_tokens: int = 65536
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    trust_remote_code: bool = False
+    num_threads: int = 0
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"generate.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "num_parts", "batch_size",
+                     "max_batch_tokens", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"generate.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_threads < 0:
+            raise ValueError(f"generate.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}")
+        if self.temperature < 0:
+            raise ValueError(f"generate.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generate.top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"generate.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def backend_options(self) -> dict:
+        return {"device": self.device, "dtype": self.dtype, "trust_remote_code": self.trust_remote_code,
+                "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens,
+                "tensor_parallel_size": self.tensor_parallel_size,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "seed": self.seed}
+
+    def sampling(self, iteration: int, part: int) -> SamplingConfig:
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                              seed=derive_seed(self.seed, iteration, part))
+
+
+# --------------------------------------------------------------------------------------------------
+# prompt selection
+
+
+def train_prompt_ids(prompts: pa.Table, source: str | None = None) -> list[str]:
+    """The ids of the rows with split == "train", sorted (selection must not depend on row order)."""
+    ids = [pid for pid, split in zip(prompts.column("prompt_id").to_pylist(), prompts.column("split").to_pylist())
+           if split == "train"]
+    if not ids:
+        raise SchemaError(f"{source or 'prompts'}: no rows with split == 'train'; generate samples train prompts only")
+    return sorted(ids)
+
+
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    import numpy as np
+
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+    return rng.permutation(n).tolist()
+
+
+def epoch_order(n: int, prompts_per_step: int, seed: int, epochs: int) -> list[int]:
+    """Concatenated visiting order (indices into the sorted train ids) of the first ``epochs`` epochs."""
+    if prompts_per_step > n:
+        raise ValueError(
+            f"prompts_per_step = {prompts_per_step} exceeds the {n} train prompts; a step cannot hold a "
+            "prompt twice (rollout ids would collide): lower generate.prompts_per_step or add prompts"
+        )
+    order: list[int] = []
+    for e in range(epochs):
+        perm = _permutation(n, seed, e)
+        filled = (e * n) % prompts_per_step  # positions of the straddling step already taken
+        if filled:
+            taken = set(order[len(order) - filled:])
+            head = prompts_per_step - filled  # positions this epoch must fill in that step
+            ok = [x for x in perm if x not in taken]
+            first = ok[:head]
+            chosen = set(first)
+            perm = first + [x for x in perm if x not in chosen]
+        order.extend(perm)
+    return order
+
+
+def select_prompts(train_ids: Sequence[str], prompts_per_step: int, seed: int, iteration: int) -> list[str]:
+    """The ``prompts_per_step`` prompt ids of ``iteration``, in selection order."""
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    n = len(train_ids)
+    start, stop = iteration * prompts_per_step, (iteration + 1) * prompts_per_step
+    order = epoch_order(n, prompts_per_step, seed, epochs=-(-stop // n))
+    return [train_ids[i] for i in order[start:stop]]
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+def rollout_rows(prompt_ids, prompt_token_ids, groups, iteration: int) -> dict[str, list]:
+    """Columns of the rollouts table for prompts in order, each with its group of completions."""
+    cols: dict[str, list] = {f.name: [] for f in schema_for("rollouts")}
+    for pid, ptoks, group in zip(prompt_ids, prompt_token_ids, groups):
+        for j, c in enumerate(group):
+            cols["rollout_id"].append(f"{pid}#{j}")
+            cols["prompt_id"].append(pid)
+            cols["sample_idx"].append(j)
+            cols["iteration"].append(iteration)
+            cols["prompt_token_ids"].append(list(ptoks))
+            cols["response_token_ids"].append(list(c.token_ids))
+            cols["response_text"].append(c.text)
+            cols["finish_reason"].append(c.finish_reason)
+    return cols
+
+
+def rollout_metrics(rollouts: pa.Table) -> dict:
+    """Counts, mean response length and share of truncated responses of a rollouts table."""
+    import pyarrow.compute as pc
+
+    n = rollouts.num_rows
+    lengths = pc.list_value_length(rollouts.column("response_token_ids"))
+    n_length = pc.sum(pc.equal(rollouts.column("finish_reason"), "length")).as_py() or 0
+    return {
+        "rollouts": n,
+        "prompts": pc.count_distinct(rollouts.column("prompt_id")).as_py() if n else 0,
+        "response_tokens": int(pc.sum(lengths).as_py() or 0),
+        "mean_response_tokens": float(pc.mean(lengths).as_py()) if n else 0.0,
+        "max_response_tokens": int(pc.max(lengths).as_py()) if n else 0,
+        "share_finish_length": n_length / n if n else 0.0,
+    }
+
+
+def run_generate(
+    params: GenerateParams,
+    prompts_path: str | os.PathLike,
+    policy_path: str | os.PathLike,
+    iteration: int,
+    out: str | os.PathLike,
+    shard: ShardSpec | None = None,
+    progress: bool = True,
+) -> dict:
+    """Generate this worker's pending parts of iteration ``iteration`` into the folder ``out``.
+
+    Returns metrics: over the whole artifact when it is complete, else over the parts present, plus
+    what this call generated and its throughput.
+    """
+    from tcrlsd.generate_backends import make_backend
+    from tcrlsd.policy import encode_prompt, load_tokenizer
+
+    prompts = read_artifact(prompts_path, "prompts")
+    chosen = select_prompts(train_prompt_ids(prompts, str(prompts_path)), params.prompts_per_step, params.seed,
+                            iteration)
+    text_of = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
+    parts = split_evenly(len(chosen), params.num_parts)
+    fingerprint = {
+        "params": dataclasses.asdict(params),
+        "iteration": iteration,
+        "inputs": fingerprint_files([prompts_path, policy_path]),
+    }
+    output = ShardedOutput(out, "rollouts", len(parts), fingerprint)
+    pending = output.pending(shard or ShardSpec())
+    started = time.perf_counter()
+    new_rollouts = new_tokens = 0
+    if pending:
+        if params.num_threads:
+            import torch
+
+            torch.set_num_threads(params.num_threads)
+        tokenizer = load_tokenizer(policy_path, params.trust_remote_code)
+        backend = make_backend(params.backend, str(policy_path), **params.backend_options())
+        bar = _bar(sum(len(parts[p]) for p in pending) * params.samples_per_prompt, progress)
+        for p in pending:
+            ids = [chosen[i] for i in parts[p]]
+            ptoks = [encode_prompt(tokenizer, text_of[pid]) for pid in ids]
+            groups = backend.generate(ptoks, params.samples_per_prompt, params.sampling(iteration, p))
+            table = pa.Table.from_pydict(rollout_rows(ids, ptoks, groups, iteration), schema=schema_for("rollouts"))
+            output.write(p, table)
+            new_rollouts += table.num_rows
+            new_tokens += sum(len(c.token_ids) for g in groups for c in g)
+            bar.update(table.num_rows)
+            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+        bar.close()
+    seconds = time.perf_counter() - started
+    done = [p for p in range(len(parts)) if output.done(p)]
+    metrics = rollout_metrics(_read_parts(output, done)) if done else rollout_metrics(schema_for("rollouts").empty_table())
+    metrics.update({
+        "iteration": iteration,
+        "complete": output.complete(),
+        "parts_total": len(parts),
+        "parts_done": len(done),
+        "parts_generated_now": len(pending),
+        "rollouts_generated_now": new_rollouts,
+        "tokens_generated_now": new_tokens,
+        "seconds_generating": round(seconds, 3),
+        "tokens_per_second": round(new_tokens / seconds, 1) if new_tokens else 0.0,
+        "backend": params.backend,
+    })
+    return metrics
+
+
+def _read_parts(output: ShardedOutput, parts: list[int]) -> pa.Table:
+    from tcrlsd.artifacts import read_table
+
+    tables = [read_table(output.part_path(p), "rollouts") for p in parts]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="rollout", desc="generate", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True)
