@@ -32,7 +32,7 @@ SMALL = {
         {"name": "synthetic", "format": "synthetic", "split": "val", "path": None, "count": 16,
          "levels": [1, 2, 3, 4], "max_operand": 20},
     ]},
-    "warmstart": {"steps": 40, "sft_problems": 1500, "tokenizer_problems": 500},
+    "warmstart": {"steps": 60, "warmup_steps": 10, "sft_problems": 1500, "tokenizer_problems": 500},
     "generate": {"prompts_per_step": 6, "samples_per_prompt": 4, "num_parts": 2},
 }
 
