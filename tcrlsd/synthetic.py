@@ -5,6 +5,11 @@ A problem is a chain of operations on a starting number ("Start with 12. Add 7, 
 ("12 + 7 = 19") and ends with the final answer in ``\\boxed{}``. The level is the number of
 operations, so difficulty is a dial: a tiny model learns level 1 quickly and level 4 slowly, which
 gives the mixed GRPO groups that RL needs. Everything is a pure function of the seed.
+
+Every value stays in 0..VALUE_CAP (two digits) and multipliers are 2 or 3, so that the embedded
+0.9M-parameter policy learns the task in a few CPU minutes: carries in two-digit sums and
+differences are then what it still gets wrong, at every level. (With three-digit values and
+multipliers up to 5, the same 2000-step warm-start reached 9% greedy accuracy instead of 26%.)
 """
 
 from __future__ import annotations
@@ -31,25 +36,32 @@ def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
+VALUE_CAP = 99  # every start, operand and intermediate result stays in 0..VALUE_CAP
+MAX_MULTIPLIER = 3
+
+
 def make_problem(rng: random.Random, level: int, max_operand: int = 20) -> Problem:
-    """One problem with ``level`` operations; values stay non-negative and below 1000."""
+    """One problem with ``level`` operations; every value stays in 0..VALUE_CAP.
+
+    ``max_operand`` bounds the start number and the added / subtracted operands.
+    """
+    if not 2 <= max_operand <= VALUE_CAP - 1:
+        raise ValueError(f"max_operand must be in 2..{VALUE_CAP - 1}; got {max_operand}")
     value = rng.randint(2, max_operand)
     start = value
     words, steps = [], []
     for _ in range(level):
-        choices = ["add", "subtract"] + (["multiply by"] if value <= 99 else [])
+        # value >= 1 always (subtraction leaves at least 1), so "add" is always possible
+        choices = (["add"] if value < VALUE_CAP else []) + (["subtract"] if value >= 2 else [])
+        choices += ["multiply by"] if 2 * value <= VALUE_CAP else []
         verb = rng.choice(choices)
         op = _OPS[verb]
         if op == "*":
-            b = rng.randint(2, 5)
+            b = rng.randint(2, min(MAX_MULTIPLIER, VALUE_CAP // value))
         elif op == "-":
-            if value < 2:
-                verb, op = "add", "+"
-                b = rng.randint(1, max_operand)
-            else:
-                b = rng.randint(1, min(value - 1, max_operand))
+            b = rng.randint(1, min(value - 1, max_operand))
         else:
-            b = rng.randint(1, max_operand)
+            b = rng.randint(1, min(max_operand, VALUE_CAP - value))
         result = _apply(value, op, b)
         steps.append((value, op, b, result))
         words.append(f"{verb} {b}")
