@@ -14,8 +14,8 @@ app = typer.Typer(
     name="tcrlsd",
     help=(
         "RLVR for math, densified by teacher critiques. The training iteration itself runs with "
-        "`dvc repro`; these commands grade answers, recompute and compare advantages offline, "
-        "and inspect what an iteration stored."
+        "`dvc repro`; these commands grade answers, switch params.yaml to a preset run, and "
+        "recompute and compare advantages offline from what an iteration stored."
     ),
     no_args_is_help=True,
     add_completion=False,
