@@ -12,6 +12,14 @@ that GRPO groups mix right and wrong answers. This module builds one from nothin
    solution tokenised without special tokens (it starts with ``response_prefix``) and EOS. The
    generate stage appends sampled ids right after the prompt ids, so this is the format the model
    must produce there;
+   For a seeded ``teacher_context_fraction`` of the problems the condition is a TEACHER context
+   instead: a synthetic wrong attempt (one step's result off by a slip of 1..10 or a carry error of
+   10, the wrong value carried through the later steps), the reference critic's feedback on it
+   (``tcrlsd.critics.reference_critique``), rendered into the critique stage's ``teacher-critique``
+   template by ``tcrlsd.critique.render_teacher_prompt``, i.e. exactly the ``teacher_prompt`` that
+   stage writes; the target is still the correct solution. Without these the policy has never seen
+   a teacher context, and the score stage's teacher log-probs on feedback rows are out-of-distribution
+   noise (a Delta-gap of about -6 nats/token on every token);
 4. greedy accuracy on the ``val`` prompts (last ``\\boxed{}`` vs ``answer``, exact string).
 
 The SFT problems come from their own seed, and any problem whose text appears in the prompts
@@ -24,6 +32,10 @@ tokens, many small batches beat few large ones by far (8 x 4000 steps at lr 2e-3
 diverged). On prepare's default val set, 8 x 2500 / 2750 / 3000 steps at 1e-3 gave 31.5% / 28% /
 67%: the step count changes the whole cosine schedule, so nearby counts are not ordered; 3000
 (the default) is the one whose curve had settled (final loss 0.04 against 0.10).
+With teacher_context_fraction 0.25 (same seed, lr, batch): 3000 steps gave 58.5% (L1-L4 74 / 72 / 48 /
+40%), 2750 gave 40.5%, about 190 s of training for 2750 steps on 2 idle cores (teacher contexts are
+about twice as long as student prompts); on the default pipeline the Delta-gap went from -6.0 to
+-0.04 nats/token, with Delta clearly negative on the digits of the step the critique names.
 
 Everything is a function of the params: a fixed step count (never a wall-clock budget), seeded
 data order and initialisation, and a fixed thread count, so the same params give the same weights
@@ -34,6 +46,7 @@ torch, transformers and tokenizers are imported inside the functions: importing 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -52,6 +65,9 @@ __all__ = [
     "build_tokenizer",
     "sft_problems",
     "sft_example",
+    "wrong_attempt",
+    "teacher_context",
+    "sft_examples",
     "collate",
     "response_loss",
     "lr_at",
@@ -80,6 +96,8 @@ class WarmstartParams:
     # tokenizer
     vocab_size: int = 512
     tokenizer_problems: int = 4000
+    # share of SFT problems shown in a teacher context (problem + critique of a wrong attempt)
+    teacher_context_fraction: float = 0.25
     # model shape (a LlamaConfig)
     hidden_size: int = 128
     intermediate_size: int = 352
@@ -111,6 +129,8 @@ class WarmstartParams:
         for name in ("steps", "batch_size", "sft_problems", "vocab_size", "eval_max_new_tokens", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not 0 <= self.teacher_context_fraction <= 1:
+            raise ValueError(f"teacher_context_fraction must be in [0, 1]; got {self.teacher_context_fraction}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}]; got {self.warmup_steps}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -225,6 +245,7 @@ class SftExample:
     input_ids: tuple[int, ...]  # prompt ids + response ids
     labels: tuple[int, ...]  # IGNORE on the prompt, the response ids (EOS included) after it
     prompt_len: int
+    teacher_context: bool = False  # the prompt is a teacher context (problem + feedback), not the student's
 
 
 def _norm(text: str) -> str:
@@ -252,6 +273,79 @@ def sft_example(tokenizer, prompt_text: str, response_text: str) -> SftExample:
     prompt = encode_prompt(tokenizer, prompt_text)
     response = list(tokenizer(response_text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
     return SftExample(tuple(prompt + response), tuple([IGNORE] * len(prompt) + response), len(prompt))
+
+
+def wrong_attempt(problem: Problem, rng: random.Random) -> str:
+    """A plausible WRONG solution of ``problem``, the way the tiny policy errs.
+
+    One step gets a wrong result -- a carry error (off by 10) or an arithmetic slip of 1..10 either
+    way -- and the wrong value is carried through the remaining steps, which are computed right from
+    it; the last result is boxed. Values stay >= 0 (the draw is retried; the last try is clamped).
+    """
+    from tcrlsd.synthetic import solution_steps
+
+    steps = problem.steps
+    for attempt in range(20):
+        k = rng.randrange(len(steps))
+        a, op, b, r = steps[k]
+        delta = rng.choice((-10, 10)) if rng.random() < 0.4 else rng.choice((-1, 1)) * rng.randint(1, 10)
+        wrong = r + delta
+        if wrong < 0:
+            if attempt < 19:
+                continue
+            wrong = r + abs(delta)
+        out = list(steps[:k]) + [(a, op, b, wrong)]
+        value = wrong
+        for _, op2, b2, _ in steps[k + 1:]:
+            nxt = value + b2 if op2 == "+" else value - b2 if op2 == "-" else value * b2
+            out.append((value, op2, b2, nxt))
+            value = nxt
+        if value >= 0 or attempt == 19:
+            return solution_steps(out, value)
+    raise AssertionError("unreachable")
+
+
+def teacher_context(prompt_template: str, problem: Problem, attempt: str, template=None) -> tuple[str, str]:
+    """``(teacher_prompt, feedback)`` for a wrong ``attempt`` at ``problem``, as the critique stage makes them.
+
+    The feedback is the reference critic's (:func:`tcrlsd.critics.reference_critique`, final answer not
+    revealed: the default), and the context is rendered by the critique stage's own
+    :func:`tcrlsd.critique.render_teacher_prompt` with its ``teacher-critique`` template (default
+    templates folder unless ``template`` is given), from the student prompt split as it splits it.
+    """
+    from tcrlsd.critics import reference_critique
+    from tcrlsd.critique import default_templates_dir, load_template, render_teacher_prompt, split_student_prompt
+
+    reply = reference_critique(attempt, problem.solution)
+    if reply.text is None:
+        raise ValueError(f"reference critic gave no feedback for a synthetic attempt: {reply.error}")
+    if template is None:
+        template = load_template(default_templates_dir(), "teacher-critique")
+    prefix, text, instruction = split_student_prompt(render_prompt(prompt_template, problem.problem), problem.problem)
+    return render_teacher_prompt(template, prefix, text, instruction, reply.text), reply.text
+
+
+def sft_examples(tokenizer, params: WarmstartParams, problems: Sequence[Problem]) -> list[SftExample]:
+    """The SFT sequences: the correct solution after the student prompt or, for a seeded
+    ``teacher_context_fraction`` of the problems, after a teacher context (problem + reference critique
+    of a synthetic wrong attempt), so the policy can play the teacher of the critique/score stages.
+    Either way the loss is on the solution tokens only.
+    """
+    rng = random.Random(params.seed + 3)
+    template = None
+    out = []
+    for p in problems:
+        response = params.response_prefix + p.solution
+        if params.teacher_context_fraction > 0 and rng.random() < params.teacher_context_fraction:
+            if template is None:
+                from tcrlsd.critique import default_templates_dir, load_template
+
+                template = load_template(default_templates_dir(), "teacher-critique")
+            prompt, _ = teacher_context(params.prompt_template, p, wrong_attempt(p, rng), template)
+            out.append(dataclasses.replace(sft_example(tokenizer, prompt, response), teacher_context=True))
+        else:
+            out.append(sft_example(tokenizer, render_prompt(params.prompt_template, p.problem), response))
+    return out
 
 
 def collate(examples: Sequence[SftExample], pad_id: int):
@@ -344,10 +438,9 @@ def train_policy(params: WarmstartParams, exclude: Iterable[str] = (), progress:
     if params.num_threads > 0:
         torch.set_num_threads(params.num_threads)
     tokenizer = build_tokenizer(params)
-    examples = [
-        sft_example(tokenizer, render_prompt(params.prompt_template, p.problem), params.response_prefix + p.solution)
-        for p in sft_problems(params, exclude)
-    ]
+    problems = sft_problems(params, exclude)
+    examples = sft_examples(tokenizer, params, problems)
+    n_teacher = sum(e.teacher_context for e in examples)
     model = build_tiny_llama(tokenizer, params.model_config(), seed=params.seed)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -387,6 +480,7 @@ def train_policy(params: WarmstartParams, exclude: Iterable[str] = (), progress:
     stats = {
         "parameters": n_params,
         "sft_examples": len(examples),
+        "teacher_context_examples": n_teacher,
         "steps": params.steps,
         "train_tokens": tokens,
         "train_response_tokens": response_tokens,

@@ -22,8 +22,11 @@ from tcrlsd.warmstart import (
     render_prompt,
     response_loss,
     sft_example,
+    sft_examples,
     sft_problems,
+    teacher_context,
     train_policy,
+    wrong_attempt,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +119,67 @@ def test_prompt_template_mismatch_names_the_row_and_the_key():
     prompts = [render_prompt(TEMPLATE, problems[0]), problems[1] + " Answer:"]
     with pytest.raises(ValueError, match=r"p\.parquet: row 1: .*warmstart\.prompt_template"):
         check_prompt_template(TEMPLATE, problems, prompts, "p.parquet")
+
+
+def test_wrong_attempts_slip_one_step_and_carry_it_through():
+    import random
+
+    from tcrlsd.critics import parse_steps
+
+    rng = random.Random(0)
+    for q in sft_problems(replace(TINY, sft_problems=200)):
+        text = wrong_attempt(q, rng)
+        steps = parse_steps(text)
+        assert len(steps) == len(q.steps) and last_boxed(text) == str(steps[-1].result) != q.answer
+        k = next(i for i, (s, g) in enumerate(zip(steps, q.steps)) if s.result != g[3])
+        assert [(s.left, s.op, s.right, s.result) for s in steps[:k]] == list(q.steps[:k])
+        assert 1 <= abs(steps[k].result - q.steps[k][3]) <= 10 and steps[k].result >= 0
+        for prev, s in zip(steps[k:], steps[k + 1:]):  # the wrong value carried, later steps right
+            assert s.left == prev.result
+            assert s.result == (s.left + s.right if s.op == "+" else s.left - s.right if s.op == "-" else s.left * s.right)
+
+
+def test_teacher_context_examples_use_the_critique_stage_and_train_on_the_solution_only(tokenizer):
+    """A teacher-context example's prompt is what the critique stage writes into `teacher_prompt` for
+    that wrong attempt (reference critic, teacher-critique template); the loss is on the solution."""
+    import random
+
+    from tcrlsd.critics import ReferenceCritic
+    from tcrlsd.critique import CritiqueParams, _templates_for, critique_rows
+    from tcrlsd.policy import encode_prompt
+
+    params = replace(TINY, sft_problems=40, teacher_context_fraction=0.5)
+    problems = sft_problems(params)
+    examples = sft_examples(tokenizer, params, problems)
+    assert examples == sft_examples(tokenizer, params, problems)  # seeded
+    flagged = [e.teacher_context for e in examples]
+    assert 0 < sum(flagged) < len(examples)
+    assert not any(e.teacher_context for e in sft_examples(tokenizer, replace(params, teacher_context_fraction=0.0),
+                                                           problems))
+
+    q = problems[0]
+    attempt = wrong_attempt(q, random.Random(1))
+    mine, feedback = teacher_context(TEMPLATE, q, attempt)
+    row = {"rollout_id": "p#0", "prompt_id": "p", "response_text": attempt, "is_correct": False, "reason": "wrong",
+           "extracted_answer": last_boxed(attempt), "problem": q.problem, "prompt": render_prompt(TEMPLATE, q.problem),
+           "answer": q.answer, "solution": q.solution}
+    cp = CritiqueParams()
+    stage = critique_rows([row], cp, ReferenceCritic(), _templates_for(cp)).to_pylist()[0]
+    assert stage["teacher_prompt"] == mine and stage["feedback_text"] == feedback
+    assert "<feedback>" in mine and mine.startswith(q.problem) and "Step " in feedback
+
+    for p, e in zip(problems, examples):
+        response = list(tokenizer("\n" + p.solution, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        n = e.prompt_len
+        assert list(e.input_ids[n:]) == response and list(e.labels[n:]) == response
+        assert list(e.labels[:n]) == [IGNORE] * n
+        student = encode_prompt(tokenizer, render_prompt(TEMPLATE, p.problem))
+        if e.teacher_context:
+            text = tokenizer.decode(list(e.input_ids[:n]), skip_special_tokens=True)
+            assert text.startswith(p.problem) and "Use the feedback and correctly solve" in text
+            assert n > len(student)
+        else:
+            assert list(e.input_ids[:n]) == student
 
 
 def test_sft_corpus_excludes_the_prompts_problems():
