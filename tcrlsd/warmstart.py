@@ -53,6 +53,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
+from tcrlsd.policy import TinyLlamaConfig
 from tcrlsd.synthetic import Problem, make_problems
 
 __all__ = [
@@ -98,14 +99,8 @@ class WarmstartParams:
     tokenizer_problems: int = 4000
     # share of SFT problems shown in a teacher context (problem + critique of a wrong attempt)
     teacher_context_fraction: float = 0.25
-    # model shape (a LlamaConfig)
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
-    max_position_embeddings: int = 512
-    rope_theta: float = 10000.0
+    # model shape (a LlamaConfig); its vocab_size is the trained tokenizer's, set above
+    model: TinyLlamaConfig = TinyLlamaConfig()
     # optimisation
     steps: int = 3000
     batch_size: int = 8
@@ -136,19 +131,8 @@ class WarmstartParams:
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1; got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
 
-    def model_config(self):
-        from tcrlsd.policy import TinyLlamaConfig
-
-        return TinyLlamaConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            max_position_embeddings=self.max_position_embeddings,
-            rope_theta=self.rope_theta,
-        )
+    def model_config(self) -> TinyLlamaConfig:
+        return dataclasses.replace(self.model, vocab_size=self.vocab_size)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tcrlsd.policy import TinyLlamaConfig
 from tcrlsd.warmstart import (
     IGNORE,
     WarmstartParams,
@@ -34,8 +35,9 @@ TEMPLATE = "{problem} Let's think step by step and output the final answer withi
 
 # A few seconds of training: enough to exercise every code path, not to learn anything.
 TINY = WarmstartParams(
-    sft_problems=300, tokenizer_problems=200, vocab_size=300, hidden_size=32, intermediate_size=64,
-    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, steps=20, batch_size=8,
+    sft_problems=300, tokenizer_problems=200, vocab_size=300, steps=20, batch_size=8,
+    model=TinyLlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1),
     warmup_steps=5, num_threads=1,
 )
 
