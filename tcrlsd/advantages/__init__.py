@@ -35,9 +35,7 @@ docs/ARCHITECTURE.md). Importing it is cheap: torch and transformers are importe
 
 from __future__ import annotations
 
-from tcrlsd.advantages.compare import (  # noqa: F401
-    compare_estimators,
-)
+from tcrlsd.advantages.compare import compare_estimators  # noqa: F401
 from tcrlsd.advantages.estimators import (  # noqa: F401
     ESTIMATORS,
     STD_EPS,
@@ -51,15 +49,6 @@ from tcrlsd.advantages.estimators import (  # noqa: F401
     rlsd_hybrid,
     token_advantages,
 )
-from tcrlsd.advantages.inputs import (  # noqa: F401
-    IterationInputs,
-)
-from tcrlsd.advantages.params import (  # noqa: F401
-    DEFAULT_BATCH_ROWS,
-    AdvantagesParams,
-    lam_schedule,
-    settings_for,
-)
-from tcrlsd.advantages.stage import (  # noqa: F401
-    compute_advantages,
-)
+from tcrlsd.advantages.inputs import IterationInputs  # noqa: F401
+from tcrlsd.advantages.params import DEFAULT_BATCH_ROWS, AdvantagesParams, lam_schedule, settings_for  # noqa: F401
+from tcrlsd.advantages.stage import compute_advantages  # noqa: F401

@@ -19,14 +19,7 @@ from tcrlsd.advantages.inputs import (
     _iter_batches,
     _load_rollouts,
 )
-from tcrlsd.advantages.metrics import (
-    _estimator_metrics,
-    _group_metrics,
-    _ratio,
-    _row_sums,
-    _Shared,
-    _Totals,
-)
+from tcrlsd.advantages.metrics import _estimator_metrics, _group_metrics, _ratio, _row_sums, _Shared, _Totals
 from tcrlsd.advantages.params import AdvantagesParams, settings_for
 from tcrlsd.artifacts import AtomicParquetWriter
 from tcrlsd.schemas import SchemaError, schema_for

@@ -41,36 +41,12 @@ docs/ARCHITECTURE.md). Importing it is cheap: torch and transformers are importe
 
 from __future__ import annotations
 
-from tcrlsd.critique.backends import (  # noqa: F401
-                              CRITICS,
-                              GenerationCritic,
-                              ReferenceCritic,
-                              make_critic,
-                              render_chat,
-)
-from tcrlsd.critique.flags import (  # noqa: F401
-                              claims_correct,
-                              contains_answer,
-                              mask_answer,
-                              relaxed_equal,
-)
-from tcrlsd.critique.journal import (  # noqa: F401
-                              Journal,
-                              prompt_sha,
-)
+from tcrlsd.critique.backends import CRITICS, GenerationCritic, ReferenceCritic, make_critic, render_chat  # noqa: F401
+from tcrlsd.critique.flags import claims_correct, contains_answer, mask_answer, relaxed_equal  # noqa: F401
+from tcrlsd.critique.journal import Journal, prompt_sha  # noqa: F401
 from tcrlsd.critique.openai_critic import OpenAICritic  # noqa: F401
-from tcrlsd.critique.params import (  # noqa: F401
-                              MODES,
-                              CritiqueError,
-                              CritiqueParams,
-)
-from tcrlsd.critique.protocol import (  # noqa: F401
-                              Critic,
-                              CriticAborted,
-                              CritiqueRequest,
-                              OnReply,
-                              clean_feedback,
-)
+from tcrlsd.critique.params import MODES, CritiqueError, CritiqueParams  # noqa: F401
+from tcrlsd.critique.protocol import Critic, CriticAborted, CritiqueRequest, OnReply, clean_feedback  # noqa: F401
 from tcrlsd.critique.stage import (  # noqa: F401
                               critique_metrics,
                               critique_rows,

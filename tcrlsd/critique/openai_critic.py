@@ -14,13 +14,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Sequence
 
 from tcrlsd.critique.params import CritiqueParams
-from tcrlsd.critique.protocol import (
-    Critic,
-    CriticAborted,
-    CritiqueRequest,
-    OnReply,
-    clean_feedback,
-)
+from tcrlsd.critique.protocol import Critic, CriticAborted, CritiqueRequest, OnReply, clean_feedback
 from tcrlsd.generation import SamplingConfig
 from tcrlsd.reference_critic import CriticReply
 

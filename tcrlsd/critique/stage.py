@@ -12,20 +12,9 @@ from typing import Sequence
 import pyarrow as pa
 
 from tcrlsd.answers import last_boxed
-from tcrlsd.artifacts import (
-    ShardedOutput,
-    ShardSpec,
-    fingerprint_files,
-    read_artifact,
-    split_evenly,
-)
+from tcrlsd.artifacts import ShardedOutput, ShardSpec, fingerprint_files, read_artifact, split_evenly
 from tcrlsd.critique.backends import GenerationCritic, make_critic
-from tcrlsd.critique.flags import (
-    claims_correct,
-    contains_answer,
-    mask_answer,
-    relaxed_equal,
-)
+from tcrlsd.critique.flags import claims_correct, contains_answer, mask_answer, relaxed_equal
 from tcrlsd.critique.journal import Journal, prompt_sha
 from tcrlsd.critique.params import CritiqueError, CritiqueParams
 from tcrlsd.critique.protocol import CritiqueRequest

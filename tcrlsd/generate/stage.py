@@ -10,13 +10,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from tcrlsd.artifacts import (
-    ShardedOutput,
-    ShardSpec,
-    fingerprint_files,
-    read_artifact,
-    split_evenly,
-)
+from tcrlsd.artifacts import ShardedOutput, ShardSpec, fingerprint_files, read_artifact, split_evenly
 from tcrlsd.generate.backend_base import derive_seed
 from tcrlsd.generate.backends import BACKENDS
 from tcrlsd.generate.selection import select_prompts, train_prompt_ids

@@ -5,12 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 
-from tcrlsd.generate.backend_base import (
-    _check_sampling,
-    _stop_ids,
-    derive_seed,
-    plan_batches,
-)
+from tcrlsd.generate.backend_base import _check_sampling, _stop_ids, derive_seed, plan_batches
 from tcrlsd.generation import Completion, SamplingConfig
 
 # --------------------------------------------------------------------------------------------------

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tcrlsd.generate.backend_base import (
-    VLLM_MISSING,
-    _check_sampling,
-    _stop_ids,
-    derive_seed,
-)
+from tcrlsd.generate.backend_base import VLLM_MISSING, _check_sampling, _stop_ids, derive_seed
 from tcrlsd.generation import Completion, SamplingConfig
 
 # --------------------------------------------------------------------------------------------------

@@ -31,16 +31,8 @@ Importing it is cheap: torch and transformers are imported inside functions.
 
 from __future__ import annotations
 
-from tcrlsd.answers import (
-    last_boxed as extract_boxed,  # the one extractor (tcrlsd.answers)
-)
-from tcrlsd.prepare.params import (  # noqa: F401
-    DEFAULT_PROMPT_TEMPLATE,
-    HF_HINT,
-    PrepareError,
-    PrepareParams,
-    SourceParams,
-)
+from tcrlsd.answers import last_boxed as extract_boxed  # the one extractor (tcrlsd.answers)
+from tcrlsd.prepare.params import DEFAULT_PROMPT_TEMPLATE, HF_HINT, PrepareError, PrepareParams, SourceParams  # noqa: F401
 from tcrlsd.prepare.sources import (  # noqa: F401
     FORMATS,
     FormatFn,
@@ -51,9 +43,4 @@ from tcrlsd.prepare.sources import (  # noqa: F401
     parse_math_level,
     read_raw,
 )
-from tcrlsd.prepare.stage import (  # noqa: F401
-    prepare,
-    render_prompt,
-    select,
-    stream_seed,
-)
+from tcrlsd.prepare.stage import prepare, render_prompt, select, stream_seed  # noqa: F401

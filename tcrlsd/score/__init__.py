@@ -42,26 +42,8 @@ docs/ARCHITECTURE.md). Importing it is cheap: torch and transformers are importe
 
 from __future__ import annotations
 
-from tcrlsd.score.inputs import (  # noqa: F401
-    ScoringInputs,
-    build_inputs,
-    check_vocab,
-    score_part,
-)
-from tcrlsd.score.logprobs import (  # noqa: F401
-    plan_batches,
-    response_logprobs,
-)
-from tcrlsd.score.metrics import (  # noqa: F401
-    score_metrics,
-)
-from tcrlsd.score.params import (  # noqa: F401
-    TEACHER_MODES,
-    ScoreError,
-    ScoreParams,
-)
-from tcrlsd.score.stage import (  # noqa: F401
-    ScoreRunStats,
-    run_score,
-    teacher_checkpoint_for,
-)
+from tcrlsd.score.inputs import ScoringInputs, build_inputs, check_vocab, score_part  # noqa: F401
+from tcrlsd.score.logprobs import plan_batches, response_logprobs  # noqa: F401
+from tcrlsd.score.metrics import score_metrics  # noqa: F401
+from tcrlsd.score.params import TEACHER_MODES, ScoreError, ScoreParams  # noqa: F401
+from tcrlsd.score.stage import ScoreRunStats, run_score, teacher_checkpoint_for  # noqa: F401

@@ -55,16 +55,6 @@ from tcrlsd.verify.graders import (  # noqa: F401
     grade_string,
     normalize_number,
 )
-from tcrlsd.verify.params import (  # noqa: F401
-    VerifyError,
-    VerifyParams,
-    grader_for_source,
-)
-from tcrlsd.verify.pool import (  # noqa: F401
-    GradingPool,
-    WorkerStartError,
-)
-from tcrlsd.verify.stage import (  # noqa: F401
-    verdict_metrics,
-    verify_rollouts,
-)
+from tcrlsd.verify.params import VerifyError, VerifyParams, grader_for_source  # noqa: F401
+from tcrlsd.verify.pool import GradingPool, WorkerStartError  # noqa: F401
+from tcrlsd.verify.stage import verdict_metrics, verify_rollouts  # noqa: F401

@@ -99,10 +99,7 @@ def grade_string(response: str, gold: str, limits: GradeLimits) -> Grade:
 
 
 def _math_targets():
-    from tcrlsd.verify.mathverify_compat import (
-        ExprExtractionConfig,
-        LatexExtractionConfig,
-    )
+    from tcrlsd.verify.mathverify_compat import ExprExtractionConfig, LatexExtractionConfig
 
     # Gold and prediction alike: LaTeX first, then a plain expression (``1/2``, ``3*x``).
     return [LatexExtractionConfig(), ExprExtractionConfig()]

@@ -50,10 +50,7 @@ Importing it is cheap: torch and transformers are imported inside functions.
 from __future__ import annotations
 
 from tcrlsd.answers import last_boxed
-from tcrlsd.warmstart.accuracy import (  # noqa: F401
-    greedy_accuracy,
-    greedy_answers,
-)
+from tcrlsd.warmstart.accuracy import greedy_accuracy, greedy_answers  # noqa: F401
 from tcrlsd.warmstart.data import (  # noqa: F401
     SftExample,
     build_tokenizer,
@@ -67,17 +64,6 @@ from tcrlsd.warmstart.data import (  # noqa: F401
     tokenizer_corpus,
     wrong_attempt,
 )
-from tcrlsd.warmstart.params import (  # noqa: F401
-    IGNORE,
-    PROBLEM_FIELD,
-    WarmstartParams,
-)
-from tcrlsd.warmstart.stage import (  # noqa: F401
-    run_warmstart,
-)
-from tcrlsd.warmstart.train import (  # noqa: F401
-    collate,
-    lr_at,
-    response_loss,
-    train_policy,
-)
+from tcrlsd.warmstart.params import IGNORE, PROBLEM_FIELD, WarmstartParams  # noqa: F401
+from tcrlsd.warmstart.stage import run_warmstart  # noqa: F401
+from tcrlsd.warmstart.train import collate, lr_at, response_loss, train_policy  # noqa: F401

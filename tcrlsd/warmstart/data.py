@@ -9,12 +9,7 @@ from typing import Iterable, Sequence
 
 from tcrlsd.reference_critic import reference_critique
 from tcrlsd.synthetic import Problem, make_problems
-from tcrlsd.templates import (
-    default_templates_dir,
-    load_template,
-    render_teacher_prompt,
-    split_student_prompt,
-)
+from tcrlsd.templates import default_templates_dir, load_template, render_teacher_prompt, split_student_prompt
 from tcrlsd.warmstart.params import IGNORE, PROBLEM_FIELD, WarmstartParams
 
 # --------------------------------------------------------------------------------------------------

@@ -6,12 +6,7 @@ import math
 import time
 from typing import Iterable, Sequence
 
-from tcrlsd.warmstart.data import (
-    SftExample,
-    build_tokenizer,
-    sft_examples,
-    sft_problems,
-)
+from tcrlsd.warmstart.data import SftExample, build_tokenizer, sft_examples, sft_problems
 from tcrlsd.warmstart.params import IGNORE, WarmstartParams
 
 
