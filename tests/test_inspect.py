@@ -224,7 +224,8 @@ def test_paging_and_limit(fx):
 def test_bad_options_are_clear_errors(fx):
     for args, msg in ((["--sort", "size"], "unknown sort key 'size'"), (["--id", "nope"], "no rollout with rollout_id 'nope'"),
                       (["--prompt", "p9"], "no rollouts with prompt_id 'p9'"), (["--format", "pdf"], "--format must be"),
-                      (["--id", "p0#1", "--prompt", "p0"], "not both")):
+                      (["--id", "p0#1", "--prompt", "p0"], "not both"), (["--scale", "0"], "--scale must be > 0"),
+                      (["--scale", "big"], "--scale must be a number of nats or 'auto'")):
         res = run(fx["iter"], *args)
         assert res.exit_code == 2 and msg in res.output, (args, res.output)
 
@@ -314,7 +315,10 @@ def test_html_page(fx, tmp_path):
     assert len(titles) == sum(len(r["response_token_ids"]) for r in fx["rows"])
     assert all("log P" in t and "log Q" in t and "Δ" in t and "Â" in t for t in titles)
     assert "teacher disagrees" in text and "teacher agrees" in text
-    # one sample, no --out: the page on stdout; a red token has a red background
+    res = run(fx["iter"], "--prompt", "p1", "--format", "html")  # a group: its statistics, its 4 cards
+    assert res.exit_code == 0 and "rewards 1 0 0 0" in res.stdout and "coverage 75%" in res.stdout
+    assert res.stdout.count('class="card"') == 4
+    # one sample, no --out: the page on stdout
     res = run(fx["iter"], "--id", "p1#2", "--format", "html")
     assert res.exit_code == 0 and res.stdout.startswith("<!DOCTYPE html>") and res.stdout.count('class="card"') == 1
 
@@ -382,3 +386,14 @@ def test_inspect_imports_no_torch(fx):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_scale_auto_is_the_95th_percentile_of_abs_delta(fx):
+    s = fx["scores"][5]  # p1#1
+    d = np.sort(np.abs(np.array(s["teacher_logprobs"], np.float64) - np.array(s["student_logprobs"], np.float64)))
+    want = d[min(len(d) - 1, int(0.95 * len(d)))]
+    res = run(fx["iter"], "--id", "p1#1", "--scale", "auto", "--format", "html")
+    assert res.exit_code == 0, res.output
+    assert f"saturates at ±{want:.3g};" in res.stdout
+    res = run(fx["iter"], "--id", "p1#1", "--scale", "0.5")
+    assert res.exit_code == 0 and "saturates at ±0.5 nats" in res.stdout

@@ -78,7 +78,10 @@ def inspect(
         Optional[Path], typer.Option("--policy", help="Policy folder whose tokenizer.json gives token text "
                                      "(default: the scores' teacher_checkpoint if it exists).")
     ] = None,
-    scale: Annotated[float, typer.Option("--scale", help="|Δ_t| in nats at which the colour saturates.")] = 2.0,
+    scale: Annotated[
+        str, typer.Option("--scale", help="|Δ_t| in nats at which the colour saturates, or 'auto' (the 95th "
+                          "percentile of |Δ_t| over the tokens shown).")
+    ] = "2",
 ) -> None:
     """Browse an iteration's samples: the list (filters, sort, pages), one sample with each response
     token coloured by the teacher's opinion Δ_t = log Q − log P (red: the teacher disagrees, green:
@@ -91,8 +94,13 @@ def inspect(
         raise _fail("give --id or --prompt, not both")
     if out is not None and fmt == "table":
         raise _fail("--out is for --format html or jsonl")
-    if scale <= 0:
-        raise _fail(f"--scale must be > 0, got {scale}")
+    if scale != "auto":
+        try:
+            scale = float(scale)
+        except ValueError:
+            raise _fail(f"--scale must be a number of nats or 'auto', got {scale!r}") from None
+        if not scale > 0:
+            raise _fail(f"--scale must be > 0, got {scale}")
 
     from tcrlsd.inspect.load import InspectError, Iteration
     from tcrlsd.inspect.views import Filters, group, list_samples
@@ -125,6 +133,7 @@ def _one(it, rollout_id, fmt, out, tokens, policy, scale) -> None:
     from tcrlsd.inspect.views import details
 
     (d,) = details(it, [rollout_id], policy)
+    scale = _scale(scale, [d])
     if fmt == "table":
         from tcrlsd.inspect.render_terminal import make_console, render_sample
 
@@ -155,7 +164,31 @@ def _many(it, res, fmt, out, tokens, policy, scale, page, page_size, prompt_id) 
         return
     from tcrlsd.inspect.render_html import render_page
 
+    cards = details(it, ids, policy)
+    scale = _scale(scale, cards)
+
     notes = [f"{res.total} of {res.total_rows} rows match; showing {len(ids)} from row {res.offset + 1}"]
     notes += [f"{name}: missing — {why}" for name, why in it.missing.items()]
+    if prompt_id is not None:
+        from tcrlsd.inspect.views import group
+
+        st = group(it, prompt_id)["stats"]
+
+        def fmt_list(xs, f):
+            return " ".join("–" if x is None else format(x, f) for x in xs)
+
+        notes.insert(0, f"group {prompt_id}: {st['size']} samples; rewards {fmt_list(st['rewards'], '.0f')}; "
+                        f"A {fmt_list(st['group_advantages'], '+.2f')}; coverage "
+                        + ("–" if st["coverage"] is None else f"{st['coverage']:.0%}"))
     title = f"{it.root}" + (f": group {prompt_id}" if prompt_id is not None else "")
-    _write(render_page(title, details(it, ids, policy), rows=res.rows, notes=notes, scale=scale), out)
+    _write(render_page(title, cards, rows=res.rows, notes=notes, scale=scale), out)
+
+
+def _scale(scale, samples: list[dict]) -> float:
+    """A number stays; 'auto' = the 95th percentile of |Δ_t| over the samples' tokens (2 if none)."""
+    if scale != "auto":
+        return scale
+    deltas = sorted(abs(t["delta"]) for d in samples for t in d["tokens"] if t["delta"] is not None)
+    if not deltas or deltas[-1] == 0:
+        return 2.0
+    return max(deltas[min(len(deltas) - 1, int(0.95 * len(deltas)))], 1e-6)

@@ -30,7 +30,7 @@ table.list td.l, table.list th.l { text-align: left; }
 .tokens span { border-radius: 2px; }
 .kv { font-size: .9em; } .kv b { color: #666; font-weight: normal; margin-left: 1em; }
 .missing { color: #a60; } .flag { color: #a60; font-weight: bold; }
-.legend span.sw { display: inline-block; width: 3.2em; text-align: center; font-size: .8em; font-family: monospace; }
+.legend span.sw { display: inline-block; min-width: 3.2em; padding: 0 2px; text-align: center; font-size: .8em; font-family: monospace; }
 """
 
 
@@ -57,13 +57,13 @@ def _rgb(c) -> str:
 
 def _legend(scale: float) -> str:
     sw = "".join(
-        f'<span class="sw" style="background:{_rgb(delta_rgb(v, scale))};color:{_rgb(text_rgb(v, scale))}">{v:+.1f}</span>'
+        f'<span class="sw" style="background:{_rgb(delta_rgb(v, scale))};color:{_rgb(text_rgb(v, scale))}">{v:+.2g}</span>'
         for v in legend_stops(scale)
     )
     return (f'<div class="legend">Δ<sub>t</sub> = log Q − log P (teacher − student): '
             f'<b style="color:rgb(214,39,40)">teacher disagrees</b> {sw} '
             f'<b style="color:rgb(44,160,44)">teacher agrees</b> '
-            f'(nats; saturates at ±{scale:g}; grey = no Δ). Hover a token for its values.</div>')
+            f'(nats; saturates at ±{scale:.3g}; grey = no Δ). Hover a token for its values.</div>')
 
 
 def _flags(row: dict) -> str:

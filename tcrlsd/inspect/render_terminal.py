@@ -54,9 +54,9 @@ def legend(scale: float = DEFAULT_SCALE) -> Text:
     t = Text("Δ_t = log Q − log P (teacher − student):  ")
     t.append("teacher disagrees ", Style(color="rgb(214,39,40)", bold=True))
     for v in legend_stops(scale):
-        t.append(f" {v:+.1f} ", _style(v, scale))
+        t.append(f" {v:+.2g} ", _style(v, scale))
     t.append(" teacher agrees", Style(color="rgb(44,160,44)", bold=True))
-    t.append(f"   (saturates at ±{scale:g} nats; grey = no Δ)")
+    t.append(f"   (saturates at ±{scale:.3g} nats; grey = no Δ)")
     return t
 
 
