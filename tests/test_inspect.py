@@ -221,6 +221,14 @@ def test_paging_and_limit(fx):
     assert "p0#4" not in res.stdout and "p2#3" not in res.stdout
 
 
+def test_table_to_a_file_is_plain_text(fx, tmp_path):
+    out = tmp_path / "list.txt"
+    res = run(fx["iter"], "--out", out, env={"FORCE_COLOR": "1"})
+    assert res.exit_code == 0, res.output
+    text = out.read_text()
+    assert "\x1b" not in text and all(rid in text for rid in ALL) and "12 matching" in text
+
+
 def test_bad_options_are_clear_errors(fx):
     for args, msg in ((["--sort", "size"], "unknown sort key 'size'"), (["--id", "nope"], "no rollout with rollout_id 'nope'"),
                       (["--prompt", "p9"], "no rollouts with prompt_id 'p9'"), (["--format", "pdf"], "--format must be"),

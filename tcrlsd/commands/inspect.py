@@ -5,15 +5,11 @@ command so that the rest of the CLI does not pay for polars.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
-FORMATS = ("table", "html", "jsonl")
 
 
 def _fail(msg: str) -> typer.Exit:
@@ -22,19 +18,13 @@ def _fail(msg: str) -> typer.Exit:
 
 
 def _write(text: str, out: Path | None) -> None:
-    """To stdout, or to ``out`` atomically (temporary name in the same folder, then rename)."""
+    """To stdout, or to ``out`` atomically."""
     if out is None:
         sys.stdout.write(text)
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from tcrlsd.artifacts import write_text
+
+    write_text(text, out)
     typer.echo(f"wrote {out}", err=True)
 
 
@@ -67,7 +57,9 @@ def inspect(
         Optional[int], typer.Option("--limit", min=0, help="Rows per page; 0 = all (default 50; jsonl: all).")
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table | html | jsonl")] = "table",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write html / jsonl here (default: stdout).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Write the output here (default: stdout); table: plain text.")
+    ] = None,
     tokens: Annotated[
         bool, typer.Option("--tokens", help="table: a per-token table too; jsonl: full rows with tokens.")
     ] = False,
@@ -88,12 +80,6 @@ def inspect(
     it agrees), or one GRPO group side by side. Missing critiques / scores / advantages are shown
     as missing; model text is shown literally (no markup, escape sequence or HTML is interpreted).
     """
-    if fmt not in FORMATS:
-        raise _fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if rollout_id is not None and prompt_id is not None:
-        raise _fail("give --id or --prompt, not both")
-    if out is not None and fmt == "table":
-        raise _fail("--out is for --format html or jsonl")
     if scale != "auto":
         try:
             scale = float(scale)
@@ -102,93 +88,22 @@ def inspect(
         if not scale > 0:
             raise _fail(f"--scale must be > 0, got {scale}")
 
+    from tcrlsd.inspect.formats import FORMATS
     from tcrlsd.inspect.load import InspectError, Iteration
-    from tcrlsd.inspect.views import Filters, group, list_samples
+    from tcrlsd.inspect.views import Filters, RenderOptions, build_view
     from tcrlsd.schemas import SchemaError
 
+    if fmt not in FORMATS:
+        raise _fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if limit is None:
         limit = 0 if fmt == "jsonl" else 50
-    page_size = limit or None
-    filters = Filters(correct=correct, feedback=feedback, reasons=tuple(reason or ()), prompt_id=prompt_id,
-                      flagged=flagged, search=search)
+    filters = Filters(correct=correct, feedback=feedback, reasons=tuple(reason or ()), flagged=flagged, search=search)
     try:
-        it = Iteration.open(iter_dir, prompts)
         if policy is not None and not policy.exists():
             raise InspectError(f"--policy {policy}: no such folder")
-        if rollout_id is not None:
-            _one(it, rollout_id, fmt, out, tokens, policy, scale)
-        elif prompt_id is not None and fmt == "table":
-            from tcrlsd.inspect.render_terminal import make_console, render_group
-
-            render_group(make_console(), group(it, prompt_id, filters, sort, desc))
-        else:
-            offset = (page - 1) * (page_size or 0)
-            res = list_samples(it, filters, sort, desc, offset, page_size)
-            _many(it, res, fmt, out, tokens, policy, scale, page, page_size, prompt_id)
+        it = Iteration.open(iter_dir, prompts)
+        view = build_view(it, rollout_id, prompt_id, filters, sort, desc, page, limit or None, policy)
+        text = FORMATS[fmt](view, RenderOptions(scale=scale, tokens=tokens, plain=out is not None))
     except (InspectError, SchemaError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from None
-
-
-def _one(it, rollout_id, fmt, out, tokens, policy, scale) -> None:
-    from tcrlsd.inspect.views import details
-
-    (d,) = details(it, [rollout_id], policy)
-    scale = _scale(scale, [d])
-    if fmt == "table":
-        from tcrlsd.inspect.render_terminal import make_console, render_sample
-
-        render_sample(make_console(), d, scale, token_table=tokens)
-    elif fmt == "html":
-        from tcrlsd.inspect.render_html import render_page
-
-        _write(render_page(f"{it.root}: {rollout_id}", [d], scale=scale), out)
-    else:
-        from tcrlsd.inspect.render_jsonl import render_lines
-
-        _write(render_lines([d]), out)
-
-
-def _many(it, res, fmt, out, tokens, policy, scale, page, page_size, prompt_id) -> None:
-    from tcrlsd.inspect.views import details
-
-    if fmt == "table":
-        from tcrlsd.inspect.render_terminal import make_console, render_list
-
-        render_list(make_console(), res, f"{it.root}", page, page_size)
-        return
-    ids = [r["rollout_id"] for r in res.rows]
-    if fmt == "jsonl":
-        from tcrlsd.inspect.render_jsonl import render_lines
-
-        _write(render_lines(details(it, ids, policy) if tokens else res.rows), out)
-        return
-    from tcrlsd.inspect.render_html import render_page
-
-    cards = details(it, ids, policy)
-    scale = _scale(scale, cards)
-
-    notes = [f"{res.total} of {res.total_rows} rows match; showing {len(ids)} from row {res.offset + 1}"]
-    notes += [f"{name}: missing — {why}" for name, why in it.missing.items()]
-    if prompt_id is not None:
-        from tcrlsd.inspect.views import group
-
-        st = group(it, prompt_id)["stats"]
-
-        def fmt_list(xs, f):
-            return " ".join("–" if x is None else format(x, f) for x in xs)
-
-        notes.insert(0, f"group {prompt_id}: {st['size']} samples; rewards {fmt_list(st['rewards'], '.0f')}; "
-                        f"A {fmt_list(st['group_advantages'], '+.2f')}; coverage "
-                        + ("–" if st["coverage"] is None else f"{st['coverage']:.0%}"))
-    title = f"{it.root}" + (f": group {prompt_id}" if prompt_id is not None else "")
-    _write(render_page(title, cards, rows=res.rows, notes=notes, scale=scale), out)
-
-
-def _scale(scale, samples: list[dict]) -> float:
-    """A number stays; 'auto' = the 95th percentile of |Δ_t| over the samples' tokens (2 if none)."""
-    if scale != "auto":
-        return scale
-    deltas = sorted(abs(t["delta"]) for d in samples for t in d["tokens"] if t["delta"] is not None)
-    if not deltas or deltas[-1] == 0:
-        return 2.0
-    return max(deltas[min(len(deltas) - 1, int(0.95 * len(deltas)))], 1e-6)
+    _write(text, out)

@@ -8,7 +8,7 @@ saturating at ±``scale`` nats.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_SCALE", "NEUTRAL", "delta_rgb", "text_rgb", "legend_stops"]
+__all__ = ["DEFAULT_SCALE", "NEUTRAL", "delta_rgb", "text_rgb", "legend_stops", "resolve_scale"]
 
 DEFAULT_SCALE = 2.0  # nats at which the colour saturates
 NEUTRAL = (236, 236, 236)
@@ -36,3 +36,15 @@ def text_rgb(delta: float | None, scale: float = DEFAULT_SCALE) -> tuple[int, in
 def legend_stops(scale: float = DEFAULT_SCALE, n: int = 9) -> list[float]:
     """``n`` evenly spaced Δ values from −scale to +scale, for a legend."""
     return [-scale + 2 * scale * i / (n - 1) for i in range(n)]
+
+
+def resolve_scale(scale: float | str, samples: list[dict]) -> float:
+    """A number stays; ``'auto'`` = the 95th percentile of |Δ_t| over the samples' tokens (the
+    default scale when there is no non-zero Δ). For iterations whose Δ are all small (an early
+    policy that barely reads feedback), where a fixed scale would leave every token grey."""
+    if scale != "auto":
+        return float(scale)
+    deltas = sorted(abs(t["delta"]) for d in samples for t in d["tokens"] if t["delta"] is not None)
+    if not deltas or deltas[-1] == 0:
+        return DEFAULT_SCALE
+    return max(deltas[min(len(deltas) - 1, int(0.95 * len(deltas)))], 1e-6)

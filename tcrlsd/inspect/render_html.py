@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import html
 
-from tcrlsd.inspect.palette import DEFAULT_SCALE, delta_rgb, legend_stops, text_rgb
+from tcrlsd.inspect.palette import DEFAULT_SCALE, delta_rgb, legend_stops, resolve_scale, text_rgb
 from tcrlsd.inspect.safe_text import one_line, visible
+from tcrlsd.inspect.views import RenderOptions, View
 
-__all__ = ["render_page"]
+__all__ = ["render", "render_page"]
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1200px; }
@@ -174,3 +175,27 @@ def render_page(title: str, details: list[dict], rows: list[dict] | None = None,
         f"<title>{_e(one_line(title, 200))}</title><style>{_CSS}</style></head><body>\n"
         + "\n".join(body) + "\n</body></html>\n"
     )
+
+
+def _nums(xs, f: str) -> str:
+    return " ".join("–" if x is None else format(x, f) for x in xs)
+
+
+def render(view: View, opts: RenderOptions) -> str:
+    """The page of ``view``: one card, or the page of rows (with the group's statistics) and a card each."""
+    samples = view.samples()
+    scale = resolve_scale(opts.scale, samples)
+    root = view.it.root
+    if view.kind == "sample":
+        return render_page(f"{root}: {view.rollout_id}", samples, scale=scale)
+    res = view.page
+    notes = [f"{res.total} of {res.total_rows} rows match; showing {len(res.rows)} from row {res.offset + 1}"]
+    notes += [f"{name}: missing — {why}" for name, why in view.it.missing.items()]
+    title = str(root)
+    if view.kind == "group":
+        g, st = view.group, view.group["stats"]
+        title += f": group {g['prompt_id']}"
+        notes.insert(0, f"group {g['prompt_id']}: {st['size']} samples; rewards {_nums(st['rewards'], '.0f')}; "
+                        f"A {_nums(st['group_advantages'], '+.2f')}; coverage "
+                        + ("–" if st["coverage"] is None else f"{st['coverage']:.0%}"))
+    return render_page(title, samples, rows=res.rows, notes=notes, scale=scale)

@@ -11,8 +11,9 @@ import json
 from typing import Iterable
 
 from tcrlsd.inspect.safe_text import UNSAFE
+from tcrlsd.inspect.views import RenderOptions, View
 
-__all__ = ["dumps_line", "render_lines"]
+__all__ = ["render", "dumps_line", "render_lines"]
 
 
 def dumps_line(obj) -> str:
@@ -23,3 +24,11 @@ def dumps_line(obj) -> str:
 
 def render_lines(objs: Iterable[dict]) -> str:
     return "".join(dumps_line(o) + "\n" for o in objs)
+
+
+def render(view: View, opts: RenderOptions) -> str:
+    """One sample: its full row. A list or group: one line per row of the page (list fields), or
+    full rows with ``opts.tokens``."""
+    if view.kind == "sample" or opts.tokens:
+        return render_lines(view.samples())
+    return render_lines(view.page.rows)

@@ -14,19 +14,36 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from tcrlsd.inspect.palette import DEFAULT_SCALE, delta_rgb, legend_stops, text_rgb
+from tcrlsd.inspect.palette import DEFAULT_SCALE, delta_rgb, legend_stops, resolve_scale, text_rgb
 from tcrlsd.inspect.safe_text import one_line, visible
-from tcrlsd.inspect.views import ListResult
+from tcrlsd.inspect.views import ListResult, RenderOptions, View
 
-__all__ = ["make_console", "render_list", "render_sample", "render_group", "legend"]
+__all__ = ["render", "make_console", "render_list", "render_sample", "render_group", "legend"]
 
 
-def make_console(file=None) -> Console:
-    """A console that never highlights or interprets strings; 120 columns when not a terminal."""
-    console = Console(file=file, highlight=False, emoji=False, markup=False)
-    if not console.is_terminal:
-        console = Console(file=file, highlight=False, emoji=False, markup=False, width=120)
-    return console
+def make_console(plain: bool = False) -> Console:
+    """A console that never highlights or interprets strings. Colour and width follow stdout (and
+    rich's FORCE_COLOR / NO_COLOR / COLUMNS); 120 columns when stdout is not a terminal or when
+    ``plain`` (text for a file: no colour)."""
+    opts = dict(highlight=False, emoji=False, markup=False)
+    if plain:
+        return Console(width=120, color_system=None, force_terminal=False, **opts)
+    console = Console(**opts)
+    return console if console.is_terminal else Console(width=120, **opts)
+
+
+def render(view: View, opts: RenderOptions) -> str:
+    """The terminal text (with the console's colour codes) of ``view``."""
+    console = make_console(opts.plain)
+    with console.capture() as cap:
+        if view.kind == "sample":
+            (d,) = view.samples()
+            render_sample(console, d, resolve_scale(opts.scale, [d]), token_table=opts.tokens)
+        elif view.kind == "group":
+            render_group(console, view.group)
+        else:
+            render_list(console, view.page, str(view.it.root), view.page_number, view.page_size)
+    return cap.get()
 
 
 def _num(v, fmt: str = ".3f") -> str:

@@ -22,7 +22,7 @@ import polars as pl
 from tcrlsd.inspect.load import InspectError, Iteration
 from tcrlsd.inspect.tokens import find_tokenizer
 
-__all__ = ["Filters", "SORT_KEYS", "LIST_FIELDS", "ListResult", "list_samples", "details", "group"]
+__all__ = ["Filters", "SORT_KEYS", "LIST_FIELDS", "ListResult", "RenderOptions", "View", "build_view", "list_samples", "details", "group"]
 
 # --sort name -> list field; each needs the artifact named second.
 SORT_KEYS: dict[str, tuple[str, str]] = {
@@ -301,3 +301,61 @@ def group(it: Iteration, prompt_id: str, filters: Filters = Filters(), sort=None
         "rows": rows,
         "missing": {k: v for k, v in it.missing.items()},
     }
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    scale: float | str = 2.0  # |Δ_t| in nats where the colour saturates, or 'auto' (palette.resolve_scale)
+    tokens: bool = False  # terminal: a per-token table too; JSONL: full rows (tokens included) for lists
+    plain: bool = False  # terminal text for a file: no colour, 120 columns
+
+
+@dataclass(frozen=True)
+class View:
+    """What one `tcrlsd inspect` call shows; renderers turn it into text.
+
+    kind: ``list`` (``page`` = one page of rows), ``sample`` (``rollout_id``), or ``group``
+    (``group`` = :func:`group`'s dict; ``page`` = the page of its rows that HTML / JSONL show).
+    :meth:`samples` loads the full rows (tokens included) of what is shown, on demand: only the
+    renderers that need them pay for them.
+    """
+
+    it: Iteration
+    kind: str
+    page: ListResult | None = None
+    group: dict | None = None
+    rollout_id: str | None = None
+    page_number: int = 1
+    page_size: int | None = None
+    policy: str | None = None
+
+    def samples(self) -> list[dict]:
+        ids = [self.rollout_id] if self.kind == "sample" else [r["rollout_id"] for r in self.page.rows]
+        return details(self.it, ids, self.policy)
+
+
+def build_view(
+    it: Iteration,
+    rollout_id: str | None = None,
+    prompt_id: str | None = None,
+    filters: Filters = Filters(),
+    sort: str | None = None,
+    descending: bool = False,
+    page_number: int = 1,
+    page_size: int | None = 50,
+    policy=None,
+) -> View:
+    """The view for these options: one sample (``rollout_id``), one group (``prompt_id``) or a list."""
+    from dataclasses import replace
+
+    if rollout_id is not None:
+        if prompt_id is not None:
+            raise InspectError("give --id or --prompt, not both")
+        return View(it, "sample", rollout_id=rollout_id, policy=policy)
+    offset = (page_number - 1) * (page_size or 0)
+    if prompt_id is not None:
+        g = group(it, prompt_id, filters, sort, descending)
+        page = list_samples(it, replace(filters, prompt_id=prompt_id), sort, descending, offset, page_size)
+        return View(it, "group", page=page, group=g, page_number=page_number, page_size=page_size, policy=policy)
+    page = list_samples(it, filters, sort, descending, offset, page_size)
+    return View(it, "list", page=page, page_number=page_number, page_size=page_size, policy=policy)
