@@ -387,6 +387,28 @@ def test_missing_artifacts(fx, tmp_path):
     assert res.exit_code == 2 and "no usable rollouts artifact" in res.output
 
 
+def test_unreadable_or_wrong_artifacts_are_named(fx, tmp_path):
+    it = tmp_path / "data" / "iter-0000"
+    shutil.copytree(fx["iter"], it)
+    (it / "verdicts.parquet").write_bytes(b"not parquet at all")
+    res = run(it)
+    assert res.exit_code == 2 and "verdicts.parquet: not a readable Parquet file (verdicts artifact)" in res.output
+    v = pa.Table.from_pylist(fx["verdicts"]).drop_columns(["reason"])
+    pq.write_table(v, it / "verdicts.parquet")
+    res = run(it)
+    assert res.exit_code == 2 and "verdicts.parquet: the verdicts artifact has no column(s) reason" in res.output
+
+
+def test_token_table_escapes_token_text(fx):
+    res = run(fx["iter"], "--id", "p1#2", "--tokens")
+    assert res.exit_code == 0, res.output
+    table = res.stdout[res.stdout.rindex(" tokens"):]  # the per-token table comes last
+    esc_shown = chr(92) + "x1b"  # the four characters backslash x 1 b
+    assert chr(27) not in res.stdout and esc_shown in table
+    n = len(fx["rows"][6]["response_token_ids"])
+    assert sum(1 for line in table.splitlines() if line.startswith("│")) == n  # one line per token
+
+
 def test_inspect_imports_no_torch(fx):
     code = ("import sys; from typer.testing import CliRunner; from tcrlsd.cli import app; "
             f"r = CliRunner().invoke(app, ['inspect', {str(fx['iter'])!r}, '--id', 'p0#2']); "

@@ -85,7 +85,11 @@ class Iteration:
     def schema(self, name: str) -> dict[str, pa.DataType]:
         """Column name -> type of artifact ``name`` (from the first file's footer; cheap)."""
         if name not in self._schemas:
-            sch = pq.read_schema(self.files[name][0])
+            path = self.files[name][0]
+            try:
+                sch = pq.read_schema(path)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise InspectError(f"{path}: not a readable Parquet file ({name} artifact): {exc}") from None
             self._schemas[name] = {f.name: f.type for f in sch}
         return self._schemas[name]
 
@@ -117,8 +121,11 @@ class Iteration:
             self._check_columns(name, [key])
         out: dict[str, dict] = {}
         for path in self.files[name]:
-            pf = pq.ParquetFile(path)
-            keys = pf.read(columns=[key]).column(key).to_pylist()
+            try:
+                pf = pq.ParquetFile(path)
+                keys = pf.read(columns=[key]).column(key).to_pylist()
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise InspectError(f"{path}: not a readable Parquet file ({name} artifact): {exc}") from None
             hits = [i for i, k in enumerate(keys) if k in wanted and k not in out]
             if not hits:
                 continue

@@ -141,7 +141,7 @@ def _token_table(d: dict) -> Table:
         table.add_column(Text(name), justify="left" if name == "token" else "right")
     for tok in d["tokens"]:
         table.add_row(Text(str(tok["pos"])), Text(str(tok["id"])),
-                      Text(repr(tok["text"])[1:-1] if tok["text"] is not None else "–"),
+                      Text(visible(repr(tok["text"])[1:-1]) if tok["text"] is not None else "–"),
                       *(Text(_num(tok[k], "+.3f")) for k in ("logp", "logq", "delta", "adv")))
     return table
 

@@ -173,7 +173,10 @@ def list_samples(
         lf = lf.filter(pred)
     by = ([SORT_KEYS[sort][0]] if sort else []) + ["_order"]
     lf = lf.sort(by, descending=[descending] * (len(by) - 1) + [False], nulls_last=True)
-    df = lf.select(list(LIST_FIELDS)).collect()
+    try:
+        df = lf.select(list(LIST_FIELDS)).collect()
+    except pl.exceptions.PolarsError as exc:  # e.g. a shard whose column types differ from the others'
+        raise InspectError(f"{it.root}: cannot read the artifacts as one table: {exc}") from None
     total_rows = sum(_num_rows(f) for f in it.files["rollouts"])
     page = df.slice(offset, limit) if limit is not None else df.slice(offset)
     missing = {k: v for k, v in it.missing.items() if k != "prompts"}
