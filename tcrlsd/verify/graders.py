@@ -105,22 +105,13 @@ def _math_targets():
     return [LatexExtractionConfig(), ExprExtractionConfig()]
 
 
-# Text with its own math delimiters ($, \(, \[; not the escaped dollar \$ nor a line break with
-# spacing \\[2pt]) says where its math is: math-verify reads it as written. Anything else is a bare
-# LaTeX answer, read inside a box.
-_DELIMITER_RE = re.compile(r"(?<!\\)(?:\$|\\\(|\\\[)")
-
-
 def _as_math_text(answer: str) -> str:
-    """The string math-verify parses for one answer (a gold, or a box's content).
-
-    A bare answer (``\\frac{1}{2}``, ``-2,1``: MATH's convention for answers) goes inside
-    ``\\boxed{}`` so that math-verify reads it whole as LaTeX (as written, ``-2,1`` would be read as
-    the decimal -2.1 and ``3, 5, 7`` as its last number). A text that has its own delimiters
-    (``$$(2, 2), (6, 2)$$``, ``The answer is $\\frac{1}{2}$.``, a box holding a sentence) is
-    parsed as written, so wrapping it cannot change its meaning.
-    """
-    return answer if _DELIMITER_RE.search(answer) else "\\boxed{" + answer + "}"
+    """The string math-verify parses for one answer (a gold, or a box's content): the answer inside
+    ``\\boxed{}``, so that it is read whole as LaTeX. As written, ``-2,1`` (MATH's way of listing
+    two solutions) would be read as the decimal -2.1 and ``3, 5, 7`` as its last number. So a bare
+    ``1,22`` is the list {1, 22} too, never the decimal 1.22 (Math-Verify's plain-text number
+    extraction reads it that way; its LaTeX reading of ``$1,22$`` is also {1, 22})."""
+    return "\\boxed{" + answer + "}"
 
 
 def gold_answer(gold: str) -> str:
