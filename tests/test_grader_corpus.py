@@ -48,7 +48,8 @@ EXPECTED_MISSES: dict[str, str] = {
     ),
     "test_numina_cases.py::test_numina_cases[24]": (
         "malformed gold: doubled backslashes and a box that is never closed "
-        "('\\\\boxed{W(n) = 1 \\\\text{ and } ...'), so the gold has no readable answer"
+        "('\\\\boxed{W(n) = 1 \\\\text{ and } ...'); read whole it parses to a garbled relation "
+        "(W(n) = -1 and W(n) = W(n)) that no prediction matches"
     ),
     "test_yujianll.py::test_string_extraction[9]": (
         "the expected 1 for 1 - 1/e vs 1 + 1/e is a wrong verdict of math-verify: its extraction stops "
