@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-__all__ = ["SamplingConfig", "Completion", "GenerationBackend"]
+__all__ = ["PROMPT_TOO_LONG", "SamplingConfig", "Completion", "GenerationBackend"]
+
+# finish_reason of a row whose prompt alone fills the model's context (vllm backend): no ids, no text.
+PROMPT_TOO_LONG = "prompt_too_long"
 
 
 @dataclass(frozen=True)

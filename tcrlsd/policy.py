@@ -29,6 +29,22 @@ __all__ = [
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
+# The embedded tokenizer's chat template. The policy is trained on plain prompts (BOS + text, the
+# response right after it), so one user message renders exactly as that plain prompt: chat paths
+# (prepare's chat_template_tokenizer, chat critics, an OpenAI-compatible server's /chat/completions)
+# give the policy what it was trained on. Further non-assistant messages follow after a blank line;
+# an assistant message is its text and EOS. The generation prompt adds nothing.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    "{% else %}"
+    "{% if not loop.first and messages[loop.index0 - 1]['role'] != 'assistant' %}{{ '\\n\\n' }}{% endif %}"
+    "{{ message['content'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
 
 @dataclass(frozen=True)
 class TinyLlamaConfig:
@@ -49,7 +65,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384):
 
     Byte-level means any text (critiques, LaTeX, garbage) encodes without unknown tokens; single
     digits keep arithmetic learnable for a tiny model. Returns a ``PreTrainedTokenizerFast`` with
-    ``<s>``/``</s>``/``<pad>`` set and BOS prepended on encode.
+    ``<s>``/``</s>``/``<pad>`` set, BOS prepended on encode and :data:`CHAT_TEMPLATE` as its chat template.
     """
     from tokenizers import (
         Tokenizer,
@@ -77,10 +93,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384):
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
     )
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="left",
         clean_up_tokenization_spaces=False,
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def build_tiny_llama(tokenizer, config: TinyLlamaConfig = TinyLlamaConfig(), seed: int = 0):

@@ -68,7 +68,7 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
         Column("prompt_token_ids", _I32_LIST, doc="list<int32>  # exactly what the policy was conditioned on"),
         Column("response_token_ids", _I32_LIST, doc="list<int32>  # the sampled ids, never re-tokenised text"),
         Column("response_text", pa.string(), doc="string  # decoded response (special tokens skipped)"),
-        Column("finish_reason", pa.string(), doc="string  # 'stop' (EOS / stop string) or 'length'"),
+        Column("finish_reason", pa.string(), doc="string  # 'stop' (EOS / stop string), 'length' or 'prompt_too_long' (no response)"),
     ),
     "verdicts": (
         Column("rollout_id", pa.string()),

@@ -13,7 +13,8 @@ came from) into :class:`CriticReply` records (feedback text, or the reason there
 - ``transformers`` / ``vllm``: any chat model path, through the generation backends of
   :mod:`tcrlsd.generate.backends`; the prompt is rendered with the critic tokenizer's chat template
   when it has one. ``self`` mode uses the same class with the policy checkpoint.
-- ``openai``: any OpenAI-compatible ``/chat/completions`` endpoint (``vllm serve``, ...): a thread pool
+- ``openai``: any OpenAI-compatible server (``/chat/completions``, or ``/completions`` for models without
+  a chat template; ``endpoint``), e.g. vLLM's: a thread pool
   of ``max_concurrency`` requests, a per-request socket timeout, retries with exponential backoff and
   jitter seeded from (seed, rollout_id, attempt). The API key is read from the environment variable
   named by ``api_key_env`` at call time, sent only in the Authorization header, and scrubbed from
@@ -32,8 +33,8 @@ from typing import Callable, Sequence
 from tcrlsd.critique.openai_critic import _make_openai
 from tcrlsd.critique.params import CritiqueParams
 from tcrlsd.critique.protocol import Critic, CritiqueRequest, OnReply, clean_feedback
-from tcrlsd.generation import SamplingConfig
-from tcrlsd.reference_critic import REFERENCE_CRITIC_ID, reference_critique
+from tcrlsd.generation import PROMPT_TOO_LONG, Completion, SamplingConfig
+from tcrlsd.reference_critic import REFERENCE_CRITIC_ID, CriticReply, reference_critique
 
 
 class ReferenceCritic:
@@ -68,9 +69,14 @@ def render_chat(tokenizer, text: str, chat_template_kwargs: dict | None = None) 
 class GenerationCritic:
     """A chat model (or the policy itself, in ``self`` mode) run through a generation backend.
 
-    Requests go to the backend in fixed chunks of ``chunk_rows``, and each chunk's replies are reported
-    when it finishes, so the journal keeps whole chunks: a resumed part regenerates whole chunks of the
+    A backend that streams (``vllm``: ``stream``) gets all of a part's requests in one call, each seeded
+    from (seed, rollout_id), and every reply is reported (so journalled) as soon as its request
+    finishes: a resumed part regenerates exactly the rows that were not answered, with the same seeds.
+    Other backends get fixed chunks of ``chunk_rows`` requests, each chunk's replies reported when it
+    finishes, so the journal keeps whole chunks and a resumed part regenerates whole chunks of the
     same composition (the transformers backend's samples depend on batch composition).
+
+    A prompt that does not fit the model's context is a per-row error, not a failed part.
     """
 
     journaled = True
@@ -99,18 +105,30 @@ class GenerationCritic:
             self._backend = make_backend(self.backend_name, self.model_path, **self.options)
         return self._backend, self._tokenizer
 
+    def _reply(self, completion: Completion, prompt_len: int, backend) -> CriticReply:
+        if completion.finish_reason == PROMPT_TOO_LONG:
+            return CriticReply(None, f"critic prompt too long: {prompt_len} tokens, the model's context is "
+                                     f"{getattr(backend, 'max_model_len', '?')}")
+        return clean_feedback(completion.text, self.max_feedback_chars)
+
     def critique(self, requests: Sequence[CritiqueRequest], on_reply: OnReply) -> None:
         if not requests:
             return
+        from tcrlsd.generate.backend_base import derive_seed
         from tcrlsd.policy import encode_prompt
 
         backend, tok = self._load()
         ids = [encode_prompt(tok, render_chat(tok, r.prompt, self.chat_template_kwargs)) for r in requests]
+        if hasattr(backend, "stream"):
+            seeds = [derive_seed(self.sampling.seed, r.rollout_id) & 0x7FFFFFFF for r in requests]
+            for i, group in backend.stream(ids, 1, self.sampling, seeds=seeds):
+                on_reply(i, self._reply(group[0], len(ids[i]), backend))
+            return
         for start in range(0, len(requests), self.chunk_rows):
             chunk = ids[start:start + self.chunk_rows]
             outs = backend.generate(chunk, 1, self.sampling)
             for j, group in enumerate(outs):
-                on_reply(start + j, clean_feedback(group[0].text, self.max_feedback_chars))
+                on_reply(start + j, self._reply(group[0], len(chunk[j]), backend))
 
 
 def _generation_options(params: "CritiqueParams") -> dict:

@@ -1,4 +1,10 @@
-"""The ``openai`` critic: any OpenAI-compatible ``/chat/completions`` endpoint."""
+"""The ``openai`` critic: any OpenAI-compatible server, through ``/chat/completions`` or ``/completions``.
+
+``endpoint`` chooses: ``chat`` (the server applies the model's chat template), ``completions`` (the
+rendered critic prompt is sent as plain text: models without a chat template), or ``auto``: chat
+until the server answers 400 because the model has no chat template (vLLM: "...you must provide a
+chat template..."), then completions for the rest of the run, the refused request resent at once.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +34,10 @@ class _Retryable(Exception):
         self.kind = kind
 
 
+class _NoChatTemplate(Exception):
+    """The server refused a chat request because the model has no chat template."""
+
+
 class _Fatal(Exception):
     def __init__(self, kind: str):
         super().__init__(kind)
@@ -35,10 +45,11 @@ class _Fatal(Exception):
 
 
 _RETRY_STATUS = {408, 409, 425, 429}
+ENDPOINTS = ("chat", "completions", "auto")
 
 
 class OpenAICritic:
-    """``POST {base_url}/chat/completions``, ``max_concurrency`` requests at a time (see module notes).
+    """``POST {base_url}/chat/completions`` or ``/completions``, ``max_concurrency`` requests at a time.
 
     Each request carries its own seed, derived from (seed, rollout_id), so a reply does not depend on
     the order requests were sent in. ``abort_after_failures`` rows failing one after another (in
@@ -52,10 +63,14 @@ class OpenAICritic:
     def __init__(self, base_url: str, model: str, api_key_env: str, sampling: SamplingConfig,
                  max_feedback_chars: int, max_concurrency: int = 8, request_timeout_s: float = 120.0,
                  max_attempts: int = 4, backoff_initial_s: float = 1.0, backoff_max_s: float = 30.0,
-                 abort_after_failures: int = 32, chat_template_kwargs: dict | None = None):
+                 abort_after_failures: int = 32, chat_template_kwargs: dict | None = None, endpoint: str = "auto"):
         if max_concurrency < 1 or max_attempts < 1:
             raise ValueError("max_concurrency and max_attempts must be >= 1")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+        self.base_url = base_url.rstrip("/")
+        self.endpoint = endpoint
+        self.using = "completions" if endpoint == "completions" else "chat"  # auto may switch it once
         self.model = model
         self.api_key_env = api_key_env  # the variable's NAME; the key itself is read per run
         self.sampling = sampling
@@ -72,31 +87,48 @@ class OpenAICritic:
         # user's network setup, honoured like any HTTP client does.
         self._opener = urllib.request.build_opener()
 
-    def _body(self, req: CritiqueRequest) -> bytes:
+    @property
+    def url(self) -> str:
+        return self.base_url + ("/chat/completions" if self.using == "chat" else "/completions")
+
+    def _body(self, req: CritiqueRequest, using: str) -> bytes:
         from tcrlsd.generate.backend_base import derive_seed
 
         body = {
             "model": self.model,
-            "messages": [{"role": "user", "content": req.prompt}],
             "temperature": self.sampling.temperature,
             "top_p": self.sampling.top_p,
             "max_tokens": self.sampling.max_new_tokens,
             "seed": derive_seed(self.sampling.seed, req.rollout_id) & 0x7FFFFFFF,
         }
-        if self.chat_template_kwargs:
-            body["chat_template_kwargs"] = self.chat_template_kwargs
+        if using == "chat":
+            body["messages"] = [{"role": "user", "content": req.prompt}]
+            if self.chat_template_kwargs:
+                body["chat_template_kwargs"] = self.chat_template_kwargs
+        else:
+            body["prompt"] = req.prompt
         return json.dumps(body).encode()
 
-    def _post(self, body: bytes, key: str | None) -> str:
+    def _post(self, req: CritiqueRequest, key: str | None) -> str:
+        using = self.using
         headers = {"Content-Type": "application/json"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        url = self.base_url + ("/chat/completions" if using == "chat" else "/completions")
+        request = urllib.request.Request(url, data=self._body(req, using), headers=headers, method="POST")
         try:
             with self._opener.open(request, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
+            detail = b""
+            if exc.code == 400 and using == "chat" and self.endpoint == "auto":
+                try:
+                    detail = exc.read(65536)
+                except (OSError, http.client.HTTPException):
+                    pass
             exc.close()
+            if b"chat template" in detail.lower():
+                raise _NoChatTemplate() from None
             kind = f"http {exc.code}"
             if exc.code >= 500 or exc.code in _RETRY_STATUS:
                 raise _Retryable(kind) from None
@@ -111,7 +143,8 @@ class OpenAICritic:
             raise _Retryable("connection error") from None
         try:
             data = json.loads(raw)
-            content = data["choices"][0]["message"]["content"]
+            choice = data["choices"][0]
+            content = choice["message"]["content"] if using == "chat" else choice["text"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise _Retryable("malformed reply") from None
         if not isinstance(content, str):
@@ -124,11 +157,14 @@ class OpenAICritic:
         return base * (0.5 + rng.random())  # jitter in [0.5, 1.5) x base
 
     def _ask(self, req: CritiqueRequest, key: str | None) -> CriticReply:
-        body = self._body(req)
         kind = "no attempt"
         for attempt in range(1, self.max_attempts + 1):
             try:
-                return clean_feedback(self._post(body, key), self.max_feedback_chars)
+                try:
+                    return clean_feedback(self._post(req, key), self.max_feedback_chars)
+                except _NoChatTemplate:
+                    self.using = "completions"  # for every later request too; this one is resent now
+                    return clean_feedback(self._post(req, key), self.max_feedback_chars)
             except _Fatal as exc:
                 return CriticReply(None, f"{exc.kind} (not retried)")
             except _Retryable as exc:
@@ -170,4 +206,4 @@ def _make_openai(params: "CritiqueParams", model: str) -> Critic:
     return OpenAICritic(params.base_url, model, params.api_key_env, params.sampling(), params.max_feedback_chars,
                         params.max_concurrency, params.request_timeout_s, params.max_attempts,
                         params.backoff_initial_s, params.backoff_max_s, params.abort_after_failures,
-                        params.chat_template_kwargs)
+                        params.chat_template_kwargs, params.endpoint)

@@ -40,6 +40,7 @@ class CritiqueParams:
     chunk_rows: int = 64
     chat_template_kwargs: dict = field(default_factory=dict)
     base_url: str = "http://127.0.0.1:8000/v1"
+    endpoint: Literal["chat", "completions", "auto"] = "auto"
     api_key_env: str = "OPENAI_API_KEY"
     max_concurrency: int = 8
     request_timeout_s: float = 120.0
@@ -55,6 +56,8 @@ class CritiqueParams:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.backoff_initial_s < 0 or self.backoff_max_s < 0:
             raise ValueError("request_timeout_s must be > 0 and the backoff times >= 0")
+        if self.endpoint not in ("chat", "completions", "auto"):
+            raise ValueError(f"endpoint must be chat, completions or auto, got {self.endpoint!r}")
         if self.abort_after_failures < 0:
             raise ValueError(f"abort_after_failures must be >= 0 (0 = never), got {self.abort_after_failures}")
 

