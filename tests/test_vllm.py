@@ -320,7 +320,8 @@ class _Stop(Exception):
 
 
 class _StopAfter:
-    """A critic that passes through the first ``k`` replies of ``inner``, then fails (a killed run)."""
+    """A critic that passes ``inner``'s replies through and fails after the ``k``-th one with feedback
+    (a killed run; replies without feedback are not journalled, so they do not count)."""
 
     def __init__(self, inner, k: int):
         self.inner, self.k = inner, k
@@ -331,7 +332,8 @@ class _StopAfter:
 
         def reply(i, r):
             on_reply(i, r)
-            seen.append(i)
+            if r.text is not None:
+                seen.append(i)
             if len(seen) == self.k:
                 raise _Stop()
 
@@ -384,16 +386,17 @@ def test_vllm_critic_one_call_journalled_and_resumed_exactly(policy, templates_d
         assert got[i]["critic"] == f"vllm:{policy}"
     assert answered >= 4
 
-    # A run killed after 5 replies keeps them in the journal; the resumed run asks only for the rest,
-    # with the same seeds, and ends with exactly the uninterrupted table.
+    # A run killed after 3 replies with feedback keeps them in the journal; the resumed run asks only
+    # for the rest (the replies without feedback included), with the same seeds, and ends with exactly
+    # the uninterrupted table.
     journal_path = tmp_path / "journal-00000.jsonl"
     journal = Journal(journal_path)
     calls.clear()
     with pytest.raises(_Stop):
-        critique_rows(rows, params, _StopAfter(critic, 5), templates, journal=journal)
+        critique_rows(rows, params, _StopAfter(critic, 3), templates, journal=journal)
     journal.close()
     kept = len(journal_path.read_text().splitlines())
-    assert 1 <= kept <= 5
+    assert kept == 3
     journal = Journal(journal_path)
     resumed = critique_rows(rows, params, critic, templates, journal=journal)
     journal.close()
