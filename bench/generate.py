@@ -93,7 +93,9 @@ def main() -> None:
 
     def candidate():
         groups = backend.generate(prompts, n, sampling)
-        return sum(len(c.token_ids) - (c.finish_reason == "stop" and eos in c.token_ids[-1:]) for g in groups for c in g)
+        # a stop id kept at the end of a 'stop' response is not counted
+        return sum(len(c.token_ids) - (c.finish_reason == "stop" and eos in c.token_ids[-1:])
+                   for g in groups for c in g)
 
     vllm_backend, vllm_note = None, "skipped (--skip-vllm)" if args.skip_vllm else ""
     if not args.skip_vllm:
@@ -145,12 +147,14 @@ def main() -> None:
         print(f"{name:34s} {tokens:8d} {sec:8.2f} {tokens / sec:9.0f} {tokens / sec / base_rate:5.2f}x")
     by_name = {name: tokens / sec for name, tokens, sec in rows}
     if "tcrlsd vllm backend" in by_name:
-        print(f"vllm / transformers backend: {by_name['tcrlsd vllm backend'] / by_name['tcrlsd transformers backend']:.2f}x")
+        ratio = by_name["tcrlsd vllm backend"] / by_name["tcrlsd transformers backend"]
+        print(f"vllm / transformers backend: {ratio:.2f}x")
     else:
         print(f"vllm: {vllm_note}")
     try:
         load = os.getloadavg()
-        print(f"load average during the run (1/5/15 min): {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores")
+        print(f"load average during the run (1/5/15 min): {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
+              f"on {os.cpu_count()} cores")
     except OSError:
         pass
 

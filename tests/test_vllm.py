@@ -268,7 +268,8 @@ TEMPLATES = {
     "critic-correct": "# id: critic-correct@v1\n${problem}\n${response}\nIs it right?",
     "self-incorrect": "# id: self-incorrect@v1\n${problem}\n${response}\nCheck your steps.",
     "self-correct": "# id: self-correct@v1\n${problem}\n${response}\nCheck it.",
-    "teacher-critique": "# id: teacher-critique@v1\n${prefix}${problem}\nFeedback: ${feedback}\n${problem}${instruction}",
+    "teacher-critique": ("# id: teacher-critique@v1\n${prefix}${problem}\nFeedback: ${feedback}\n"
+                         "${problem}${instruction}"),
 }
 
 
