@@ -146,7 +146,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from tcrlsd.update.batching import UpdateInputs
-    from tcrlsd.update.config import UpdateParams
+    from tcrlsd.update.params import UpdateParams
     from tcrlsd.update.stage import open_trainer
 
     dtype = "float32" if args.device == "cpu" else "bfloat16"

@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
 from tcrlsd.artifacts import write_artifact, write_table  # noqa: E402
-from tcrlsd.update.config import UpdateError, UpdateParams  # noqa: E402
+from tcrlsd.update.params import UpdateError, UpdateParams  # noqa: E402
 from tcrlsd.update.losses import (AGGREGATIONS, AggregationCounts, aggregate, k3_kl, lr_factor,  # noqa: E402
                                   ppo_clip_loss)
 

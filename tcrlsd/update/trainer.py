@@ -21,7 +21,7 @@ import numpy as np
 
 from tcrlsd.update.batching import (TrainSequence, UpdateInputs, plan_micro_batches, plan_mini_batches,
                                     split_for_ranks)
-from tcrlsd.update.config import UpdateError, UpdateParams
+from tcrlsd.update.params import UpdateError, UpdateParams
 from tcrlsd.update.losses import AggregationCounts, aggregate, head_logprobs_entropy, k3_kl, lr_factor, ppo_clip_loss
 from tcrlsd.update.state import TrainerState
 
