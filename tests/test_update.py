@@ -30,7 +30,27 @@ from tcrlsd.update.losses import (AGGREGATIONS, AggregationCounts, aggregate, k3
                                   ppo_clip_loss)
 
 REPO = Path(__file__).resolve().parents[1]
-torch.set_num_threads(1)
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_process_group():
+    """The in-process updates join one process group of one (no launcher); it and the variables it
+    set are gone after this module, and torch's thread count is restored."""
+    import torch.distributed as dist
+
+    env = {k: os.environ.get(k) for k in _DIST_ENV}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- pure loss terms
@@ -384,6 +404,7 @@ def _params_file(path, **over):
     return path
 
 
+@pytest.mark.slow  # two fresh processes importing torch + DeepSpeed: ~30 s each on 2 busy cores
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_processes_match_one(tiny_policy, two_iterations, tmp_path, zero_stage):
     from tcrlsd.update.stage import run_update
@@ -409,12 +430,13 @@ def test_two_processes_match_one(tiny_policy, two_iterations, tmp_path, zero_sta
 
 
 def test_stage_cli_end_to_end(tiny_policy, tok, tmp_path):
-    """Inputs from the score and advantages stages' CLIs; output loads with from_pretrained."""
+    """Inputs from the score and advantages stages' CLIs; the update's CLI (in process, one process,
+    no launcher); the output loads with from_pretrained."""
     from transformers import AutoModelForCausalLM
 
     d = make_iteration(tmp_path / "iter", tiny_policy, tok, n_prompts=3, samples=2, seed=3)
     params = _params_file(tmp_path / "params.yaml", zero_stage=1)
-    _run_cli(["--params", str(params), "--rollouts", str(d["rollouts"]), "--scores", str(d["scores"]),
+    _load_stage("update").main(["--params", str(params), "--rollouts", str(d["rollouts"]), "--scores", str(d["scores"]),
               "--advantages", str(d["advantages"]), "--policy", str(tiny_policy), "--state-in",
               str(tmp_path / "none-state"), "--policy-out", str(tmp_path / "p1"), "--state-out", str(tmp_path / "s1"),
               "--metrics", str(tmp_path / "metrics" / "update.json")])
