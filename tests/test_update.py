@@ -322,7 +322,8 @@ def two_iterations(tiny_policy, tok, tmp_path_factory):
             for k in (0, 1)]
 
 
-def test_two_separate_iterations_equal_one_continuous_run(tiny_policy, two_iterations, tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_separate_iterations_equal_one_continuous_run(tiny_policy, two_iterations, tmp_path, zero_stage):
     """Iteration 1 resumes AdamW moments and the LR step: same weights as one process doing both.
 
     The scores of iteration 1 are the iteration-0 policy's (fixture): both runs read the same data,
@@ -332,7 +333,7 @@ def test_two_separate_iterations_equal_one_continuous_run(tiny_policy, two_itera
     from tcrlsd.update.stage import open_trainer, run_update
 
     params = UpdateParams(**{**FAST, "lr": 3e-3, "mini_batch_prompts": 2, "ppo_epochs": 2, "warmup_steps": 3,
-                             "shuffle": True})
+                             "shuffle": True, "zero_stage": zero_stage})
     d0, d1 = two_iterations
     run_update(d0["rollouts"], d0["scores"], d0["advantages"], tiny_policy, tmp_path / "p1", tmp_path / "s1", params)
     m = run_update(d1["rollouts"], d1["scores"], d1["advantages"], tmp_path / "p1", tmp_path / "p2", tmp_path / "s2",
