@@ -282,7 +282,6 @@ def test_stop_token_is_trained(tiny_policy, tok, tmp_path):
 
 
 def test_nonfinite_grad_norm_skips_the_step_and_counts_it(tiny_policy, signed, tmp_path):
-    from tcrlsd.policy import load_policy
     from tcrlsd.update.batching import UpdateInputs
     from tcrlsd.update.stage import open_trainer
 
