@@ -15,6 +15,9 @@ REFERENCE_CRITIC_ID = "reference-critic@v1"
 class CriticReply:
     text: str | None  # cleaned feedback; None when the critic failed
     error: str | None = None  # why there is no text (None when text is set)
+    # A transient failure (timeouts, 5xx, dropped connections, after every attempt): the row is not
+    # final -- its part stays unfinished and a rerun asks it again. Permanent failures are recorded.
+    retryable: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
