@@ -179,7 +179,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         if str(path) in str(exc):
             raise
-        raise OSError(exc.errno, f"{path}: could not be written ({exc}); the previous file, if any, is unchanged") from None
+        detail = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"{path}: could not be written ({detail}); the previous file, if any, is unchanged") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -31,7 +31,7 @@ from harness import (
 )
 
 DOC = REPO / "docs" / "reliability-faults.md"
-FULL_DISK_BYTES = 600  # room for the small JSON files, not for a Parquet part
+FULL_DISK_BYTES = 1500  # room for the resume fingerprint, not for a Parquet part (parts here: 1.6-2.5 KB)
 
 
 class Critic:
@@ -102,7 +102,7 @@ def test_full_iteration_survives_faults(tiny_policy, tmp_path, die_once):
                 rows.append(("a grader worker dies mid-row (os._exit)", stage,
                               "the row is graded again on a fresh worker; the run completes"))
             elif stage == "critique":
-                critic.budget = 6  # answers 6 requests, then every request fails
+                critic.budget, critic.answered = 6, 0  # answers 6 requests, then every request fails
                 rc = run_stage(stage, argv)
                 assert rc == 75
                 check_complete_files(out, name)
@@ -122,6 +122,7 @@ def test_full_iteration_survives_faults(tiny_policy, tmp_path, die_once):
                 rc, err = run_with_file_limit(stage, argv, FULL_DISK_BYTES, tmp_path / f"{stage}.err")
                 assert rc == 2 and "Traceback" not in err, err
                 assert "could not be written" in err and "File too large" in err, err
+                assert f"{OUTPUTS[stage][1]}" in err and ".resume" not in err, err  # the artifact's own write
                 check_complete_files(out, name)
                 assert not list(out.glob("part-*")) if out.is_dir() else not out.exists()
                 assert not temporaries(d), temporaries(d)
