@@ -301,14 +301,12 @@ class ShardedOutput:
                 "other code, inputs or settings; nothing was deleted. Give both workers the same params and "
                 "inputs, or wait for it to finish."
             )
-        if old == self.record or (old is None and not parts):
-            if old is None:
-                write_json(self.record, fp_file)
+        if old == self.record:
             return
         what = ("no recorded fingerprint (unknown origin)" if old is None
                 else "other " + ", ".join(d.removeprefix("fingerprint.") for d in _differences(old, self.record)))
-        if not parts and old is not None:
-            write_json(self.record, fp_file)  # nothing made with the old one: just take over
+        if not parts:
+            self._take_over(fp_file)  # no part was made with the old one: only its journals go
             return
         if not restart:
             raise StaleOutputError(
@@ -320,6 +318,10 @@ class ShardedOutput:
             raise StaleOutputError(f"{self.folder}: --restart refused: other workers are running ({', '.join(others)})")
         for q in parts:
             q.unlink()
+        self._take_over(fp_file)
+
+    def _take_over(self, fp_file: Path) -> None:
+        """Record this fingerprint; progress journals of another (or of none) are not ours to reuse."""
         for q in self.resume.glob("journal-*"):
             q.unlink()
         write_json(self.record, fp_file)

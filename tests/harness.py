@@ -25,11 +25,12 @@ import yaml
 from tcrlsd.schemas import validate
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "generate", "verify", "critique", "score", "advantages")
+STAGES = ("prepare", "generate", "verify", "critique", "score", "advantages")  # an iteration (warm start aside)
 # artifact name of each stage's output, and whether it is a folder of parts
 OUTPUTS = {"prepare": ("prompts", "prompts.parquet"), "generate": ("rollouts", "rollouts"),
            "verify": ("verdicts", "verdicts.parquet"), "critique": ("critiques", "critiques"),
-           "score": ("scores", "scores"), "advantages": ("advantages", "advantages.parquet")}
+           "score": ("scores", "scores"), "advantages": ("advantages", "advantages.parquet"),
+           "warmstart": ("checkpoint", "warm-policy")}
 
 PARAMS = {
     "prepare": {"sources": [
@@ -44,6 +45,11 @@ PARAMS = {
     "score": {"rows_per_part": 4, "max_tokens_per_batch": 256, "logits_chunk_tokens": 64, "device": "cpu",
               "dtype": "float32"},
     "advantages": {"estimator": "rlsd_hybrid"},
+    # a few seconds of training: every code path, nothing learnt
+    "warmstart": {"sft_problems": 300, "tokenizer_problems": 200, "vocab_size": 300, "steps": 12, "batch_size": 8,
+                  "warmup_steps": 4, "num_threads": 1, "eval_max_new_tokens": 16,
+                  "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "num_key_value_heads": 1}},
 }
 
 
@@ -64,6 +70,8 @@ def stage_argv(stage: str, d: Path, src: Path, policy: Path, params: Path, out: 
     prompts = ["--prompts", str(src / "prompts.parquet")]
     if stage == "prepare":
         return p + ["--out", str(out)] + metrics
+    if stage == "warmstart":
+        return p + prompts + ["--out", str(out), "--no-progress"] + metrics
     if stage == "generate":
         return p + prompts + ["--policy", str(policy), "--iteration", "0", "--out", str(out), "--no-progress"] + metrics
     if stage == "verify":
@@ -134,7 +142,18 @@ def final_files(out: Path) -> list[Path]:
 
 
 def check_complete_files(out: Path, name: str) -> None:
-    """Every visible final-named file is whole: a valid Parquet of ``name`` or a JSON manifest."""
+    """Every visible final-named file is whole: a valid Parquet of ``name`` or a JSON manifest (or,
+    for a checkpoint, a folder holding every file of one)."""
+    if name == "checkpoint":
+        if out.is_dir():
+            from safetensors import safe_open
+
+            have = {q.name for q in out.iterdir()}
+            missing = {"config.json", "model.safetensors", "tokenizer.json"} - have
+            assert not missing, f"partial checkpoint visible under its final name: {out} lacks {missing}"
+            with safe_open(str(out / "model.safetensors"), "np") as f:
+                assert list(f.keys())
+        return
     for q in final_files(out):
         try:
             if q.suffix == ".json":
@@ -225,7 +244,7 @@ def timed_run(stage: str, argv: list[str]) -> float:
 
 def snapshot(out: Path) -> dict[str, bytes]:
     """Name -> bytes of an output's final files (the folder's parts and manifest, or the file)."""
-    return {q.name: q.read_bytes() for q in final_files(out)}
+    return {q.name: q.read_bytes() for q in final_files(out) if q.is_file()}
 
 
 def identities(out: Path) -> dict[str, tuple[int, int]]:

@@ -24,7 +24,7 @@ import pytest
 
 from badinputs import Case, corpus
 from entrypoints import READERS, available, run_entry
-from harness import OUTPUTS, REPO, build_iteration, write_params
+from harness import OUTPUTS, REPO
 from tcrlsd.artifacts import read_artifact
 
 DOC = REPO / "docs" / "reliability-inputs.md"
@@ -48,12 +48,9 @@ EXPECT = {
 }
 
 
-@pytest.fixture(scope="module")
-def good(tiny_policy, tmp_path_factory):
-    d = tmp_path_factory.mktemp("good")
-    shutil.copytree(tiny_policy, d / "policy")
-    build_iteration(d, d / "policy", write_params(d))
-    return d
+@pytest.fixture
+def good(reliability_iteration):
+    return reliability_iteration
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -15,7 +15,6 @@ import pytest
 
 from harness import (
     OUTPUTS,
-    build_iteration,
     check_complete_files,
     identities,
     kill_points,
@@ -32,12 +31,9 @@ from harness import (
 SHARDED = ("generate", "critique", "score")
 
 
-@pytest.fixture(scope="module")
-def ref(tiny_policy, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref")
-    params = write_params(d)
-    build_iteration(d, tiny_policy, params)
-    return d, params
+@pytest.fixture
+def ref(reliability_iteration):
+    return reliability_iteration, reliability_iteration / "params.yaml"
 
 
 def _kill_and_resume(stage, d, src, policy, params, ref_out, kills=3):
@@ -75,15 +71,28 @@ def _kill_and_resume(stage, d, src, policy, params, ref_out, kills=3):
 
 
 @pytest.mark.parametrize("stage", ["prepare", "generate", "verify", "score", "advantages"])
-def test_killed_stage_reruns_to_the_same_bytes(stage, ref, tiny_policy, tmp_path):
+def test_killed_stage_reruns_to_the_same_bytes(stage, ref, tmp_path):
     src, params = ref
     d = tmp_path / "k"
     d.mkdir()
-    happened, _ = _kill_and_resume(stage, d, src, tiny_policy, params, src / OUTPUTS[stage][1])
+    happened, _ = _kill_and_resume(stage, d, src, src / "policy", params, src / OUTPUTS[stage][1])
     assert happened >= 1, f"no kill landed while {stage} ran"
 
 
-def test_killed_http_critique_keeps_answered_rows(ref, tiny_policy, tmp_path):
+def test_killed_warm_start_leaves_the_old_checkpoint_or_the_new_one(ref, tmp_path):
+    """The checkpoint folder appears whole or not at all; killed while replacing one, the old one stays."""
+    src, params = ref
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    assert run_stage("warmstart", stage_argv("warmstart", whole, src, src / "policy", params)) == 0
+    d = tmp_path / "k"
+    d.mkdir()
+    happened, _ = _kill_and_resume("warmstart", d, src, src / "policy", params, whole / "warm-policy", kills=2)
+    assert happened >= 1
+    assert sorted(q.name for q in d.iterdir() if q.name.startswith(".")) == []  # no temporary folder left
+
+
+def test_killed_http_critique_keeps_answered_rows(ref, tmp_path):
     """The HTTP critic (answers slowly): kills land mid-part; the journal keeps what was answered."""
     from critic_server import CriticServer
 
@@ -95,11 +104,11 @@ def test_killed_http_critique_keeps_answered_rows(ref, tiny_policy, tmp_path):
             "request_timeout_s": 10.0})
         whole = tmp_path / "whole"
         whole.mkdir()
-        assert run_stage("critique", stage_argv("critique", whole, src, tiny_policy, params)) == 0
+        assert run_stage("critique", stage_argv("critique", whole, src, src / "policy", params)) == 0
         asked_whole = sum(server.counts.values())
         d = tmp_path / "k"
         d.mkdir()
-        happened, _ = _kill_and_resume("critique", d, src, tiny_policy, params, whole / "critiques")
+        happened, _ = _kill_and_resume("critique", d, src, src / "policy", params, whole / "critiques")
         asked_killed = sum(server.counts.values()) - asked_whole
     assert happened >= 1
     # journaled answers are not asked again: at most the requests in flight at each kill are repeated
@@ -107,11 +116,11 @@ def test_killed_http_critique_keeps_answered_rows(ref, tiny_policy, tmp_path):
 
 
 @pytest.mark.parametrize("stage", SHARDED)
-def test_two_shard_workers_at_once_give_one_workers_bytes(stage, ref, tiny_policy, tmp_path):
+def test_two_shard_workers_at_once_give_one_workers_bytes(stage, ref, tmp_path):
     src, params = ref
     d = tmp_path / "w"
     d.mkdir()
-    argv = stage_argv(stage, d, src, tiny_policy, params)
+    argv = stage_argv(stage, d, src, src / "policy", params)
     out = d / OUTPUTS[stage][1]
     workers = [start(stage, argv + ["--shard", f"{i}/2"]) for i in range(2)]
     while any(w.is_alive() for w in workers):

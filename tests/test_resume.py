@@ -195,6 +195,15 @@ def test_parts_of_unknown_origin_are_not_trusted(tmp_path):
     assert ShardedOutput(tmp_path / "v", "verdicts", 2, {"x": 1}, restart=True).pending() == [0, 1]
 
 
+def test_journals_survive_a_resume_but_not_another_fingerprint(tmp_path):
+    out = ShardedOutput(tmp_path / "c", "critiques", 2, {"critic": "a"})
+    out.journal_path(0).write_text('{"rollout_id": "r", "prompt_sha": "x", "feedback_text": "from critic a"}\n')
+    out.close()
+    assert ShardedOutput(tmp_path / "c", "critiques", 2, {"critic": "a"}).journal_path(0).exists()
+    # no part finished yet, so the other fingerprint takes over -- without critic a's answers
+    assert not ShardedOutput(tmp_path / "c", "critiques", 2, {"critic": "b"}).journal_path(0).exists()
+
+
 def _hold_worker(folder, fp, ready, release):
     out = ShardedOutput(folder, "verdicts", 4, fp)
     ready.set()
