@@ -44,6 +44,7 @@ __all__ = [
     "write_table",
     "write_artifact",
     "write_json",
+    "write_text",
     "atomic_write",
     "atomic_dir",
     "AtomicParquetWriter",
@@ -277,13 +278,17 @@ class AtomicParquetWriter:
             self._ctx.__exit__(exc_type, exc, tb)
 
 
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write UTF-8 text atomically (temporary name in the same folder, then rename)."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
 def write_json(obj, path: str | os.PathLike) -> Path:
     """Write JSON atomically, keys sorted, so that the same metrics give the same bytes."""
-    path = Path(path)
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
-    return path
+    return write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", path)
 
 
 # --------------------------------------------------------------------------------------------------
