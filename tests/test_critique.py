@@ -371,11 +371,14 @@ def test_stage_none_and_suspected_false_negatives(tmp_path):
 
 def test_openai_critic_retries_500s_stalls_and_drops_then_records_errors(tmp_path):
     # per rollout (by sample / prompt): two 500s then ok; a stall past the timeout then ok; a dropped
-    # connection then ok; and one rollout that always fails with 500.
+    # connection then ok; one rollout that fails with 500 on every attempt of the first run (transient:
+    # its part stays unfinished, the rerun asks it alone) and one refused with 400 (permanent: recorded).
     def behaviour(tag, attempt):
         i, j = int(tag.split("#")[0].rsplit("/", 1)[1]), int(tag.split("#")[1])
         if i == 0 and j == 1:
-            return ("status", 500)
+            return ("status", 500) if attempt <= 3 else ("ok",)
+        if i == 3 and j == 1:
+            return ("status", 400)
         if j == 1 and attempt <= 2:
             return ("status", 500)
         if j == 2 and i % 2 == 0 and attempt == 1:
@@ -389,30 +392,40 @@ def test_openai_critic_retries_500s_stalls_and_drops_then_records_errors(tmp_pat
     env = dict(os.environ, TCRLSD_TEST_CRITIC_KEY=KEY)
     with CriticServer(behaviour, require_key=KEY) as server:
         params = write_params(tmp_path, **_fast_http(server.base_url))
+        first = subprocess.run(stage_cmd(paths, params, out, metrics_path), capture_output=True, text=True,
+                               cwd=REPO, env=env, timeout=120)
+        assert first.returncode == 75, first.stderr
+        assert "1 row(s) in 1 part(s)" in first.stderr and "'synthetic/train/0#1': http 500 after 3 attempts" in first.stderr
+        assert not list(out.glob("part-*")) and not metrics_path.exists()
+        journal = [json.loads(line) for line in (tmp_path / ".c.resume" / "journal-00000.jsonl").read_text().splitlines()]
+        assert len(journal) == 7 and "synthetic/train/0#1" not in {r["rollout_id"] for r in journal}
+        asked = dict(server.counts)
         proc = run_stage(paths, params, out, metrics_path, env=env)
+    assert {k: v - asked.get(k, 0) for k, v in server.counts.items() if v != asked.get(k)} == {"synthetic/train/0#1": 1}
     rows = read_artifact(out, "critiques").to_pylist()
     incorrect = [r for r in rows if not r["rollout_id"].endswith("#0")]
     assert len(incorrect) == 8
     for r in incorrect:
-        if r["rollout_id"] == "synthetic/train/0#1":
+        if r["rollout_id"] == "synthetic/train/3#1":
             assert r["feedback_text"] is None and r["teacher_prompt"] is None
-            assert r["error"] == "http 500 after 3 attempts"
-            assert server.counts[r["rollout_id"]] == 3
+            assert r["error"] == "http 400 (not retried)"
+            assert server.counts[r["rollout_id"]] == 1
         else:
             assert r["feedback_text"] == reply_for(r["rollout_id"]) and r["error"] is None
             assert r["template"] == "critic-incorrect@v1+teacher-critique@v1" and r["critic"] == "openai:critic-test"
     assert server.counts["synthetic/train/1#1"] == 3 and server.counts["synthetic/train/2#2"] == 2
-    assert server.counts["synthetic/train/1#2"] == 2
+    assert server.counts["synthetic/train/1#2"] == 2 and server.counts["synthetic/train/0#1"] == 4
     assert not any(k.endswith("#0") for k in server.counts)  # correct rollouts are not sent
     assert set(server.auth_headers) == {f"Bearer {KEY}"}
     metrics = json.loads(metrics_path.read_text())
-    assert metrics["failures_by_reason"] == {"http 500 after 3 attempts": 1}
+    assert metrics["failures_by_reason"] == {"http 400 (not retried)": 1}
+    assert metrics["failed_rollout_ids"] == ["synthetic/train/3#1"]
     assert metrics["coverage"] == pytest.approx(7 / 12)
     # the key is never written anywhere
-    for f in [*out.rglob("*"), metrics_path, params]:
+    for f in [*out.rglob("*"), *(tmp_path / ".c.resume").rglob("*"), metrics_path, params]:
         if f.is_file():
             assert KEY.encode() not in f.read_bytes(), f
-    assert KEY not in proc.stdout + proc.stderr
+    assert KEY not in proc.stdout + proc.stderr + first.stdout + first.stderr
 
 
 def test_openai_stage_resumes_after_kill_without_reasking(tmp_path):
@@ -429,7 +442,7 @@ def test_openai_stage_resumes_after_kill_without_reasking(tmp_path):
 
     paths = make_iteration(tmp_path, n_prompts=6, samples=3, tag=True)
     out, metrics_path = tmp_path / "c", tmp_path / "m.json"
-    journal = out / "journal-00000.jsonl"
+    journal = tmp_path / ".c.resume" / "journal-00000.jsonl"  # beside the tracked output, not in it
     with CriticServer(behaviour) as server:
         params = write_params(tmp_path, **_fast_http(server.base_url, request_timeout_s=30.0, max_concurrency=2))
         proc = subprocess.Popen(stage_cmd(paths, params, out, metrics_path), cwd=REPO,
@@ -500,7 +513,7 @@ def test_self_mode_with_tiny_policy(tmp_path, tiny_policy):
                 assert row["feedback_text"] in row["teacher_prompt"]
     parts = [sorted(p.read_bytes() for p in o.glob("part-*.parquet")) for o in outs]
     assert parts[0] == parts[1]  # deterministic on CPU
-    assert not list(outs[0].glob("journal-*"))
+    assert not list(outs[0].glob("journal-*")) and not list((tmp_path / ".self0.resume").glob("journal-*"))
     metrics = critique_metrics(table, read_artifact(paths["verdicts"], "verdicts"), CritiqueParams(mode="self"))
     assert metrics["eligible_rollouts"] == sum(not v for v in verdicts)
 

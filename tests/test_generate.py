@@ -278,17 +278,19 @@ def test_stage_cli_writes_rollouts_and_reruns_identically(stage_inputs, tiny_pol
     assert after["part-00002.parquet"] == before["part-00002.parquet"]
     assert _part_bytes(out2) == _part_bytes(out1)
 
-    # Changed params invalidate the finished parts (the manifest fingerprint no longer matches).
+    # Changed params make the finished parts stale: an error that deletes nothing, until --restart.
     other = tmp_path / "params2.yaml"
     other.write_text(PARAMS.replace("seed: 5", "seed: 6"))
     args = _args(stage_inputs, tiny_policy, out2)
     args[1] = str(other)
-    assert _stage_main()(args) == 0
+    assert _stage_main()(args) == 2
+    assert _part_bytes(out2) == _part_bytes(out1)
+    assert _stage_main()(args + ["--restart"]) == 0
     assert _part_bytes(out2) != _part_bytes(out1)
     assert read_artifact(out2, "rollouts").num_rows == 18
 
 
-def test_stage_rejects_bad_shard(stage_inputs, tiny_policy, tmp_path):
-    with pytest.raises(ValueError, match="--shard must look like i/N"):
-        _stage_main()(_args(stage_inputs, tiny_policy, tmp_path / "r", "--shard", "2/2"))
+def test_stage_rejects_bad_shard(stage_inputs, tiny_policy, tmp_path, capsys):
+    assert _stage_main()(_args(stage_inputs, tiny_policy, tmp_path / "r", "--shard", "2/2")) == 2
+    assert "--shard must look like i/N" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "r" / "part-00000.parquet")

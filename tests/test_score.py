@@ -14,9 +14,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
 from tcrlsd.artifacts import read_artifact, write_artifact
-from tcrlsd.schemas import SchemaError
 from tcrlsd.score import (
-    ScoreError,
     ScoreParams,
     build_inputs,
     plan_batches,
@@ -279,6 +277,16 @@ def _stage_main(argv):
     return mod.main(argv)
 
 
+def _stage_fails(capsys, pattern, argv):
+    """The stage exits 2 with one ``score: error: ...`` line matching ``pattern`` (no traceback)."""
+    import re
+
+    capsys.readouterr()
+    assert _stage_main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err) and "Traceback" not in err, err
+
+
 def _part_bytes(folder):
     return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("part-*.parquet"))}
 
@@ -327,15 +335,14 @@ def test_stage_cli_writes_scores_reruns_identically_and_resumes(tiny_policy, tmp
     assert _part_bytes(tmp_path / "sharded") == first
 
 
-def test_stage_lagged_teacher_uses_the_given_checkpoint(tiny_policy, tmp_path):
+def test_stage_lagged_teacher_uses_the_given_checkpoint(tiny_policy, tmp_path, capsys):
     from tcrlsd.policy import save_policy
 
     model, tok = _load(tiny_policy, seed=3)
     teacher_dir = save_policy(model, tok, tmp_path / "teacher")
     _write_inputs(tmp_path, tok, n=6)
     _params(tmp_path, teacher="lagged")
-    with pytest.raises(ScoreError, match="--teacher-policy"):
-        _stage_main(_args(tmp_path, tiny_policy, tmp_path / "s"))
+    _stage_fails(capsys, "--teacher-policy", _args(tmp_path, tiny_policy, tmp_path / "s"))
     assert _stage_main(_args(tmp_path, tiny_policy, tmp_path / "s", teacher_policy=teacher_dir)) == 0
     scores = read_artifact(tmp_path / "s", "scores")
     assert set(scores.column("teacher_checkpoint").to_pylist()) == {str(teacher_dir)}
@@ -347,28 +354,24 @@ def test_stage_lagged_teacher_uses_the_given_checkpoint(tiny_policy, tmp_path):
     np.testing.assert_allclose(pa.compute.list_flatten(current.column("student_logprobs")).to_numpy(),
                                pa.compute.list_flatten(scores.column("student_logprobs")).to_numpy(), atol=1e-5)
     assert current.column("teacher_logprobs").to_pylist() != scores.column("teacher_logprobs").to_pylist()
-    with pytest.raises(ScoreError, match="'current'"):
-        _stage_main(_args(tmp_path, tiny_policy, tmp_path / "c", teacher_policy=teacher_dir))
+    _stage_fails(capsys, "'current'", _args(tmp_path, tiny_policy, tmp_path / "c", teacher_policy=teacher_dir))
 
 
-def test_stage_mismatched_inputs_fail_clearly(tiny_policy, tmp_path):
+def test_stage_mismatched_inputs_fail_clearly(tiny_policy, tmp_path, capsys):
     _, tok = _load(tiny_policy)
     rollouts, critiques = _tables(tok, n=6)
     write_artifact(rollouts, tmp_path / "rollouts.parquet", "rollouts")
     write_artifact(critiques.slice(0, 5), tmp_path / "critiques.parquet", "critiques")
     _params(tmp_path)
-    with pytest.raises(SchemaError, match=r"critiques.parquet: critiques has no row for 1 rollout.*'p2#1'"):
-        _stage_main(_args(tmp_path, tiny_policy, tmp_path / "s"))
+    _stage_fails(capsys, r"critiques.parquet: critiques has no row for 1 rollout.*'p2#1'", _args(tmp_path, tiny_policy, tmp_path / "s"))
     bad = critiques.set_column(5, "teacher_prompt", pa.array([None] * 6, pa.string()))
     write_artifact(bad, tmp_path / "critiques.parquet", "critiques")
-    with pytest.raises(ScoreError, match="rollout_id 'p0#1': feedback_text is set but teacher_prompt is null"):
-        _stage_main(_args(tmp_path, tiny_policy, tmp_path / "s"))
+    _stage_fails(capsys, "rollout_id 'p0#1': feedback_text is set but teacher_prompt is null", _args(tmp_path, tiny_policy, tmp_path / "s"))
     # Rollouts from a model with a bigger vocabulary: named, not an index error deep in torch.
     big = rollouts.set_column(5, "response_token_ids", pa.array([[10_000]] * 6, pa.list_(pa.int32())))
     write_artifact(big, tmp_path / "rollouts.parquet", "rollouts")
     write_artifact(critiques, tmp_path / "critiques.parquet", "critiques")
-    with pytest.raises(ScoreError, match="outside the vocabulary"):
-        _stage_main(_args(tmp_path, tiny_policy, tmp_path / "s"))
+    _stage_fails(capsys, "outside the vocabulary", _args(tmp_path, tiny_policy, tmp_path / "s"))
     assert not list((tmp_path / "s").glob("part-*.parquet"))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -10,12 +9,19 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from tcrlsd.artifacts import ShardedOutput, ShardSpec, fingerprint_files, read_artifact, split_evenly
+from tcrlsd.artifacts import ShardSpec, read_artifact, split_evenly
 from tcrlsd.generate.backend_base import derive_seed
 from tcrlsd.generate.backends import BACKENDS
 from tcrlsd.generate.selection import select_prompts, train_prompt_ids
 from tcrlsd.generation import PROMPT_TOO_LONG, SamplingConfig
+from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.schemas import schema_for
+
+# The resume fingerprint (tcrlsd.resume): the code that computes a part and the params that change it;
+# the others only place or pace the work.
+CODE_MODULES = ("tcrlsd.generate", "tcrlsd.generation", "tcrlsd.policy")
+NOT_OUTPUT = ("device", "batch_size", "max_batch_tokens", "tensor_parallel_size", "gpu_memory_utilization",
+              "num_threads")
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ def run_generate(
     out: str | os.PathLike,
     shard: ShardSpec | None = None,
     progress: bool = True,
+    restart: bool = False,
 ) -> dict:
     """Generate this worker's pending parts of iteration ``iteration`` into the folder ``out``.
 
@@ -134,12 +141,10 @@ def run_generate(
                             iteration)
     text_of = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
     parts = split_evenly(len(chosen), params.num_parts)
-    fingerprint = {
-        "params": dataclasses.asdict(params),
-        "iteration": iteration,
-        "inputs": fingerprint_files([prompts_path, policy_path]),
-    }
-    output = ShardedOutput(out, "rollouts", len(parts), fingerprint)
+    fingerprint = stage_fingerprint(code=CODE_MODULES, settings=output_settings(params, NOT_OUTPUT),
+                                    inputs={"prompts": prompts_path, "policy": policy_path},
+                                    cache_dir=resume_dir(out), iteration=iteration)
+    output = ShardedOutput(out, "rollouts", len(parts), fingerprint, restart=restart)
     pending = output.pending(shard or ShardSpec())
     started = time.perf_counter()
     new_rollouts = new_tokens = 0

@@ -30,7 +30,7 @@ How the forward passes are laid out (the part a reader should check):
   (B, T, V) logits tensor is never built. log-softmax runs in fp32 (logits are cast up even when
   the model runs in bf16).
 - Output is written part by part (``rows_per_part`` rollouts each, contiguous in input order)
-  through :class:`tcrlsd.artifacts.ShardedOutput`: memory is bounded by one part, a killed run
+  through :class:`tcrlsd.resume.ShardedOutput`: memory is bounded by one part, a killed run
   resumes at the first missing part, and ``--shard i/N`` workers split the parts.
 
 torch and transformers are imported inside functions: importing this module is cheap.

@@ -11,11 +11,17 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tcrlsd.artifacts import ShardedOutput, ShardSpec, checkpoint_digest, split_evenly
+from tcrlsd.artifacts import ShardSpec, split_evenly
+from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.score.inputs import ScoringInputs, check_vocab, score_part
 from tcrlsd.score.params import ScoreError, ScoreParams
 
 # ----------------------------------------------------------------------------- the stage
+
+# The resume fingerprint (tcrlsd.resume): the code that computes a part and the params that change it
+# (batching, chunking and placement do not; the resolved dtype does).
+CODE_MODULES = ("tcrlsd.score", "tcrlsd.policy")
+NOT_OUTPUT = ("max_tokens_per_batch", "logits_chunk_tokens", "device")
 
 
 def _resolve_device(name: str) -> str:
@@ -86,17 +92,18 @@ def run_score(
     *,
     teacher_policy: str | os.PathLike | None = None,
     shard: ShardSpec = ShardSpec(),
-    input_digests: dict | None = None,
+    input_paths: dict | None = None,
     progress: bool = True,
+    restart: bool = False,
 ) -> ScoreRunStats:
     """Score every pending part of this shard into the folder artifact ``out``.
 
     ``inputs`` is :func:`build_inputs` of ``rollouts`` (which is only read again for the
     vocabulary check).
 
-    ``input_digests`` identifies the inputs in the resume fingerprint (the stage passes content
-    digests of the rollouts and critiques files); with the params and the checkpoints' digests it
-    decides whether finished parts on disk are still valid.
+    ``input_paths`` (name -> the rollouts and critiques artifacts) go into the resume fingerprint by
+    content; with the code, the output-changing params and the checkpoints' contents it decides
+    whether finished parts on disk are still valid (:mod:`tcrlsd.resume`).
     """
     import torch
     from tqdm import tqdm
@@ -108,15 +115,12 @@ def run_score(
     dtype = _resolve_dtype(params.dtype, device)
     n = rollouts.num_rows
     plan = split_evenly(n, math.ceil(n / params.rows_per_part) if n else 1)
-    fingerprint = {
-        "params": asdict(params) | {"device": device, "dtype": dtype},
-        "inputs": input_digests or {},
-        "policy": {"path": str(policy), "sha256": checkpoint_digest(policy)},
-        "teacher": {"path": teacher_ckpt,
-                    "sha256": checkpoint_digest(teacher_ckpt) if params.teacher != "current" else "student"},
-        "rows": n,
-    }
-    sink = ShardedOutput(out, "scores", len(plan), fingerprint)
+    fingerprint = stage_fingerprint(
+        code=CODE_MODULES, settings=output_settings(params, NOT_OUTPUT) | {"dtype": dtype},
+        inputs={**(input_paths or {}), "policy": policy,
+                "teacher": teacher_ckpt if params.teacher != "current" else None},
+        cache_dir=resume_dir(out), rows=n)
+    sink = ShardedOutput(out, "scores", len(plan), fingerprint, restart=restart)
     pending = sink.pending(shard)
     stats = ScoreRunStats(device=device, dtype=dtype)
     stats.parts_skipped = sum(1 for p in range(len(plan)) if shard.owns(p)) - len(pending)
