@@ -322,7 +322,7 @@ class _Stop(Exception):
 
 class _StopAfter:
     """A critic that passes ``inner``'s replies through and fails after the ``k``-th one with feedback
-    (a killed run; replies without feedback are not journalled, so they do not count)."""
+    (a killed run)."""
 
     def __init__(self, inner, k: int):
         self.inner, self.k = inner, k
@@ -387,17 +387,17 @@ def test_vllm_critic_one_call_journalled_and_resumed_exactly(policy, templates_d
         assert got[i]["critic"] == f"vllm:{policy}"
     assert answered >= 4
 
-    # A run killed after 3 replies with feedback keeps them in the journal; the resumed run asks only
-    # for the rest (the replies without feedback included), with the same seeds, and ends with exactly
-    # the uninterrupted table.
+    # A run killed after its 3rd reply with feedback keeps every reply so far in the journal; the
+    # resumed run asks only for the rest, with the same seeds, and ends with exactly the
+    # uninterrupted table.
     journal_path = tmp_path / "journal-00000.jsonl"
     journal = Journal(journal_path)
     calls.clear()
     with pytest.raises(_Stop):
         critique_rows(rows, params, _StopAfter(critic, 3), templates, journal=journal)
     journal.close()
-    kept = len(journal_path.read_text().splitlines())
-    assert kept == 3
+    kept = len(journal_path.read_text().splitlines())  # feedback and permanent errors ("empty critique", ...)
+    assert 3 <= kept < 12
     journal = Journal(journal_path)
     resumed = critique_rows(rows, params, critic, templates, journal=journal)
     journal.close()
