@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -45,7 +45,7 @@ class GenerateParams:
     trust_remote_code: bool = False
     num_threads: int = 0
     max_model_len: int = 0
-    engine_args: dict = dataclasses.field(default_factory=dict)
+    engine_args: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
