@@ -22,6 +22,7 @@ from tcrlsd.reference_critic import CriticReply
 from tcrlsd.schemas import schema_for
 from tcrlsd.templates import (
     Template,
+    TemplateError,
     chat_wrap,
     default_templates_dir,
     load_template,
@@ -148,7 +149,10 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
         if text is None:
             teacher_prompts.append(None)
             continue
-        prefix, problem, instruction = split_student_prompt(row["prompt"], row["problem"], wrap)
+        try:
+            prefix, problem, instruction = split_student_prompt(row["prompt"], row["problem"], wrap)
+        except TemplateError as exc:
+            raise CritiqueError(f"rollout_id {row['rollout_id']!r} (prompt_id {row['prompt_id']!r}): {exc}") from None
         teacher_prompts.append(render_teacher_prompt(templates[_teacher_template_name(mode)], prefix, problem,
                                                      instruction, text, wrap))
     return pa.table({
