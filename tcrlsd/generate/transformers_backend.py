@@ -156,8 +156,8 @@ def _preallocated_layer_class():
     DynamicLayer appends each step's keys/values with torch.cat, copying the whole cache every
     step (O(T^2) memory traffic; on CPU the biggest cost of a large batch). This layer allocates
     (rows, heads, prompt + max_new_tokens, head_dim) once and hands attention a view of the filled
-    prefix. Used only where the cache is made of plain DynamicLayers (transformers >= 4.56);
-    otherwise the stock cache is kept.
+    prefix. Used only where the cache is made of plain DynamicLayers (transformers >= 4.57, whose
+    DynamicLayer has ``is_initialized``); otherwise the stock cache is kept.
     """
     if _PREALLOC:
         return _PREALLOC[0]
