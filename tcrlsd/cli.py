@@ -15,7 +15,8 @@ app = typer.Typer(
     help=(
         "RLVR for math, densified by teacher critiques. The training iteration itself runs with "
         "`dvc repro`; these commands grade answers, switch params.yaml to a preset run, and "
-        "recompute and compare advantages offline from what an iteration stored."
+        "recompute and compare advantages offline from what an iteration stored, and inspect an "
+        "iteration's samples token by token."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -28,6 +29,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("grade", "grade", "grade"),
     ("advantages", "recompute", "recompute"),
     ("advantages", "compare", "compare"),
+    ("inspect", "inspect", "inspect"),
 )
 
 for _module, _func, _name in COMMANDS:
