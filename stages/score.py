@@ -17,7 +17,7 @@ import sys
 
 from tcrlsd.artifacts import STAGE_ERRORS, ShardSpec, artifact_path, read_artifact, write_json
 from tcrlsd.params import load_section
-from tcrlsd.score import ScoreParams, build_inputs, run_score, score_metrics
+from tcrlsd.score import ScoreParams, artifact_metrics, build_inputs, run_score
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,10 +55,8 @@ def _run(args) -> int:
         print(f"score: wrote {stats.parts_done} part(s); other parts still pending (other shards); "
               "metrics are written by the run that completes the artifact", file=sys.stderr)
         return 0
-    scores = read_artifact(args.out, "scores")  # validated: finite values, equal list lengths
-    metrics = score_metrics(scores, inputs)
+    metrics = artifact_metrics(args.out, inputs)  # one part file at a time, each validated
     metrics["teacher"] = params.teacher
-    metrics["teacher_checkpoint"] = scores.column("teacher_checkpoint")[0].as_py() if scores.num_rows else None
     metrics["run"] = stats.as_dict()
     if args.metrics:
         write_json(metrics, args.metrics)

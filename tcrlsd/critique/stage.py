@@ -23,6 +23,7 @@ from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fing
 from tcrlsd.schemas import schema_for
 from tcrlsd.templates import (
     Template,
+    TemplateError,
     chat_wrap,
     default_templates_dir,
     load_template,
@@ -161,7 +162,10 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
         if text is None:
             teacher_prompts.append(None)
             continue
-        prefix, problem, instruction = split_student_prompt(row["prompt"], row["problem"], wrap)
+        try:
+            prefix, problem, instruction = split_student_prompt(row["prompt"], row["problem"], wrap)
+        except TemplateError as exc:
+            raise CritiqueError(f"rollout_id {row['rollout_id']!r} (prompt_id {row['prompt_id']!r}): {exc}") from None
         teacher_prompts.append(render_teacher_prompt(templates[_teacher_template_name(mode)], prefix, problem,
                                                      instruction, text, wrap))
     return pa.table({

@@ -13,7 +13,7 @@ from tcrlsd.artifacts import ShardSpec, read_artifact, split_evenly
 from tcrlsd.generate.backend_base import derive_seed
 from tcrlsd.generate.backends import BACKENDS
 from tcrlsd.generate.selection import select_prompts, train_prompt_ids
-from tcrlsd.generation import PROMPT_TOO_LONG, SamplingConfig
+from tcrlsd.generation import PROMPT_TOO_LONG, SamplingConfig, check_completions
 from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.schemas import schema_for
 
@@ -107,6 +107,7 @@ def rollout_metrics(rollouts: pa.Table) -> dict:
     lengths = pc.list_value_length(rollouts.column("response_token_ids"))
     n_length = pc.sum(pc.equal(rollouts.column("finish_reason"), "length")).as_py() or 0
     n_too_long = pc.sum(pc.equal(rollouts.column("finish_reason"), PROMPT_TOO_LONG)).as_py() or 0
+    n_stop = pc.sum(pc.equal(rollouts.column("finish_reason"), "stop")).as_py() or 0
     return {
         "rollouts": n,
         "prompts": pc.count_distinct(rollouts.column("prompt_id")).as_py() if n else 0,
@@ -115,6 +116,7 @@ def rollout_metrics(rollouts: pa.Table) -> dict:
         "max_response_tokens": int(pc.max(lengths).as_py()) if n else 0,
         "share_finish_length": n_length / n if n else 0.0,
         "prompt_too_long": n_too_long,
+        "share_finish_stop": n_stop / n if n else 0.0,  # these end with their stop id (a scored token)
     }
 
 
@@ -160,6 +162,7 @@ def run_generate(
             ids = [chosen[i] for i in parts[p]]
             ptoks = [encode_prompt(tokenizer, text_of[pid]) for pid in ids]
             groups = backend.generate(ptoks, params.samples_per_prompt, params.sampling(iteration, p))
+            check_completions(groups, backend.stop_ids, params.max_new_tokens, f"{params.backend} backend, part {p}")
             table = pa.Table.from_pydict(rollout_rows(ids, ptoks, groups, iteration), schema=schema_for("rollouts"))
             output.write(p, table)
             new_rollouts += table.num_rows
