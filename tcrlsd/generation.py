@@ -12,8 +12,9 @@ The stop-token contract (every backend keeps it; :func:`check_completions` enfor
   so the score, advantages and update stages cover it like any other token (verl and TRL keep the
   first EOS inside the response mask; without it the policy could never learn when to end).
   Nothing after the first stop id is kept. No stop strings are used, so "stop" always means a stop id.
-- ``finish_reason == "length"``: ``max_new_tokens`` ids were sampled and none was a stop id; the
-  last id is not a stop id.
+- ``finish_reason == "length"``: ``max_new_tokens`` ids were sampled and none was a stop id (fewer
+  only where the prompt and the response filled the model's context, e.g. vLLM's ``max_model_len``);
+  the last id is not a stop id.
 - ``text`` is the decoded ids WITHOUT the trailing stop id, special tokens skipped (what verify and
   the critic read).
 """
@@ -63,7 +64,7 @@ def check_completions(groups: Sequence[Sequence[Completion]], stop_ids: Sequence
     """Raise if ``groups`` break the stop-token contract (module docstring); the error names the row.
 
     Every "stop" completion ends with a stop id and holds no other; every "length" completion has
-    ``max_new_tokens`` ids, none of them a stop id.
+    1..``max_new_tokens`` ids (fewer only when the context filled up), none of them a stop id.
     """
     stops = {int(t) for t in stop_ids}
     for i, group in enumerate(groups):
@@ -78,8 +79,8 @@ def check_completions(groups: Sequence[Sequence[Completion]], stop_ids: Sequence
                 if any(t in stops for t in ids[:-1]):
                     raise RuntimeError(f"{where}: a stop id occurs before the end of the response")
             elif c.finish_reason == "length":
-                if len(ids) != max_new_tokens or any(t in stops for t in ids):
-                    raise RuntimeError(f"{where}: finish_reason 'length' needs {max_new_tokens} ids and no stop id; "
+                if not 0 < len(ids) <= max_new_tokens or any(t in stops for t in ids):
+                    raise RuntimeError(f"{where}: finish_reason 'length' needs 1..{max_new_tokens} ids and no stop id; "
                                        f"got {len(ids)} ids" + (" with a stop id" if any(t in stops for t in ids)
                                                                 else ""))
             elif c.finish_reason == PROMPT_TOO_LONG:  # the vllm backend's row error: no response at all

@@ -67,7 +67,8 @@ def test_check_completions_enforces_the_stop_token_contract():
     bad = {
         "do not end with a stop id": Completion((5, 6), "ab", "stop"),  # EOS cut off (the old contract)
         "before the end": Completion((eos, 5, eos), "a", "stop"),
-        "needs 3 ids": Completion((5, 6), "ab", "length"),
+        "needs 1..3 ids": Completion((5, 6, 7, 8), "abcd", "length"),
+        "needs 1..3 ids and": Completion((), "", "length"),
         "with a stop id": Completion((5, 6, eos), "ab", "length"),
         "expected 'stop', 'length' or 'prompt_too_long'": Completion((5,), "a", "abort"),
     }
