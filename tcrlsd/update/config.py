@@ -1,0 +1,84 @@
+"""``update:`` params section: the PPO-clip update of the policy on token-level advantages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["UpdateParams", "UpdateError", "TEACHER_MODES"]
+
+# The score stage's teacher modes (params score.teacher); the update stage keeps the weights of the
+# last two.
+TEACHER_MODES = ("current", "lagged", "ema")
+
+
+class UpdateError(ValueError):
+    """The update stage's inputs, saved state or settings are wrong (message names file/row/key)."""
+
+
+@dataclass(frozen=True)
+class UpdateParams:
+    """``update:`` section of params.yaml (every key is commented there)."""
+
+    # optimiser (AdamW; weight decay on matrices only) and LR schedule
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_eps: float = 1e-8
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    cosine_total_steps: int = 1000
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    # PPO loss
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    dual_clip: float | None = None
+    entropy_coef: float = 1e-3
+    kl_coef: float = 0.0
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    loss_norm_tokens: int = 96
+    # batching
+    mini_batch_prompts: int = 8
+    ppo_epochs: int = 1
+    shuffle: bool = True
+    max_tokens_per_micro_batch: int = 4096
+    logits_chunk_tokens: int = 1024
+    # engine
+    zero_stage: int = 2
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: str = "auto"
+    num_threads: int = 0
+    seed: int = 0
+    trust_remote_code: bool = False
+    # state across iterations and the kept teacher
+    restart: bool = False
+    teacher_refresh_every: int = 20
+    teacher_ema_tau: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("mini_batch_prompts", "ppo_epochs", "max_tokens_per_micro_batch", "logits_chunk_tokens",
+                     "cosine_total_steps", "teacher_refresh_every", "loss_norm_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "clip_ratio_low", "clip_ratio_high",
+                     "entropy_coef", "kl_coef", "num_threads", "adam_eps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError("adam_beta1 and adam_beta2 must be in [0, 1)")
+        if self.clip_ratio_low >= 1:
+            raise ValueError(f"clip_ratio_low must be < 1, got {self.clip_ratio_low}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (verl uses 3.0) or null, got {self.dual_clip}")
+        if self.zero_stage not in (1, 2, 3):
+            # ZeRO-0 is refused: DeepSpeed's plain fp32 path does not skip a step on a non-finite
+            # gradient norm, which this stage promises.
+            raise ValueError(f"zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if not 0 < self.teacher_ema_tau <= 1:
+            raise ValueError(f"teacher_ema_tau must be in (0, 1], got {self.teacher_ema_tau}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

@@ -1,0 +1,127 @@
+"""The update stage end to end: inputs -> engine (+ saved state) -> train -> policy, state, teacher.
+
+:func:`open_trainer` loads the policy into a DeepSpeed engine and, per :func:`resolve_state`, the
+previous iteration's optimizer state; :func:`run_update` trains one iteration and writes
+
+- ``policy_out``: the new policy, a plain Hugging Face folder (safetensors + tokenizer);
+- ``state_out``: the training state for the next iteration (:mod:`tcrlsd.update.state`), with the
+  kept teacher inside when score.teacher is lagged or ema (:mod:`tcrlsd.update.teacher`).
+
+Both are written to temporary names and renamed when complete. Every process runs this code; rank 0
+writes the files that are not per-process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from tcrlsd.update.batching import UpdateInputs
+from tcrlsd.update.config import TEACHER_MODES, UpdateError, UpdateParams
+from tcrlsd.update.engine import barrier, build_engine, init_distributed, save_hf_checkpoint
+from tcrlsd.update.state import (TAG, ZERO_DIR, TrainerState, replace_dir, resolve_state, weights_digest,
+                                 write_state_json)
+from tcrlsd.update.teacher import TEACHER_DIR, previous_teacher, write_teacher
+from tcrlsd.update.trainer import Trainer
+
+__all__ = ["resolve_device", "open_trainer", "save_outputs", "run_update"]
+
+
+def resolve_device(params: UpdateParams) -> tuple[str, bool]:
+    """(device, bf16): auto = cuda (bf16) if available, else cpu (fp32)."""
+    import torch
+
+    device = params.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UpdateError(f"params update.device is {params.device!r} but no CUDA device is available")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dtype = params.dtype if params.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
+    return device, dtype == "bfloat16"
+
+
+def open_trainer(policy: str | os.PathLike, params: UpdateParams, *, iteration: int,
+                 state_in: str | os.PathLike | None = None, reference: str | os.PathLike | None = None):
+    """(trainer, tokenizer, why): the engine on ``policy``, with the saved state loaded when it applies."""
+    import torch
+
+    from tcrlsd.policy import load_policy, load_tokenizer
+
+    if params.num_threads:
+        torch.set_num_threads(params.num_threads)
+    device, bf16 = resolve_device(params)
+    rank, world = init_distributed("cpu" if device == "cpu" else "cuda")
+    if params.kl_coef > 0 and reference is None:
+        raise UpdateError("params update.kl_coef > 0 needs --reference-policy (the KL's reference checkpoint)")
+    state, why = resolve_state(state_in, iteration, policy, restart=params.restart, world_size=world,
+                               zero_stage=params.zero_stage)
+    torch.manual_seed(params.seed)
+    model, _ = load_policy(policy, device="cpu", dtype="float32", trust_remote_code=params.trust_remote_code)
+    model.config.use_cache = False
+    tokenizer = load_tokenizer(policy, params.trust_remote_code)
+    engine = build_engine(model, params, device, bf16)
+    if state is not None:
+        path, _ = engine.load_checkpoint(str(Path(state_in) / ZERO_DIR), tag=TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise UpdateError(f"{state_in}/{ZERO_DIR}: DeepSpeed found no checkpoint (tag {TAG!r}) to load")
+    else:
+        state = TrainerState(world_size=world, zero_stage=params.zero_stage)
+    ref_model = None
+    if reference is not None and params.kl_coef > 0:
+        ref_model, _ = load_policy(reference, device=device, dtype="bfloat16" if bf16 else "float32",
+                                   trust_remote_code=params.trust_remote_code)
+    trainer = Trainer(engine, params, state, device=device, reference=ref_model)
+    return trainer, tokenizer, why
+
+
+def save_outputs(trainer: Trainer, tokenizer, policy_out: str | os.PathLike, state_out: str | os.PathLike, *,
+                 teacher_mode: str, teacher_previous: Path | None) -> dict:
+    """Write the policy and the state folder (teacher inside); returns what was done."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    policy_out, state_out = Path(policy_out), Path(state_out)
+    save_hf_checkpoint(trainer.engine, tokenizer, policy_out, trainer.params.zero_stage)
+    tmp = state_out.with_name(f".{state_out.name}.partial")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    trainer.engine.save_checkpoint(str(tmp / ZERO_DIR), tag=TAG, save_latest=False)
+    barrier()
+    done = None
+    if rank == 0:
+        trainer.state = replace(trainer.state, policy_sha256=weights_digest(policy_out))
+        write_state_json(trainer.state, tmp)
+        done = write_teacher(teacher_mode, trainer.state.iteration + 1, policy_out, teacher_previous,
+                             tmp / TEACHER_DIR, refresh_every=trainer.params.teacher_refresh_every,
+                             tau=trainer.params.teacher_ema_tau)
+        replace_dir(tmp, state_out)
+    barrier()
+    return {"teacher_update": done}
+
+
+def run_update(rollouts, scores, advantages, policy, policy_out, state_out, params: UpdateParams, *,
+               state_in=None, teacher_mode: str = "current", reference=None) -> dict:
+    """Train one iteration and write its outputs; returns the metrics (identical on every process)."""
+    if teacher_mode not in TEACHER_MODES:
+        raise UpdateError(f"score.teacher {teacher_mode!r} is not one of {', '.join(TEACHER_MODES)}")
+    inputs = UpdateInputs(rollouts, scores, advantages)
+    trainer, tokenizer, why = open_trainer(policy, params, iteration=inputs.iteration, state_in=state_in,
+                                           reference=reference)
+    fresh = why != "loaded"
+    teacher_prev = previous_teacher(state_in, policy, fresh) if teacher_mode != "current" else None
+    metrics = trainer.train_iteration(inputs)
+    metrics.update(save_outputs(trainer, tokenizer, policy_out, state_out, teacher_mode=teacher_mode,
+                                teacher_previous=teacher_prev))
+    metrics.update({"iteration": inputs.iteration, "rollouts": len(inputs), "state": why,
+                    "world_size": trainer.world, "zero_stage": params.zero_stage, "device": trainer.device,
+                    "params": asdict(params)})
+    return metrics

@@ -1,0 +1,251 @@
+"""The update loop: PPO epochs over mini-batches (one optimizer step each), micro-batches per process.
+
+For every mini-batch (prompts, see :mod:`tcrlsd.update.batching`) each process takes its share of
+the sequences, cuts it into token-budget micro-batches and accumulates gradients over them; every
+process runs the same number of forward/backward passes (a process with fewer micro-batches runs
+zero-weight ones), because ZeRO-2/3 reduce gradients inside every backward. The loss weights come
+from counts of the whole mini-batch (known to every process from the index), times the number of
+processes, since DeepSpeed averages gradients over processes: the sum over processes and
+micro-batches is exactly the loss of the whole mini-batch, whatever the split.
+
+The LR of every step is set from the global optimizer step (warm-up, then constant or cosine), so
+a run cut into one process per iteration follows the same schedule as one continuous run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from tcrlsd.update.batching import (TrainSequence, UpdateInputs, plan_micro_batches, plan_mini_batches,
+                                    split_for_ranks)
+from tcrlsd.update.config import UpdateError, UpdateParams
+from tcrlsd.update.losses import AggregationCounts, aggregate, head_logprobs_entropy, k3_kl, lr_factor, ppo_clip_loss
+from tcrlsd.update.state import TrainerState
+
+__all__ = ["MicroBatch", "collate", "Trainer", "IterationStats"]
+
+
+@dataclass
+class MicroBatch:
+    input_ids: object  # (B, T) int64, right padded with 0
+    rows: object  # (N,) int64
+    cols: object  # (N,) int64: position whose logits predict the token
+    targets: object  # (N,) int64
+    old_logprobs: object  # (N,) float32
+    advantages: object  # (N,) float32
+    seq_len: object  # (N,) int64: response length of the token's sequence
+    tokens: int  # real (prompt + response) tokens
+
+
+def collate(seqs: list[TrainSequence], device) -> MicroBatch:
+    import torch
+
+    B, T = len(seqs), max(s.length for s in seqs)
+    ids = np.zeros((B, T), dtype=np.int64)
+    rows, cols, tgt, old, adv, slen = [], [], [], [], [], []
+    for i, s in enumerate(seqs):
+        c, r = len(s.prompt_ids), len(s.response_ids)
+        ids[i, :c] = s.prompt_ids
+        ids[i, c : c + r] = s.response_ids
+        rows.append(np.full(r, i))
+        cols.append(np.arange(c - 1, c - 1 + r))  # logits at p predict token p + 1
+        tgt.append(np.asarray(s.response_ids))
+        old.append(s.old_logprobs)
+        adv.append(s.advantages)
+        slen.append(np.full(r, r))
+
+    def t(parts, dtype):
+        return torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
+
+    return MicroBatch(torch.from_numpy(ids).to(device), t(rows, np.int64), t(cols, np.int64), t(tgt, np.int64),
+                      t(old, np.float32), t(adv, np.float32), t(slen, np.int64), sum(s.length for s in seqs))
+
+
+@dataclass
+class IterationStats:
+    """Per-iteration sums, turned into the metrics JSON by :meth:`as_metrics`."""
+
+    steps: int = 0
+    skipped: int = 0
+    pg_loss: list = field(default_factory=list)  # per step, the aggregated loss of the mini-batch
+    grad_norm: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
+    tokens: float = 0.0  # response tokens trained on (summed over epochs)
+    clipped: float = 0.0
+    log_ratio_sum: float = 0.0  # sum of (old - logp): ppo_kl numerator
+    entropy_sum: float = 0.0
+    kl_sum: float = 0.0
+    forward_tokens: float = 0.0
+    first_max_abs_log_ratio: float | None = None
+    seconds: float = 0.0
+
+    def as_metrics(self) -> dict:
+        n = max(self.tokens, 1.0)
+        finite = [g for g in self.grad_norm if np.isfinite(g)]
+        return {
+            "pg_loss": float(np.mean([x for x in self.pg_loss if np.isfinite(x)])) if any(np.isfinite(self.pg_loss)) else None,
+            "pg_clipfrac": self.clipped / n,
+            "ppo_kl": self.log_ratio_sum / n,
+            "entropy": self.entropy_sum / n,
+            "kl_to_reference": self.kl_sum / n,
+            "grad_norm": float(np.mean(finite)) if finite else None,
+            "grad_norm_max": float(np.max(finite)) if finite else None,
+            "lr": self.lr[-1] if self.lr else None,
+            "optimizer_steps": self.steps,
+            "skipped_steps": self.skipped,
+            "response_tokens_trained": int(self.tokens),
+            "forward_tokens": int(self.forward_tokens),
+            "tokens_per_s": round(self.forward_tokens / self.seconds, 1) if self.seconds > 0 else None,
+            "seconds": round(self.seconds, 3),
+            # largest |log r| over the first mini-batch before any step: 0 when the update reproduces
+            # the score stage's log-probs (ratio 1)
+            "first_minibatch_max_abs_log_ratio": self.first_max_abs_log_ratio,
+        }
+
+
+class Trainer:
+    """A DeepSpeed engine with its training state; :meth:`train_iteration` may be called repeatedly."""
+
+    def __init__(self, engine, params: UpdateParams, state: TrainerState, *, device: str, reference=None):
+        self.engine = engine
+        self.params = params
+        self.state = state
+        self.device = device
+        self.reference = reference  # frozen model for the k3 KL term (or None)
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    # -- one micro-batch
+    def _micro_loss(self, mb: MicroBatch, counts: AggregationCounts, stats: IterationStats):
+        import torch
+
+        p = self.params
+        logp, ent = self.engine(mb.input_ids, mb.rows, mb.cols, mb.targets)  # (N,), (N,)
+        pg, clipped = ppo_clip_loss(logp, mb.old_logprobs, mb.advantages, p.clip_ratio_low, p.clip_ratio_high,
+                                    p.dual_clip)
+        agg = lambda x: aggregate(x, mb.seq_len, p.loss_agg_mode, counts)  # noqa: E731
+        pg_part = agg(pg)
+        loss = pg_part - p.entropy_coef * agg(ent)
+        if self.reference is not None:
+            ref = self.reference_logprobs(mb)
+            kl = k3_kl(logp, ref)
+            loss = loss + p.kl_coef * agg(kl)
+            stats.kl_sum += float(kl.detach().sum())
+        with torch.no_grad():
+            stats.clipped += float(clipped.sum())
+            stats.log_ratio_sum += float((mb.old_logprobs - logp).sum())
+            stats.entropy_sum += float(ent.sum())
+            stats.tokens += len(mb.targets)
+            stats.forward_tokens += mb.tokens
+        return loss * self.world, pg_part.detach(), logp.detach()
+
+    def reference_logprobs(self, mb: MicroBatch):
+        import torch
+
+        model = self.reference
+        with torch.inference_mode():
+            hidden = model.base_model(input_ids=mb.input_ids, use_cache=False).last_hidden_state
+            h = hidden[mb.rows, mb.cols]
+            w = model.get_output_embeddings().weight
+            cap = getattr(model.config, "final_logit_softcapping", None)
+            out = [head_logprobs_entropy(h[s : s + self.params.logits_chunk_tokens], w,
+                                         mb.targets[s : s + self.params.logits_chunk_tokens], cap)[0]
+                   for s in range(0, h.shape[0], self.params.logits_chunk_tokens)]
+        return torch.cat(out).clone()
+
+    def _dummy(self) -> MicroBatch:
+        one = TrainSequence("", [0], [0], np.zeros(1, np.float32), np.zeros(1, np.float32))
+        return collate([one], self.device)
+
+    # -- one mini-batch = one optimizer step
+    def _step(self, inputs: UpdateInputs, rows: list[int], stats: IterationStats, first: bool) -> None:
+        import torch
+        import torch.distributed as dist
+
+        p = self.params
+        rows = [i for i in rows if inputs.response_lengths[i] > 0]  # an empty response has no token to train
+        lengths = [inputs.lengths[i] for i in rows]
+        counts = AggregationCounts(tokens=max(1, sum(inputs.response_lengths[i] for i in rows)),
+                                   sequences=max(1, len(rows)), norm_tokens=p.loss_norm_tokens)
+        shares = split_for_ranks(lengths, self.world)
+        plans = [plan_micro_batches([lengths[j] for j in share], p.max_tokens_per_micro_batch) for share in shares]
+        n_micro = max(1, max(len(pl) for pl in plans))
+        mine = shares[self.rank]
+        seqs = inputs.read([rows[j] for j in mine])
+        micro = [[seqs[k] for k in mb] for mb in plans[self.rank]]
+        factor = lr_factor(self.state.global_step, p.warmup_steps, p.lr_schedule, p.cosine_total_steps, p.min_lr_ratio)
+        lr = p.lr * factor
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+        pg_total = torch.zeros((), dtype=torch.float64)
+        max_abs = torch.zeros((), dtype=torch.float64)
+        for m in range(n_micro):
+            self.engine.set_gradient_accumulation_boundary(m == n_micro - 1)
+            if m < len(micro):
+                mb = collate(micro[m], self.device)
+                loss, pg_part, logp = self._micro_loss(mb, counts, stats)
+                pg_total += float(pg_part)
+                if first:
+                    max_abs = torch.maximum(max_abs, (logp - mb.old_logprobs).abs().max().double().cpu())
+            else:  # same number of passes on every process: a zero-weight one
+                mb = self._dummy()
+                logp, ent = self.engine(mb.input_ids, mb.rows, mb.cols, mb.targets)
+                loss = 0.0 * (logp.sum() + ent.sum())
+            self.engine.backward(loss, scale_wrt_gas=False)
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()
+        skipped = self.engine.skipped_steps - skipped_before
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        red = torch.stack([pg_total, max_abs.double()])
+        if self.world > 1:
+            dist.all_reduce(red[:1], op=dist.ReduceOp.SUM)
+            dist.all_reduce(red[1:], op=dist.ReduceOp.MAX)
+        stats.pg_loss.append(float(red[0]))
+        if first:
+            stats.first_max_abs_log_ratio = float(red[1])
+        stats.grad_norm.append(norm if not skipped else float("inf"))
+        stats.lr.append(lr)
+        if skipped:
+            stats.skipped += 1
+            self.state = replace(self.state, skipped_steps=self.state.skipped_steps + 1)
+        else:
+            stats.steps += 1
+            self.state = replace(self.state, global_step=self.state.global_step + 1)
+
+    def train_iteration(self, inputs: UpdateInputs) -> dict:
+        """ppo_epochs passes over ``inputs``; returns the iteration's metrics (same on every process)."""
+        import torch
+        import torch.distributed as dist
+
+        p = self.params
+        if self.state.iteration >= inputs.iteration:
+            raise UpdateError(f"rollouts are of iteration {inputs.iteration} but the training state already covers "
+                              f"iteration {self.state.iteration}")
+        self.engine.train()
+        stats = IterationStats()
+        start = time.perf_counter()
+        first = True
+        for epoch in range(p.ppo_epochs):
+            for rows in plan_mini_batches(inputs.prompt_ids, p.mini_batch_prompts, seed=p.seed,
+                                          iteration=inputs.iteration, epoch=epoch, shuffle=p.shuffle):
+                self._step(inputs, rows, stats, first)
+                first = False
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        stats.seconds = time.perf_counter() - start
+        sums = torch.tensor([stats.tokens, stats.clipped, stats.log_ratio_sum, stats.entropy_sum, stats.kl_sum,
+                             stats.forward_tokens], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        (stats.tokens, stats.clipped, stats.log_ratio_sum, stats.entropy_sum, stats.kl_sum,
+         stats.forward_tokens) = sums.tolist()
+        self.state = replace(self.state, iteration=inputs.iteration)
+        out = stats.as_metrics()
+        out["global_step"] = self.state.global_step
+        out["skipped_steps_total"] = self.state.skipped_steps
+        return out

@@ -1,0 +1,428 @@
+"""Update stage: loss terms by hand, first ratio 1, learning direction, state across iterations,
+multi-process equality, the CLI end to end.
+
+The inputs are made with the project's own code on the tiny random policy (``tiny_policy``):
+student log-probs by the score stage (its CLI, in process), advantages by the advantages stage
+for the end-to-end run, or written by hand where a test needs known signs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("deepspeed")
+
+from tcrlsd.artifacts import write_artifact, write_table  # noqa: E402
+from tcrlsd.update.config import UpdateError, UpdateParams  # noqa: E402
+from tcrlsd.update.losses import (AGGREGATIONS, AggregationCounts, aggregate, k3_kl, lr_factor,  # noqa: E402
+                                  ppo_clip_loss)
+
+REPO = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- pure loss terms
+
+
+def _agg_full(values, seq_len, mode, n_seqs, norm=4):
+    counts = AggregationCounts(tokens=len(values), sequences=n_seqs, norm_tokens=norm)
+    return float(aggregate(torch.tensor(values), torch.tensor(seq_len), mode, counts))
+
+
+def test_aggregation_modes_hand_computed():
+    # Two sequences: s0 has per-token losses [1, 2, 3] (T=3), s1 has [4] (T=1); L (norm) = 4.
+    # token-mean:               (1 + 2 + 3 + 4) / 4                       = 2.5
+    # seq-mean-token-mean:      ((1 + 2 + 3) / 3 + 4 / 1) / 2 = (2 + 4) / 2 = 3.0
+    # seq-mean-token-sum-norm:  ((1 + 2 + 3) / 4 + 4 / 4) / 2 = (1.5 + 1) / 2 = 1.25
+    vals, seq_len = [1.0, 2.0, 3.0, 4.0], [3, 3, 3, 1]
+    assert _agg_full(vals, seq_len, "token-mean", 2) == pytest.approx(2.5)
+    assert _agg_full(vals, seq_len, "seq-mean-token-mean", 2) == pytest.approx(3.0)
+    assert _agg_full(vals, seq_len, "seq-mean-token-sum-norm", 2) == pytest.approx(1.25)
+    assert set(AGGREGATIONS) == {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"}
+    # Linearity: splitting the tokens into two micro-batches with the whole batch's counts sums back.
+    for mode in AGGREGATIONS:
+        counts = AggregationCounts(4, 2, 4)
+        a = aggregate(torch.tensor(vals[:2]), torch.tensor(seq_len[:2]), mode, counts)
+        b = aggregate(torch.tensor(vals[2:]), torch.tensor(seq_len[2:]), mode, counts)
+        assert float(a + b) == pytest.approx(_agg_full(vals, seq_len, mode, 2))
+
+
+def test_ppo_clip_hand_table():
+    # c = 0.2. Token: (A, r) -> loss = max(-A r, -A clip(r, 0.8, 1.2)), clipped?
+    #   ( 1, 1.0) -> max(-1, -1)       = -1    no
+    #   ( 1, 1.5) -> max(-1.5, -1.2)   = -1.2  yes (no gain beyond 1.2)
+    #   ( 1, 0.5) -> max(-0.5, -0.8)   = -0.5  no
+    #   (-1, 1.5) -> max(1.5, 1.2)     = 1.5   no
+    #   (-1, 0.5) -> max(0.5, 0.8)     = 0.8   yes
+    #   (-1, 5.0) -> max(5.0, 1.2)     = 5.0; dual clip c=3: min(5, 3) = 3 (clipped)
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    r = torch.tensor([1.0, 1.5, 0.5, 1.5, 0.5, 5.0])
+    old = torch.zeros(6)
+    loss, clipped = ppo_clip_loss(torch.log(r), old, adv, 0.2, 0.2, None)
+    assert loss.tolist() == pytest.approx([-1.0, -1.2, -0.5, 1.5, 0.8, 5.0], rel=1e-6)
+    assert clipped.tolist() == [False, True, False, False, True, False]
+    loss, clipped = ppo_clip_loss(torch.log(r), old, adv, 0.2, 0.2, 3.0)
+    assert loss.tolist() == pytest.approx([-1.0, -1.2, -0.5, 1.5, 0.8, 3.0], rel=1e-6)
+    assert clipped.tolist()[-1] is True
+    # ratio clamp: a log-ratio of 100 is treated as 20, no overflow
+    loss, _ = ppo_clip_loss(torch.tensor([100.0]), torch.zeros(1), torch.tensor([-1.0]), 0.2, 0.2, None)
+    assert float(loss) == pytest.approx(float(np.exp(20.0)), rel=1e-5)
+    # k3: exp(d) - d - 1 with d = ref - logp; zero at equality, positive otherwise
+    kl = k3_kl(torch.tensor([0.0, -1.0]), torch.tensor([0.0, 0.0]))
+    assert kl.tolist() == pytest.approx([0.0, float(np.exp(1.0) - 2.0)], rel=1e-6)
+
+
+def test_lr_schedule_hand_values():
+    assert [lr_factor(s, 2, "constant", 10, 0.1) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    # cosine over steps 2..10: halfway (step 6) = 0.1 + 0.9 * 0.5 = 0.55; the end and after = 0.1
+    assert lr_factor(6, 2, "cosine", 10, 0.1) == pytest.approx(0.55)
+    assert lr_factor(10, 2, "cosine", 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(50, 2, "cosine", 10, 0.1) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- inputs from the project's code
+
+
+def _load_stage(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_stage_for_update_tests", REPO / "stages" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_rollouts(tok, n_prompts, samples, seed, iteration):
+    """Real prompts, random response ids; `stop` rows end with the EOS id (the fidelity issue's
+    contract), `length` rows do not."""
+    from tcrlsd.policy import encode_prompt
+    from tcrlsd.synthetic import make_problems
+
+    rng = random.Random(seed)
+    rows = []
+    for pi, p in enumerate(make_problems(n_prompts, seed=seed)):
+        for s in range(samples):
+            resp = [rng.randrange(3, len(tok)) for _ in range(rng.randint(2, 10))]
+            stop = (pi + s) % 3 != 0
+            if stop:
+                resp.append(tok.eos_token_id)
+            rows.append(dict(rollout_id=f"it{iteration}-p{pi}#{s}", prompt_id=f"it{iteration}-p{pi}", sample_idx=s,
+                             iteration=iteration, prompt_token_ids=encode_prompt(tok, p.problem),
+                             response_token_ids=resp, response_text=tok.decode(resp, skip_special_tokens=True),
+                             finish_reason="stop" if stop else "length"))
+    schema = pa.schema([("rollout_id", pa.string()), ("prompt_id", pa.string()), ("sample_idx", pa.int32()),
+                        ("iteration", pa.int32()), ("prompt_token_ids", pa.list_(pa.int32())),
+                        ("response_token_ids", pa.list_(pa.int32())), ("response_text", pa.string()),
+                        ("finish_reason", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def make_iteration(folder, policy, tok, *, n_prompts=4, samples=2, seed=0, iteration=0, advantages=None):
+    """rollouts + critiques (no feedback) + scores (score stage CLI) + advantages.
+
+    ``advantages``: None -> verdicts by hand and the advantages stage's CLI (grpo); a callable
+    (row index, response length) -> per-token list written by hand.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rollouts = make_rollouts(tok, n_prompts, samples, seed, iteration)
+    write_artifact(rollouts, folder / "rollouts.parquet", "rollouts")
+    ids = rollouts.column("rollout_id").to_pylist()
+    crit = pa.table({"rollout_id": ids, "mode": ["none"] * len(ids), "critic": ["none"] * len(ids),
+                     "feedback_text": pa.array([None] * len(ids), pa.string()), "template": ["none"] * len(ids),
+                     "teacher_prompt": pa.array([None] * len(ids), pa.string()),
+                     "error": pa.array([None] * len(ids), pa.string()), "leaks_answer": [False] * len(ids),
+                     "suspected_false_negative": [False] * len(ids)})
+    write_artifact(crit, folder / "critiques.parquet", "critiques")
+    (folder / "params.yaml").write_text(
+        "score: {max_tokens_per_batch: 256, logits_chunk_tokens: 16, rows_per_part: 64, device: cpu, dtype: float32}\n"
+        "advantages: {estimator: grpo}\n")
+    rc = _load_stage("score").main(["--params", str(folder / "params.yaml"), "--rollouts", str(folder / "rollouts.parquet"),
+                                    "--critiques", str(folder / "critiques.parquet"), "--policy", str(policy),
+                                    "--out", str(folder / "scores"), "--no-progress"])
+    assert rc == 0
+    lens = [len(r) for r in rollouts.column("response_token_ids").to_pylist()]
+    if advantages is None:
+        rewards = [float((i * 7 + seed) % 3 == 0) for i in range(len(ids))]
+        verdicts = pa.table({"rollout_id": ids, "reward": pa.array(rewards, pa.float32()),
+                             "is_correct": [r > 0 for r in rewards],
+                             "extracted_answer": pa.array([None] * len(ids), pa.string()),
+                             "reason": ["correct" if r else "incorrect" for r in rewards],
+                             "verifier": ["test"] * len(ids)})
+        write_artifact(verdicts, folder / "verdicts.parquet", "verdicts")
+        rc = _load_stage("advantages").main(["--params", str(folder / "params.yaml"),
+                                             "--rollouts", str(folder / "rollouts.parquet"),
+                                             "--verdicts", str(folder / "verdicts.parquet"),
+                                             "--scores", str(folder / "scores"),
+                                             "--out", str(folder / "advantages.parquet")])
+        assert rc == 0
+    else:
+        adv = [advantages(i, n) for i, n in enumerate(lens)]
+        table = pa.table({"rollout_id": ids, "group_advantage": pa.array([a[0] if a else 0.0 for a in adv], pa.float32()),
+                          "advantages": pa.array(adv, pa.list_(pa.float32())), "estimator": ["hand"] * len(ids)})
+        write_table(table, folder / "advantages.parquet", "advantages")
+    return {"rollouts": folder / "rollouts.parquet", "scores": folder / "scores",
+            "advantages": folder / "advantages.parquet"}
+
+
+def _sign(i, n):
+    return [1.0 if i % 2 == 0 else -1.0] * n
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_policy):
+    from tcrlsd.policy import load_tokenizer
+
+    return load_tokenizer(tiny_policy)
+
+
+@pytest.fixture(scope="module")
+def signed(tiny_policy, tok, tmp_path_factory):
+    """One iteration with A = +1 on even rows and -1 on odd rows, every token."""
+    return make_iteration(tmp_path_factory.mktemp("signed"), tiny_policy, tok, n_prompts=3, samples=2, seed=1,
+                          advantages=_sign)
+
+
+FAST = dict(lr=1e-2, mini_batch_prompts=8, ppo_epochs=1, shuffle=False, max_tokens_per_micro_batch=48,
+            logits_chunk_tokens=8, zero_stage=2, device="cpu", dtype="float32", entropy_coef=0.0, num_threads=1)
+
+
+def _current_logprobs(policy, inputs):
+    """Response log-probs under ``policy`` computed independently of the update (plain full logits)."""
+    from tcrlsd.policy import load_policy
+
+    model, _ = load_policy(policy, device="cpu", dtype="float32")
+    seqs = inputs.read(range(len(inputs)))
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            ids = torch.tensor([s.prompt_ids + s.response_ids])
+            logits = model(ids).logits[0].float()
+            c = len(s.prompt_ids)
+            lp = torch.log_softmax(logits[c - 1 : c - 1 + len(s.response_ids)], -1)
+            out.append(lp.gather(1, torch.tensor(s.response_ids)[:, None]).squeeze(1).numpy())
+    return seqs, out
+
+
+# ----------------------------------------------------------------------------- one update
+
+
+def test_first_ratio_is_one_and_one_update_moves_logprobs_by_the_sign_of_A(tiny_policy, signed, tmp_path):
+    from tcrlsd.update.batching import UpdateInputs
+    from tcrlsd.update.stage import run_update
+
+    params = UpdateParams(**{**FAST, "lr": 1e-3})
+    m = run_update(signed["rollouts"], signed["scores"], signed["advantages"], tiny_policy, tmp_path / "p1",
+                   tmp_path / "s1", params)
+    # The update's own forward reproduces the score stage's stored student_logprobs: ratio 1.
+    assert m["first_minibatch_max_abs_log_ratio"] < 1e-5
+    assert m["ppo_kl"] == pytest.approx(0.0, abs=1e-6)  # one mini-batch: measured before the step
+    assert m["optimizer_steps"] == 1 and m["skipped_steps"] == 0 and m["global_step"] == 1
+    assert np.isfinite(m["grad_norm"]) and m["lr"] == pytest.approx(1e-3)
+    inputs = UpdateInputs(**signed)
+    seqs, after = _current_logprobs(tmp_path / "p1", inputs)
+    up = [float(np.mean(a - s.old_logprobs)) for s, a in zip(seqs, after)]
+    for i, (s, d) in enumerate(zip(seqs, up)):
+        assert (d > 0) == (s.advantages[0] > 0), f"row {i}: A={s.advantages[0]} but mean log-prob change {d}"
+
+
+def test_stop_token_is_trained(tiny_policy, tok, tmp_path):
+    """A = +1 on the stop token of `stop` rows, 0 everywhere else: the stop token's log-prob rises."""
+    from tcrlsd.update.batching import UpdateInputs
+    from tcrlsd.update.stage import run_update
+
+    eos = tok.eos_token_id
+    d = make_iteration(tmp_path / "iter", tiny_policy, tok, n_prompts=3, samples=2, seed=1,
+                       advantages=lambda i, n: [0.0] * n)
+    seqs = UpdateInputs(**d).read(range(6))
+    table = pa.table({"rollout_id": [s.rollout_id for s in seqs],
+                      "group_advantage": pa.array([0.0] * len(seqs), pa.float32()),
+                      "advantages": pa.array([[0.0] * (len(s.response_ids) - 1) + [float(s.response_ids[-1] == eos)]
+                                              for s in seqs], pa.list_(pa.float32())),
+                      "estimator": ["hand"] * len(seqs)})
+    write_table(table, d["advantages"], "advantages")
+    m = run_update(d["rollouts"], d["scores"], d["advantages"], tiny_policy, tmp_path / "p1", tmp_path / "s1",
+                   UpdateParams(**{**FAST, "lr": 1e-3}))
+    assert m["grad_norm"] > 0
+    seqs, after = _current_logprobs(tmp_path / "p1", UpdateInputs(**d))
+    stops = [(s, a) for s, a in zip(seqs, after) if s.response_ids[-1] == eos]
+    assert 0 < len(stops) < len(seqs)
+    for s, a in stops:
+        assert a[-1] > s.old_logprobs[-1] + 1e-3, f"{s.rollout_id}: stop token log-prob did not rise"
+
+
+def test_nonfinite_grad_norm_skips_the_step_and_counts_it(tiny_policy, signed, tmp_path):
+    from tcrlsd.policy import load_policy
+    from tcrlsd.update.batching import UpdateInputs
+    from tcrlsd.update.stage import open_trainer
+
+    trainer, _, _ = open_trainer(tiny_policy, UpdateParams(**FAST), iteration=0)
+    before = [p.detach().clone() for p in trainer.engine.module.parameters()]
+    inputs = UpdateInputs(**signed)
+    real = inputs.read
+
+    def poisoned(rows):
+        seqs = real(rows)
+        return [replace(seqs[0], advantages=np.full_like(seqs[0].advantages, np.inf))] + seqs[1:]
+
+    inputs.read = poisoned
+    m = trainer.train_iteration(inputs)
+    assert m["skipped_steps"] == 1 and m["optimizer_steps"] == 0 and m["global_step"] == 0
+    for a, b in zip(before, trainer.engine.module.parameters()):
+        assert torch.equal(a, b.detach())
+
+
+# ----------------------------------------------------------------------------- state across iterations
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_iterations(tiny_policy, tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("two")
+    return [make_iteration(root / f"it{k}", tiny_policy, tok, n_prompts=4, samples=2, seed=10 + k, iteration=k,
+                           advantages=lambda i, n: [((i % 3) - 1) * 0.5 + 0.1 * t for t in range(n)])
+            for k in (0, 1)]
+
+
+def test_two_separate_iterations_equal_one_continuous_run(tiny_policy, two_iterations, tmp_path):
+    """Iteration 1 resumes AdamW moments and the LR step: same weights as one process doing both.
+
+    The scores of iteration 1 are the iteration-0 policy's (fixture): both runs read the same data,
+    so the only thing that may differ is the carried state.
+    """
+    from tcrlsd.update.batching import UpdateInputs
+    from tcrlsd.update.stage import open_trainer, run_update
+
+    params = UpdateParams(**{**FAST, "lr": 3e-3, "mini_batch_prompts": 2, "ppo_epochs": 2, "warmup_steps": 3,
+                             "shuffle": True})
+    d0, d1 = two_iterations
+    run_update(d0["rollouts"], d0["scores"], d0["advantages"], tiny_policy, tmp_path / "p1", tmp_path / "s1", params)
+    m = run_update(d1["rollouts"], d1["scores"], d1["advantages"], tmp_path / "p1", tmp_path / "p2", tmp_path / "s2",
+                   params, state_in=tmp_path / "s1")
+    assert m["state"] == "loaded" and m["global_step"] == 8
+
+    trainer, _, _ = open_trainer(tiny_policy, params, iteration=0)
+    trainer.train_iteration(UpdateInputs(**d0))
+    trainer.train_iteration(UpdateInputs(**d1))
+    sep = _weights(tmp_path / "p2")
+    cont = {k: v.detach() for k, v in trainer.engine.module.model.state_dict().items()}
+    for k, v in sep.items():
+        torch.testing.assert_close(v, cont[k], rtol=1e-5, atol=1e-6, msg=k)
+    # and it really trained: iteration 1 moved the weights
+    assert any(not torch.equal(v, _weights(tmp_path / "p1")[k]) for k, v in sep.items())
+
+    # Deleting the saved state: an error naming it, or an explicit restart; never a silent reset.
+    import shutil
+
+    shutil.rmtree(tmp_path / "s1")
+    with pytest.raises(UpdateError, match="no saved training state"):
+        run_update(d1["rollouts"], d1["scores"], d1["advantages"], tmp_path / "p1", tmp_path / "p2b",
+                   tmp_path / "s2b", params, state_in=tmp_path / "s1")
+    m = run_update(d1["rollouts"], d1["scores"], d1["advantages"], tmp_path / "p1", tmp_path / "p2b",
+                   tmp_path / "s2b", replace(params, restart=True), state_in=tmp_path / "s1")
+    assert m["state"].startswith("restart") and m["global_step"] == 4
+    # a state that belongs to other weights is refused
+    with pytest.raises(UpdateError, match="other weights"):
+        run_update(d1["rollouts"], d1["scores"], d1["advantages"], tiny_policy, tmp_path / "p2c",
+                   tmp_path / "s2c", params, state_in=tmp_path / "s2b")
+
+
+@pytest.mark.parametrize("mode", ["lagged", "ema"])
+def test_teacher_folder_lagged_and_ema(tiny_policy, two_iterations, tmp_path, mode):
+    from tcrlsd.update.stage import run_update
+
+    params = UpdateParams(**{**FAST, "teacher_refresh_every": 2, "teacher_ema_tau": 0.25})
+    d0 = two_iterations[0]
+    m = run_update(d0["rollouts"], d0["scores"], d0["advantages"], tiny_policy, tmp_path / "p1", tmp_path / "s1",
+                   params, teacher_mode=mode)
+    t, p0, p1 = _weights(tmp_path / "s1" / "teacher"), _weights(tiny_policy), _weights(tmp_path / "p1")
+    for k in t:
+        want = p0[k] if mode == "lagged" else 0.75 * p0[k] + 0.25 * p1[k]  # step 1 of refresh-every-2: kept
+        torch.testing.assert_close(t[k], want, rtol=1e-6, atol=1e-7)
+    assert m["teacher_update"] == ("kept" if mode == "lagged" else "ema")
+    assert (tmp_path / "s1" / "teacher" / "tokenizer.json").exists()
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _run_cli(args, nproc=None, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.update(env_extra or {})
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, str(REPO / "stages" / "update.py"), *args]
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _params_file(path, **over):
+    body = {**FAST, **over}
+    path.write_text("score: {teacher: current}\nupdate:\n" + "".join(
+        f"  {k}: {json.dumps(v)}\n" for k, v in body.items()))
+    return path
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_processes_match_one(tiny_policy, two_iterations, tmp_path, zero_stage):
+    from tcrlsd.update.stage import run_update
+
+    d0 = two_iterations[0]
+    over = dict(zero_stage=zero_stage, mini_batch_prompts=2, lr=3e-3, entropy_coef=1e-3,
+                loss_agg_mode="seq-mean-token-mean")
+    run_update(d0["rollouts"], d0["scores"], d0["advantages"], tiny_policy, tmp_path / "one", tmp_path / "one-s",
+               UpdateParams(**{**FAST, **over}))
+    params = _params_file(tmp_path / "params.yaml", **over)
+    _run_cli(["--params", str(params), "--rollouts", str(d0["rollouts"]), "--scores", str(d0["scores"]),
+              "--advantages", str(d0["advantages"]), "--policy", str(tiny_policy), "--policy-out", str(tmp_path / "two"),
+              "--state-out", str(tmp_path / "two-s"), "--metrics", str(tmp_path / "m.json")], nproc=2)
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for k in one:
+        # Summation order differs (gloo's reduction, other micro-batches), and Adam divides by
+        # sqrt(v) + eps, so a weight whose gradient is ~eps can move by a visible fraction of its
+        # (at most lr-sized) step: compare at 1% of lr, a ~100x tighter bound than any real difference.
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=0.01 * over["lr"], msg=k)
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["world_size"] == 2 and m["optimizer_steps"] == 2
+
+
+def test_stage_cli_end_to_end(tiny_policy, tok, tmp_path):
+    """Inputs from the score and advantages stages' CLIs; output loads with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    d = make_iteration(tmp_path / "iter", tiny_policy, tok, n_prompts=3, samples=2, seed=3)
+    params = _params_file(tmp_path / "params.yaml", zero_stage=1)
+    _run_cli(["--params", str(params), "--rollouts", str(d["rollouts"]), "--scores", str(d["scores"]),
+              "--advantages", str(d["advantages"]), "--policy", str(tiny_policy), "--state-in",
+              str(tmp_path / "none-state"), "--policy-out", str(tmp_path / "p1"), "--state-out", str(tmp_path / "s1"),
+              "--metrics", str(tmp_path / "metrics" / "update.json")])
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "p1"), use_safetensors=True)
+    assert model.config.vocab_size == len(tok)
+    assert (tmp_path / "p1" / "tokenizer.json").exists() and (tmp_path / "s1" / "trainer_state.json").exists()
+    m = json.loads((tmp_path / "metrics" / "update.json").read_text())
+    for key in ("pg_loss", "pg_clipfrac", "ppo_kl", "entropy", "grad_norm", "lr", "optimizer_steps", "skipped_steps",
+                "tokens_per_s"):
+        assert key in m
+    assert m["optimizer_steps"] == 1 and m["first_minibatch_max_abs_log_ratio"] < 1e-5
