@@ -31,6 +31,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("advantages", "compare", "compare"),
     ("loop", "iterate", "iterate"),
     ("loop", "report", "report"),
+    ("loop", "experiment", "experiment"),
 )
 
 for _module, _func, _name in COMMANDS:

@@ -49,3 +49,27 @@ def report(
         raise typer.Exit(2)
     md = write_report(table, out, baseline=baseline, title=title)
     typer.echo(f"wrote {md} and {len(list(out.glob('*.png')))} PNG plot(s) in {out}")
+
+
+def experiment(
+    presets: str = typer.Option(..., help="Comma-separated preset names (configs/presets) or YAML paths."),
+    iterations: int = typer.Option(..., help="Training iterations per run."),
+    seeds: int = typer.Option(1, help="Seeds per preset (0..S-1; sets generate/update/critique seeds)."),
+    out: Path = typer.Option(..., help="Folder for the runs' workspaces, the shared DVC cache and the results."),
+    params: Path = typer.Option(Path("params.yaml"), help="Base params every run starts from."),
+    presets_dir: Path = typer.Option(Path("configs/presets"), help="Where named presets live."),
+) -> None:
+    """Run each preset x seed from the same warm start (resumable); write results.csv, results.md, PNGs."""
+    from tcrlsd.loop.experiment import run_experiment
+    from tcrlsd.params import ParamsError
+
+    names = [p.strip() for p in presets.split(",") if p.strip()]
+    if not names or iterations < 1 or seeds < 1:
+        typer.echo("error: give at least one preset, --iterations >= 1 and --seeds >= 1", err=True)
+        raise typer.Exit(2)
+    try:
+        run_experiment(Path.cwd(), params, names, list(range(seeds)), iterations, out, presets_dir, log=typer.echo)
+    except (ParamsError, ValueError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"wrote {out / 'results.csv'}, {out / 'results.md'} and PNG curves")

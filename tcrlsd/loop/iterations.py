@@ -97,7 +97,7 @@ def append_iterations(path: str | os.PathLike, n: int) -> list[Iteration]:
     # the new lines go right after the last item's line, with its indentation
     last_idx = max(i for i, ln in enumerate(lines) if re.match(rf"""\s*["']?{re.escape(items[-1].key)}["']?\s*:""", ln))
     indent = re.match(r"\s*", lines[last_idx]).group(0)
-    if not lines[last_idx].rstrip().endswith("}"):
+    if not re.sub(r"\s+#.*$", "", lines[last_idx].rstrip()).endswith("}"):
         raise IterationsError(f"{path}: the last item {items[-1].key!r} is not written on one line; "
                               "append new items by hand")
     if not lines[last_idx].endswith("\n"):

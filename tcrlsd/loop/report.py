@@ -38,15 +38,19 @@ def plot_curves(series: dict[str, tuple[list[float], list[float]]], title: str, 
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     try:
+        plotted = 0
         for label, (xs, ys) in series.items():
             pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if pts:
+                plotted += 1
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        if series:
+        if plotted:
             ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
