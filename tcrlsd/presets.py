@@ -112,7 +112,9 @@ def set_keys(node, override: dict, lines: list[str], where: str, changes: list) 
         if key not in node:
             raise ParamsError(f"preset sets {where}{key}, which params.yaml does not have")
         old = node[key]
-        if isinstance(value, dict) and isinstance(old, dict):
+        if isinstance(value, dict) and isinstance(old, dict) and old:
+            # a section or a mapping with known keys: set key by key; an empty mapping (a free-form
+            # option such as chat_template_kwargs: {}) is replaced as a whole below
             set_keys(old, value, lines, f"{where}{key}.", changes)
             continue
         if _plain(old) == value:
