@@ -44,7 +44,7 @@ def main() -> None:
 
     import torch
 
-    from tcrlsd.generate_backends import TransformersBackend
+    from tcrlsd.generate.transformers_backend import TransformersBackend
     from tcrlsd.generation import SamplingConfig
     from tcrlsd.policy import (
         TinyLlamaConfig,

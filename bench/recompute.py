@@ -127,7 +127,8 @@ def compute_only(folder: Path, n_rows: int, estimator: str, repeats: int = 20) -
     vectorised: flat values + offsets -> token_advantages -> ListArray.from_arrays (best of ``repeats``)
     Both start from the same pyarrow batch and the same group advantages and end with a list<float32>.
     """
-    from tcrlsd.advantages import (AdvantagesParams, _flat, group_advantages, reference_token_advantages,
+    from tcrlsd.advantages.inputs import _flat
+    from tcrlsd.advantages import (AdvantagesParams, group_advantages, reference_token_advantages,
                                    settings_for, token_advantages)
 
     pf = pq.ParquetFile(folder / "scores.parquet")

@@ -16,8 +16,7 @@ import argparse
 import sys
 
 from tcrlsd.artifacts import ShardSpec, read_artifact, write_json
-from tcrlsd.critics import CriticAborted
-from tcrlsd.critique import CritiqueError, CritiqueParams, critique_metrics, read_inputs, run_critique
+from tcrlsd.critique import CriticAborted, CritiqueError, CritiqueParams, critique_metrics, read_inputs, run_critique
 from tcrlsd.params import ParamsError, load_section
 from tcrlsd.schemas import SchemaError
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tcrlsd.artifacts import ShardSpec, artifact_path, read_artifact, write_json
+from tcrlsd.artifacts import ShardSpec, artifact_path, checkpoint_digest, read_artifact, write_json
 from tcrlsd.params import load_section
-from tcrlsd.score import ScoreParams, build_inputs, checkpoint_digest, run_score, score_metrics
+from tcrlsd.score import ScoreParams, build_inputs, run_score, score_metrics
 
 
 def main(argv: list[str] | None = None) -> int:

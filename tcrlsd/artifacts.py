@@ -15,6 +15,7 @@ p % N == i.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +41,9 @@ __all__ = [
     "ShardSpec",
     "ShardedOutput",
     "fingerprint_files",
+    "content_digest",
+    "checkpoint_digest",
+    "AtomicParquetWriter",
 ]
 
 _PART_RE = re.compile(r"^part-(\d{5})\.parquet$")
@@ -72,6 +76,35 @@ def write_table(table: pa.Table, path: str | os.PathLike, name: str | None = Non
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+class AtomicParquetWriter:
+    """Stream tables into one Parquet file at a temporary name beside ``path``; renamed on success.
+
+    A context manager: on an exception the temporary file is removed and ``path`` is untouched.
+    Same write options as :func:`write_table` (same tables -> same bytes), except row groups are
+    the written tables themselves.
+    """
+
+    def __init__(self, path: str | os.PathLike, schema: pa.Schema):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.tmp = path, _tmp_name(path)
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd", use_dictionary=False,
+                                       write_statistics=False)
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write_table(table)
+
+    def __enter__(self) -> "AtomicParquetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.writer.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
 
 
 def write_json(obj, path: str | os.PathLike) -> Path:
@@ -176,6 +209,28 @@ def fingerprint_files(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
             st = q.stat()
             out[str(q)] = f"{st.st_size}:{st.st_mtime_ns}"
     return out
+
+
+def content_digest(paths: Sequence[Path]) -> str:
+    """sha256 over the names and bytes of ``paths``, in the order given."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """sha256 over the bytes of an artifact file, or of every file (sorted) in a folder.
+
+    Content, not mtimes (unlike :func:`fingerprint_files`): a DVC checkout that restores the same
+    bytes keeps finished parts valid. Hidden files (temporaries) are skipped.
+    """
+    p = Path(path)
+    files = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")) if p.is_dir() else [p]
+    return content_digest(files)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The generation interface shared by rollouts (generate stage) and self-critique (critique stage).
 
 A backend turns prompt token ids into sampled completions. Backends live in one registry
-(``tcrlsd.generate_backends.BACKENDS``, name -> factory); all return the same :class:`Completion`
+(``tcrlsd.generate.backends.BACKENDS``, name -> factory); all return the same :class:`Completion`
 records, so the stages never know which engine ran.
 """
 

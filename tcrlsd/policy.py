@@ -22,6 +22,7 @@ __all__ = [
     "save_policy",
     "load_policy",
     "load_tokenizer",
+    "load_generation_config",
     "encode_prompt",
     "torch_dtype",
 ]
@@ -50,7 +51,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384):
     digits keep arithmetic learnable for a tiny model. Returns a ``PreTrainedTokenizerFast`` with
     ``<s>``/``</s>``/``<pad>`` set and BOS prepended on encode.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -142,6 +150,16 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
+
+
+def load_generation_config(path: str | os.PathLike):
+    """The checkpoint's ``generation_config.json`` as a ``GenerationConfig``, or None when it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(path))
+    except (OSError, ValueError):  # no generation_config.json: the tokenizer's EOS alone
+        return None
 
 
 def load_policy(

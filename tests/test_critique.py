@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from tcrlsd.artifacts import read_artifact, write_artifact
-from tcrlsd.critics import CriticAborted, OpenAICritic, reference_critique
+from tcrlsd.answers import last_boxed
+from tcrlsd.critique import CriticAborted, OpenAICritic
 from tcrlsd.critique import (
     CritiqueParams,
     claims_correct,
@@ -33,7 +34,7 @@ from tcrlsd.critique import (
     split_student_prompt,
 )
 from tcrlsd.generation import SamplingConfig
-from tcrlsd.prepare import extract_boxed
+from tcrlsd.reference_critic import reference_critique
 from tcrlsd.synthetic import make_problems, solution_steps
 
 from critic_server import CriticServer, reply_for
@@ -79,7 +80,7 @@ def make_iteration(tmp_path: Path, n_prompts: int = 4, samples: int = 3, respond
             text = respond(p, j)
             if tag:
                 text = f"[[{rid}]]\n{text}"
-            boxed = extract_boxed(text)
+            boxed = last_boxed(text)
             ok = boxed == p.answer
             rows.append({"rollout_id": rid, "prompt_id": f"synthetic/train/{i}", "sample_idx": j, "iteration": 0,
                          "prompt_token_ids": [1, 5, 6], "response_token_ids": [7, 8], "response_text": text,
@@ -273,14 +274,14 @@ def test_teacher_context_places_feedback_after_problem_and_keeps_instruction(tin
     assert text.index(problem) < text.index("Step 1 is wrong.") < text.index("solve the original question")
 
     # chat template: a student prompt rendered by the tokenizer is unwrapped and the teacher re-wrapped
-    from tcrlsd.critique import _chat_wrap
+    from tcrlsd.templates import chat_wrap
     from tcrlsd.policy import load_tokenizer
 
     tok = load_tokenizer(tiny_policy)
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}<|assistant|>"
     student = tok.apply_chat_template([{"role": "user", "content": problem + SUFFIX}], tokenize=False,
                                       add_generation_prompt=True)
-    wrap = _chat_wrap(tok)
+    wrap = chat_wrap(tok)
     prefix, prob, instruction = split_student_prompt(student, problem, wrap)
     assert (prefix, prob, instruction) == ("", problem, SUFFIX)
     teacher = render_teacher_prompt(tpl, prefix, prob, instruction, "fb", wrap)
@@ -463,7 +464,7 @@ def test_openai_critic_aborts_when_server_is_down(tmp_path):
     critic = OpenAICritic(base_url, "m", "TCRLSD_TEST_CRITIC_KEY", SamplingConfig(max_new_tokens=8), 100,
                           max_concurrency=2, request_timeout_s=0.5, max_attempts=2, backoff_initial_s=0.01,
                           backoff_max_s=0.02, abort_after_failures=3)
-    from tcrlsd.critics import CritiqueRequest
+    from tcrlsd.critique import CritiqueRequest
 
     reqs = [CritiqueRequest(f"r{i}", "[[r]] x", "p", "y", None, "1", False, None) for i in range(10)]
     got = []
@@ -518,7 +519,7 @@ def test_stage_shards_and_which_all(tmp_path):
 
 
 def test_transformers_critic_with_tiny_model(tiny_policy):
-    from tcrlsd.critics import CritiqueRequest, make_critic
+    from tcrlsd.critique import CritiqueRequest, make_critic
 
     params = CritiqueParams(critic="transformers", max_new_tokens=8, temperature=1.0, seed=1, chunk_rows=2)
     critic = make_critic("transformers", params, str(tiny_policy))

@@ -106,7 +106,7 @@ def test_selection_is_deterministic_and_walks_epochs():
 
 def test_selection_without_straddling_is_plain_seeded_permutations():
     # n divisible by P: no boundary reordering, so epoch e is exactly the seeded permutation e.
-    from tcrlsd.generate import _permutation
+    from tcrlsd.generate.selection import _permutation
 
     order = epoch_order(12, 4, seed=3, epochs=3)
     assert order == _permutation(12, 3, 0) + _permutation(12, 3, 1) + _permutation(12, 3, 2)
@@ -153,7 +153,7 @@ def loaded(tiny_policy):
 def test_greedy_batched_equals_unbatched_and_hf_generate(loaded):
     import torch
 
-    from tcrlsd.generate_backends import TransformersBackend
+    from tcrlsd.generate.backends import TransformersBackend
 
     model, tok, prompts = loaded
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=10, seed=0)
@@ -177,7 +177,7 @@ def test_greedy_batched_equals_unbatched_and_hf_generate(loaded):
 
 
 def test_sampling_is_seeded_and_completions_are_consistent(loaded):
-    from tcrlsd.generate_backends import TransformersBackend
+    from tcrlsd.generate.backends import TransformersBackend
 
     model, tok, prompts = loaded
     # A hot temperature makes EOS likely enough that both finish reasons occur.
@@ -198,7 +198,7 @@ def test_sampling_is_seeded_and_completions_are_consistent(loaded):
 
 
 def test_make_backend_registry_and_vllm_message(tiny_policy):
-    from tcrlsd.generate_backends import (
+    from tcrlsd.generate.backends import (
         BACKENDS,
         VLLM_MISSING,
         TransformersBackend,

@@ -27,7 +27,6 @@ from tcrlsd.verify import (
     grade_math_verify,
     grade_sequential,
     grade_string,
-    last_boxed,
     normalize_number,
 )
 
@@ -44,25 +43,6 @@ def _math500_path() -> Path | None:
 
 # --------------------------------------------------------------------------------------------
 # Extraction
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("so \\boxed{5}.", "5"),
-        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces kept whole
-        ("\\boxed{2} and later \\boxed{3}", "3"),  # the LAST box, not a merged set
-        ("\\boxed {x}", "x"),  # space before the brace
-        ("\\fbox{7}", "7"),
-        ("\\boxed{1} then \\fbox{2}", "2"),
-        ("\\boxed{4} ... \\boxed{5", None),  # last box never closed (truncated): nothing, not the earlier 4
-        ("no box", None),
-        ("\\boxed", None),
-        ("\\boxedx{3}", None),
-    ],
-)
-def test_last_boxed(text, expected):
-    assert last_boxed(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -109,7 +89,7 @@ def test_math_verify_grader_table(response, gold, expected):
 @pytest.mark.parametrize(
     "response, gold, expected",
     [
-        # The antlr 4.9.3 percentage bug (tcrlsd/mathverify_compat.py): all of these failed before the fix.
+        # The antlr 4.9.3 percentage bug (tcrlsd/verify/mathverify_compat.py): all of these failed before the fix.
         ("so \\boxed{28\\%}", "0.28", (1.0, "28\\%", "correct")),
         ("so \\boxed{28\\%}", "28\\%", (1.0, "28\\%", "correct")),
         ("\\boxed{0.28}", "28\\%", (1.0, "0.28", "correct")),
@@ -125,7 +105,7 @@ def test_percent_fix_is_needed_and_idempotent():
     process keeps its patched parser); the patch is applied once and re-applying is a no-op."""
     from latex2sympy2_extended.antlr_parser import PSParser
 
-    from tcrlsd import mathverify_compat
+    from tcrlsd.verify import mathverify_compat
 
     assert hasattr(PSParser.AtomContext, "FUNC_GAMMA")
     assert mathverify_compat.apply_percent_fix() is False
@@ -136,7 +116,7 @@ def test_percent_fix_is_needed_and_idempotent():
         import sys
         from math_verify import parse, verify
         raw = verify(parse("$0.28$"), parse("\\boxed{28\\%}"))
-        import tcrlsd.mathverify_compat
+        import tcrlsd.verify.mathverify_compat
         fixed = verify(parse("$0.28$"), parse("\\boxed{28\\%}"))
         print(raw, fixed)
         """

@@ -105,17 +105,6 @@ def test_lr_schedule():
     assert lr_at(100, p) == pytest.approx(1e-4)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("5 + 3 = 8\nThe answer is \\boxed{8}.", "8"),
-    ("\\boxed{1} then \\boxed{ 12 }", "12"),
-    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
-    ("\\boxed{7} and an unclosed \\boxed{8", "7"),
-    ("no box here: 42", None),
-])
-def test_last_boxed(text, expected):
-    assert last_boxed(text) == expected
-
-
 def test_prompt_template_mismatch_names_the_row_and_the_key():
     problems = ["Start with 3. Add 4. What is the result?"] * 2
     prompts = [render_prompt(TEMPLATE, problems[0]), problems[1] + " Answer:"]
@@ -126,7 +115,7 @@ def test_prompt_template_mismatch_names_the_row_and_the_key():
 def test_wrong_attempts_slip_one_step_and_carry_it_through():
     import random
 
-    from tcrlsd.critics import parse_steps
+    from tcrlsd.reference_critic import parse_steps
 
     rng = random.Random(0)
     for q in sft_problems(replace(TINY, sft_problems=200)):
@@ -146,8 +135,8 @@ def test_teacher_context_examples_use_the_critique_stage_and_train_on_the_soluti
     that wrong attempt (reference critic, teacher-critique template); the loss is on the solution."""
     import random
 
-    from tcrlsd.critics import ReferenceCritic
-    from tcrlsd.critique import CritiqueParams, _templates_for, critique_rows
+    from tcrlsd.critique import CritiqueParams, ReferenceCritic, critique_rows
+    from tcrlsd.critique.stage import _templates_for
     from tcrlsd.policy import encode_prompt
 
     params = replace(TINY, sft_problems=40, teacher_context_fraction=0.5)

@@ -1,18 +1,4 @@
-"""The generate stage: pick this iteration's training prompts and sample a GRPO group for each.
-
-Prompt selection walks the training prompts in epochs. Epoch e is a permutation of the train
-prompt ids (sorted by id first, so the file's row order does not matter) seeded by (seed, e);
-iteration k takes positions [k*P, (k+1)*P) of the concatenated epochs, P = ``prompts_per_step``.
-Every train prompt is therefore seen once per epoch. Where a step straddles two epochs, the
-new epoch's first prompts are reordered (stably) so that no prompt appears twice in one step --
-a prompt twice in a step would give two GRPO groups with the same rollout ids.
-
-The step's prompts are cut into ``num_parts`` contiguous parts (whole groups); each part is one
-``part-NNNNN.parquet`` of the ``rollouts`` folder, generated with sampling seed
-derive_seed(seed, iteration, part). Parts are the unit of sharing (``--shard i/N`` takes parts
-p % N == i) and of resuming (a finished part is never generated again while the manifest's
-fingerprint -- params, input file identities, iteration -- still matches).
-"""
+"""The generate stage: params and :func:`run_generate`."""
 
 from __future__ import annotations
 
@@ -20,31 +6,16 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from tcrlsd.artifacts import (
-    ShardedOutput,
-    ShardSpec,
-    fingerprint_files,
-    read_artifact,
-    split_evenly,
-)
-from tcrlsd.generate_backends import BACKENDS, derive_seed
+from tcrlsd.artifacts import ShardedOutput, ShardSpec, fingerprint_files, read_artifact, split_evenly
+from tcrlsd.generate.backend_base import derive_seed
+from tcrlsd.generate.backends import BACKENDS
+from tcrlsd.generate.selection import select_prompts, train_prompt_ids
 from tcrlsd.generation import SamplingConfig
-from tcrlsd.schemas import SchemaError, schema_for
-
-__all__ = [
-    "GenerateParams",
-    "epoch_order",
-    "rollout_metrics",
-    "rollout_rows",
-    "run_generate",
-    "select_prompts",
-    "train_prompt_ids",
-]
+from tcrlsd.schemas import schema_for
 
 
 @dataclass(frozen=True)
@@ -93,58 +64,6 @@ class GenerateParams:
     def sampling(self, iteration: int, part: int) -> SamplingConfig:
         return SamplingConfig(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                               seed=derive_seed(self.seed, iteration, part))
-
-
-# --------------------------------------------------------------------------------------------------
-# prompt selection
-
-
-def train_prompt_ids(prompts: pa.Table, source: str | None = None) -> list[str]:
-    """The ids of the rows with split == "train", sorted (selection must not depend on row order)."""
-    ids = [pid for pid, split in zip(prompts.column("prompt_id").to_pylist(), prompts.column("split").to_pylist())
-           if split == "train"]
-    if not ids:
-        raise SchemaError(f"{source or 'prompts'}: no rows with split == 'train'; generate samples train prompts only")
-    return sorted(ids)
-
-
-def _permutation(n: int, seed: int, epoch: int) -> list[int]:
-    import numpy as np
-
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
-    return rng.permutation(n).tolist()
-
-
-def epoch_order(n: int, prompts_per_step: int, seed: int, epochs: int) -> list[int]:
-    """Concatenated visiting order (indices into the sorted train ids) of the first ``epochs`` epochs."""
-    if prompts_per_step > n:
-        raise ValueError(
-            f"prompts_per_step = {prompts_per_step} exceeds the {n} train prompts; a step cannot hold a "
-            "prompt twice (rollout ids would collide): lower generate.prompts_per_step or add prompts"
-        )
-    order: list[int] = []
-    for e in range(epochs):
-        perm = _permutation(n, seed, e)
-        filled = (e * n) % prompts_per_step  # positions of the straddling step already taken
-        if filled:
-            taken = set(order[len(order) - filled:])
-            head = prompts_per_step - filled  # positions this epoch must fill in that step
-            ok = [x for x in perm if x not in taken]
-            first = ok[:head]
-            chosen = set(first)
-            perm = first + [x for x in perm if x not in chosen]
-        order.extend(perm)
-    return order
-
-
-def select_prompts(train_ids: Sequence[str], prompts_per_step: int, seed: int, iteration: int) -> list[str]:
-    """The ``prompts_per_step`` prompt ids of ``iteration``, in selection order."""
-    if iteration < 0:
-        raise ValueError(f"iteration must be >= 0, got {iteration}")
-    n = len(train_ids)
-    start, stop = iteration * prompts_per_step, (iteration + 1) * prompts_per_step
-    order = epoch_order(n, prompts_per_step, seed, epochs=-(-stop // n))
-    return [train_ids[i] for i in order[start:stop]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,7 +117,7 @@ def run_generate(
     Returns metrics: over the whole artifact when it is complete, else over the parts present, plus
     what this call generated and its throughput.
     """
-    from tcrlsd.generate_backends import make_backend
+    from tcrlsd.generate.backends import make_backend
     from tcrlsd.policy import encode_prompt, load_tokenizer
 
     prompts = read_artifact(prompts_path, "prompts")

@@ -15,7 +15,7 @@ token inside an atom. With it, math-verify's own test suite goes from 282 passed
 283 passed (measured, see /work/shared/FACTS.md). The patch is applied at import of this module,
 is idempotent, and touches nothing when the parser already has the method (antlr 4.11/4.13).
 
-Import math-verify through this module (``from tcrlsd.mathverify_compat import parse, verify``)
+Import math-verify through this module (``from tcrlsd.verify.mathverify_compat import parse, verify``)
 so the fix is always in place. This module imports sympy and antlr (~0.4 s): import it inside
 functions in anything the CLI loads at startup.
 """

@@ -1,0 +1,54 @@
+"""Token-level advantages: GRPO, RLSD, and the two forms that keep a signal when A = 0.
+
+Formulas (ARCHITECTURE.md, exactly)::
+
+    A   = (r − mean_group) / (std_group + 1e-6)   std unbiased (like verl); norm_by_std=false → r − mean
+    Δ_t = log Q_t − log P_t                        teacher_logprobs − student_logprobs
+    w_t = exp(sign(A) · Δ_t)
+    m_t = (1 − λ) + λ · clip(w_t, 1 − ε_w, 1 + ε_w)
+    λ(k) = λ_0 · max(0, 1 − k / decay_steps)       k = the rollouts' iteration
+
+    grpo         Â_t = A
+    rlsd         Â_t = A · m_t
+    rlsd_add     Â_t = (1 − λ) · A + λ · Δ_t
+    rlsd_hybrid  Â_t = α · A · m_t + β · Δ_t
+
+Where this departs from the references, and why:
+
+- A group of one rollout gets A = 0. verl treats a singleton group as mean 0, std 1, so there A = r;
+  the design here says a lone sample carries no relative information.
+- A group whose rewards are all equal gets A = 0 exactly (the formula gives 0 up to the rounding of
+  the mean for non-binary rewards); that is what "saturated" means in the metrics.
+- ``delta_clip`` (off by default) clips Δ_t to [−c, c] in the additive term only; the
+  multiplicative term is already bounded by ε_w. Neither RLSD nor SDPO clips Δ.
+
+Layout: the estimators are pure functions of (A broadcast to tokens, Δ, settings) in one dict,
+:data:`ESTIMATORS`. :func:`compute_advantages` streams the scores by Parquet batches (memory does not
+grow with the number of tokens), computes Â with numpy on the flattened list values and offsets, and
+writes the ``advantages`` artifact through a ParquetWriter to a temporary name, renamed at the end.
+:func:`compare_estimators` does the same pass for every estimator at once and writes nothing.
+
+
+Layout of this package: ``params``, ``estimators``, ``inputs``, ``metrics``, ``stream``, ``stage``, ``compare`` (see
+docs/ARCHITECTURE.md). Importing it is cheap: torch and transformers are imported inside functions.
+"""
+
+from __future__ import annotations
+
+from tcrlsd.advantages.compare import compare_estimators  # noqa: F401
+from tcrlsd.advantages.estimators import (  # noqa: F401
+    ESTIMATORS,
+    STD_EPS,
+    Estimator,
+    Settings,
+    group_advantages,
+    grpo,
+    reference_token_advantages,
+    rlsd,
+    rlsd_add,
+    rlsd_hybrid,
+    token_advantages,
+)
+from tcrlsd.advantages.inputs import IterationInputs  # noqa: F401
+from tcrlsd.advantages.params import DEFAULT_BATCH_ROWS, AdvantagesParams, lam_schedule, settings_for  # noqa: F401
+from tcrlsd.advantages.stage import compute_advantages  # noqa: F401

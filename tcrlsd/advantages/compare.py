@@ -1,0 +1,29 @@
+"""Every estimator at once on one iteration, nothing written (``tcrlsd compare``)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from tcrlsd.advantages.estimators import ESTIMATORS
+from tcrlsd.advantages.inputs import IterationInputs
+from tcrlsd.advantages.params import DEFAULT_BATCH_ROWS, AdvantagesParams
+from tcrlsd.advantages.stream import _stream
+
+
+def compare_estimators(
+    inputs: IterationInputs,
+    params: AdvantagesParams,
+    *,
+    estimators: Sequence[str] = tuple(ESTIMATORS),
+    iteration: int | None = None,
+    lam: float | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> tuple[dict, dict[str, dict]]:
+    """One pass computing every estimator with the same settings; writes nothing.
+
+    Returns (metrics shared by all estimators, {estimator: its own metrics}).
+    """
+    unknown = [e for e in estimators if e not in ESTIMATORS]
+    if unknown:
+        raise ValueError(f"unknown estimator(s) {', '.join(unknown)}; known: {', '.join(ESTIMATORS)}")
+    return _stream(inputs, params, list(estimators), None, iteration, lam, batch_rows)

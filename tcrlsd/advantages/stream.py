@@ -1,0 +1,172 @@
+"""The streamed pass over the scores: alignment, checks, output batches."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tcrlsd.advantages.estimators import ESTIMATORS, group_advantages
+from tcrlsd.advantages.inputs import (
+    IterationInputs,
+    _attach_critiques,
+    _attach_verdicts,
+    _flat,
+    _iter_batches,
+    _load_rollouts,
+)
+from tcrlsd.advantages.metrics import _estimator_metrics, _group_metrics, _ratio, _row_sums, _Shared, _Totals
+from tcrlsd.advantages.params import AdvantagesParams, settings_for
+from tcrlsd.artifacts import AtomicParquetWriter
+from tcrlsd.schemas import SchemaError, schema_for
+
+# ---------------------------------------------------------------------------------------------
+# The streamed pass
+
+_SCORE_COLUMNS = ["rollout_id", "student_logprobs", "teacher_logprobs"]
+
+
+def _row_index(r_ids: pa.Array, ids: pa.Array, cursor: int, source: Path) -> np.ndarray:
+    """Rollout row of each id in ``ids``. Fast path: scores written in the rollouts' order (what the
+    score stage does) -- one comparison with the matching slice instead of a hash lookup over all
+    rollouts per batch."""
+    n = len(ids)
+    if cursor + n <= len(r_ids) and pc.all(pc.equal(ids, r_ids.slice(cursor, n))).as_py() in (True, None):
+        return np.arange(cursor, cursor + n, dtype=np.int64)
+    pos = pc.index_in(ids, value_set=r_ids)
+    if pos.null_count:
+        row = int(pc.indices_nonzero(pos.is_null())[0].as_py())
+        raise SchemaError(f"{source}: scores has a row for rollout_id {ids[row].as_py()!r}, which is not in the rollouts")
+    return pos.to_numpy().astype(np.int64)
+
+
+def _check_out_path(out: Path, inputs: IterationInputs) -> None:
+    o = out.resolve()
+    for p in inputs.all_paths():
+        q = p.resolve()
+        if o == q or q in o.parents:
+            raise ValueError(f"--out {out} would overwrite the input artifact {p}; choose another path")
+
+
+def _check_score_batch(
+    f: Path, ids: pa.Array, idx: np.ndarray, seen: np.ndarray, want: np.ndarray,
+    columns: dict[str, tuple[np.ndarray, np.ndarray]], rollouts_path: Path,
+) -> None:
+    """Each score row once, token lists as long as the response, finite log-probs; errors name the row.
+
+    ``idx``: (B,) rollout rows; ``seen``: (R,) rows met in earlier batches; ``want``: (B,) response
+    lengths; ``columns``: name -> (flat values (N,), offsets (B+1,)).
+    """
+    order = np.sort(idx)
+    twice = order[:-1][np.diff(order) == 0]
+    again = seen[idx] | np.isin(idx, twice)  # (B,) met in an earlier batch, or twice in this one
+    if again.any():
+        rid = ids[int(np.flatnonzero(again)[0])].as_py()
+        raise SchemaError(f"{f}: scores: rollout_id {rid!r} appears more than once; it must be unique")
+    for col, (values, offsets) in columns.items():
+        got = np.diff(offsets)  # (B,)
+        bad = got != want
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise SchemaError(
+                f"{f}: scores: rollout_id {ids[row].as_py()!r}: len({col}) = {got[row]} but "
+                f"len(response_token_ids) = {want[row]} in {rollouts_path}"
+            )
+        finite = np.isfinite(values)
+        if not finite.all():
+            tok = int(np.flatnonzero(~finite)[0])
+            row = int(np.searchsorted(offsets, tok, side="right") - 1)
+            raise SchemaError(
+                f"{f}: scores: column {col!r} has NaN or inf for rollout_id {ids[row].as_py()!r} "
+                f"(token {tok - offsets[row]}); expected finite log-probabilities"
+            )
+
+
+def _advantages_table(ids: pa.Array, group_adv: np.ndarray, offsets: np.ndarray, adv: np.ndarray, name: str) -> pa.Table:
+    """The advantages artifact rows of one batch; lists built from the offsets, no per-row loop."""
+    return pa.Table.from_arrays(
+        [
+            ids,
+            pa.array(group_adv, pa.float32()),  # (B,)
+            pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(adv)),  # (B,) lists, (N,) values
+            pa.array([name] * len(ids), pa.string()),
+        ],
+        schema=schema_for("advantages"),
+    )
+
+
+def _stream(
+    inputs: IterationInputs,
+    params: AdvantagesParams,
+    estimators: Sequence[str],
+    out: AtomicParquetWriter | None,
+    iteration: int | None,
+    lam: float | None,
+    batch_rows: int,
+) -> tuple[dict, dict[str, dict]]:
+    """One pass over the scores: every estimator in ``estimators``; ``params.estimator``'s to ``out``."""
+    ro = _load_rollouts(inputs.rollouts, batch_rows, iteration)
+    _attach_verdicts(ro, inputs.verdicts, batch_rows)
+    if inputs.critiques is not None:
+        _attach_critiques(ro, inputs.critiques, batch_rows)
+    settings = settings_for(params, ro.iteration, lam)
+    adv_row = group_advantages(ro.group, ro.rewards, params.norm_by_std).astype(np.float32)  # (R,)
+    shared_metrics, saturated_group = _group_metrics(ro)
+    saturated_row = saturated_group[ro.group]  # (R,) bool
+    differs_row = np.zeros(len(ro.group), dtype=bool)  # (R,) teacher != student somewhere
+    seen = np.zeros(len(ro.group), dtype=bool)  # (R,)
+    cursor = 0  # score rows read so far
+    sh = _Shared()
+    totals = {name: _Totals() for name in estimators}
+    for f, b in _iter_batches(inputs.scores, "scores", _SCORE_COLUMNS, batch_rows):
+        ids = b.column("rollout_id")
+        idx = _row_index(ro.ids, ids, cursor, f)  # (B,) rollout row of each score row
+        cursor += len(idx)
+        student, offsets = _flat(b.column("student_logprobs"))  # (N,), (B+1,)
+        teacher, t_offsets = _flat(b.column("teacher_logprobs"))  # (N,), (B+1,)
+        _check_score_batch(f, ids, idx, seen, ro.lengths[idx],
+                           {"student_logprobs": (student, offsets), "teacher_logprobs": (teacher, t_offsets)},
+                           inputs.rollouts)
+        seen[idx] = True
+        lengths = np.diff(offsets)  # (B,)
+        adv_tok = np.repeat(adv_row[idx], lengths)  # (N,) float32
+        delta = teacher - student  # (N,) float32
+        differs = _row_sums(delta != 0, offsets) > 0  # (B,)
+        differs_row[idx] = differs
+        fb = ro.feedback[idx] if ro.feedback is not None else differs  # (B,) rows with feedback
+        sat = saturated_row[idx]  # (B,)
+        sh.tokens += int(len(delta))
+        sh.saturated_tokens += int(lengths[sat].sum())
+        sh.feedback_tokens += int(lengths[fb].sum())
+        sh.feedback_delta_sum += float(_row_sums(delta, offsets)[fb].sum())
+        sh.delta_abs_sum += float(np.abs(delta).sum(dtype=np.float64))
+        for name in estimators:
+            adv = ESTIMATORS[name](adv_tok, delta, settings).astype(np.float32, copy=False)  # (N,)
+            totals[name].add(adv, offsets, sat)
+            if out is not None and name == params.estimator:
+                out.write(_advantages_table(ids, adv_row[idx], offsets, adv, name))
+    if not seen.all():
+        row = int(np.flatnonzero(~seen)[0])
+        raise SchemaError(
+            f"{inputs.scores}: scores has no row for {int((~seen).sum())} rollout(s), "
+            f"e.g. rollout_id {ro.ids[row].as_py()!r}"
+        )
+    feedback_rows = ro.feedback if ro.feedback is not None else differs_row
+    shared = {
+        **shared_metrics,
+        "tokens": sh.tokens,
+        "iteration": ro.iteration,
+        "lam": settings.lam,
+        "lam_source": "given" if lam is not None else "schedule",
+        "critique_coverage": float(feedback_rows.mean()),
+        "critique_coverage_source": "critiques" if ro.feedback is not None else "scores",
+        "teacher_differs_share": float(differs_row.mean()),
+        "delta_gap": _ratio(sh.feedback_delta_sum, sh.feedback_tokens),
+        "delta_abs_mean": _ratio(sh.delta_abs_sum, sh.tokens),
+        "settings": {k: v for k, v in asdict(params).items() if k != "estimator"},
+    }
+    return shared, {name: _estimator_metrics(totals[name], sh) for name in estimators}

@@ -1,0 +1,146 @@
+"""Critic backends: one registry, name -> factory, every factory returning a :class:`Critic`.
+
+A critic turns :class:`CritiqueRequest` records (a rendered critic prompt plus the structured row it
+came from) into :class:`CriticReply` records (feedback text, or the reason there is none). Backends:
+
+- ``reference``: the embedded default for the synthetic task. No model: it parses the rollout's step
+  lines (``a op b = r``) and the gold step-by-step solution (:mod:`tcrlsd.synthetic` format) and
+  names the FIRST wrong step in plain words. Deterministic. It reads the structured row, not the
+  rendered prompt. Leakage policy: it states the right result of a wrong intermediate step (that is
+  what a good critic does), but never the right result of the LAST step nor the value to box, since
+  both are the gold final answer -- unless ``reference_reveal_final_answer`` is on. An intermediate
+  result can still equal the final answer by coincidence; the leakage metric counts those honestly.
+- ``transformers`` / ``vllm``: any chat model path, through the generation backends of
+  :mod:`tcrlsd.generate.backends`; the prompt is rendered with the critic tokenizer's chat template
+  when it has one. ``self`` mode uses the same class with the policy checkpoint.
+- ``openai``: any OpenAI-compatible ``/chat/completions`` endpoint (``vllm serve``, ...): a thread pool
+  of ``max_concurrency`` requests, a per-request socket timeout, retries with exponential backoff and
+  jitter seeded from (seed, rollout_id, attempt). The API key is read from the environment variable
+  named by ``api_key_env`` at call time, sent only in the Authorization header, and scrubbed from
+  any error text; it is never stored on the object, in a file, a log or an error.
+
+Replies from model critics are cleaned: a ``<think>...</think>`` block (reasoning models) is
+dropped, whitespace is stripped, and the text is cut to ``max_feedback_chars``.
+
+torch, transformers and vllm are imported inside functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from tcrlsd.critique.openai_critic import _make_openai
+from tcrlsd.critique.params import CritiqueParams
+from tcrlsd.critique.protocol import Critic, CritiqueRequest, OnReply, clean_feedback
+from tcrlsd.generation import SamplingConfig
+from tcrlsd.reference_critic import REFERENCE_CRITIC_ID, reference_critique
+
+
+class ReferenceCritic:
+    label = "reference"
+    journaled = False  # instant and deterministic: nothing to lose
+    template_id = REFERENCE_CRITIC_ID
+
+    def __init__(self, reveal_final_answer: bool = False):
+        self.reveal_final_answer = reveal_final_answer
+
+    def critique(self, requests: Sequence[CritiqueRequest], on_reply: OnReply) -> None:
+        for i, r in enumerate(requests):
+            on_reply(i, reference_critique(r.response_text, r.gold_solution, self.reveal_final_answer))
+
+
+def _make_reference(params: "CritiqueParams", model: str) -> Critic:
+    return ReferenceCritic(params.reference_reveal_final_answer)
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers / vllm (and self mode): through the generation backends
+
+
+def render_chat(tokenizer, text: str, chat_template_kwargs: dict | None = None) -> str:
+    """``text`` as one user message through the tokenizer's chat template; unchanged without one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True, **(chat_template_kwargs or {}))
+
+
+class GenerationCritic:
+    """A chat model (or the policy itself, in ``self`` mode) run through a generation backend.
+
+    Requests go to the backend in fixed chunks of ``chunk_rows``, and each chunk's replies are reported
+    when it finishes, so the journal keeps whole chunks: a resumed part regenerates whole chunks of the
+    same composition (the transformers backend's samples depend on batch composition).
+    """
+
+    journaled = True
+    template_id = None
+
+    def __init__(self, backend: str, model_path: str, options: dict, sampling: SamplingConfig,
+                 max_feedback_chars: int, chunk_rows: int = 64, chat_template_kwargs: dict | None = None,
+                 label: str | None = None):
+        self.backend_name = backend
+        self.model_path = model_path
+        self.options = dict(options)
+        self.sampling = sampling
+        self.max_feedback_chars = max_feedback_chars
+        self.chunk_rows = max(1, chunk_rows)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.label = label or f"{backend}:{model_path}"
+        self._backend = None
+        self._tokenizer = None
+
+    def _load(self):
+        if self._backend is None:
+            from tcrlsd.generate.backends import make_backend
+            from tcrlsd.policy import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_path, self.options.get("trust_remote_code", False))
+            self._backend = make_backend(self.backend_name, self.model_path, **self.options)
+        return self._backend, self._tokenizer
+
+    def critique(self, requests: Sequence[CritiqueRequest], on_reply: OnReply) -> None:
+        if not requests:
+            return
+        from tcrlsd.policy import encode_prompt
+
+        backend, tok = self._load()
+        ids = [encode_prompt(tok, render_chat(tok, r.prompt, self.chat_template_kwargs)) for r in requests]
+        for start in range(0, len(requests), self.chunk_rows):
+            chunk = ids[start:start + self.chunk_rows]
+            outs = backend.generate(chunk, 1, self.sampling)
+            for j, group in enumerate(outs):
+                on_reply(start + j, clean_feedback(group[0].text, self.max_feedback_chars))
+
+
+def _generation_options(params: "CritiqueParams") -> dict:
+    return {"device": params.device, "dtype": params.dtype, "trust_remote_code": params.trust_remote_code,
+            **dict(params.backend_options)}
+
+
+def _make_generation(backend: str):
+    def factory(params: "CritiqueParams", model: str) -> Critic:
+        if not model:
+            raise ValueError(f"critic {backend!r} needs a model: set critique.critic_model to a model path")
+        return GenerationCritic(backend, model, _generation_options(params), params.sampling(),
+                                params.max_feedback_chars, params.chunk_rows, params.chat_template_kwargs)
+
+    return factory
+
+
+# --------------------------------------------------------------------------------------------------
+
+CRITICS: dict[str, Callable[["CritiqueParams", str], Critic]] = {
+    "reference": _make_reference,
+    "transformers": _make_generation("transformers"),
+    "vllm": _make_generation("vllm"),
+    "openai": _make_openai,
+}
+
+
+def make_critic(name: str, params: "CritiqueParams", model: str) -> Critic:
+    try:
+        factory = CRITICS[name]
+    except KeyError:
+        raise ValueError(f"unknown critic backend {name!r}; choose one of {', '.join(CRITICS)}") from None
+    return factory(params, model)

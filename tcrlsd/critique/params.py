@@ -1,0 +1,67 @@
+"""The ``critique:`` params section, its modes and the stage's error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tcrlsd.generation import SamplingConfig
+
+MODES = ("critique", "critique_gold", "gold", "self", "none")
+
+
+class CritiqueError(ValueError):
+    """Bad input to the critique stage (missing join rows, bad template, ...)."""
+
+
+@dataclass(frozen=True)
+class CritiqueParams:
+    mode: Literal["critique", "critique_gold", "gold", "self", "none"] = "critique"
+    which: Literal["auto", "incorrect", "all"] = "auto"
+    critic: Literal["reference", "transformers", "vllm", "openai"] = "reference"
+    critic_model: str = ""
+    templates_dir: str | None = None
+    max_response_chars: int = 6000
+    max_feedback_chars: int = 4000
+    reference_reveal_final_answer: bool = False
+    mask_leaked_answer: bool = False
+    mask_text: str = "[answer withheld]"
+    policy_chat_template_tokenizer: str | None = None
+    rows_per_part: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    seed: int = 0
+    self_backend: Literal["transformers", "vllm"] = "transformers"
+    device: str = "cpu"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    backend_options: dict = field(default_factory=dict)
+    chunk_rows: int = 64
+    chat_template_kwargs: dict = field(default_factory=dict)
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 8
+    request_timeout_s: float = 120.0
+    max_attempts: int = 4
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    abort_after_failures: int = 32
+
+    def __post_init__(self):
+        for name in ("max_response_chars", "max_feedback_chars", "rows_per_part", "max_new_tokens",
+                     "chunk_rows", "max_concurrency", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.request_timeout_s <= 0 or self.backoff_initial_s < 0 or self.backoff_max_s < 0:
+            raise ValueError("request_timeout_s must be > 0 and the backoff times >= 0")
+        if self.abort_after_failures < 0:
+            raise ValueError(f"abort_after_failures must be >= 0 (0 = never), got {self.abort_after_failures}")
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_p, self.max_new_tokens, self.seed)
+
+    def effective_which(self) -> str:
+        if self.which != "auto":
+            return self.which
+        return "all" if self.mode == "gold" else "incorrect"

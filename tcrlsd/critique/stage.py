@@ -1,0 +1,301 @@
+"""The critique stage: rows -> critiques table, part by part, and its metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from collections import Counter
+from typing import Sequence
+
+import pyarrow as pa
+
+from tcrlsd.answers import last_boxed
+from tcrlsd.artifacts import ShardedOutput, ShardSpec, fingerprint_files, read_artifact, split_evenly
+from tcrlsd.critique.backends import GenerationCritic, make_critic
+from tcrlsd.critique.flags import claims_correct, contains_answer, mask_answer, relaxed_equal
+from tcrlsd.critique.journal import Journal, prompt_sha
+from tcrlsd.critique.params import CritiqueError, CritiqueParams
+from tcrlsd.critique.protocol import CritiqueRequest
+from tcrlsd.reference_critic import CriticReply
+from tcrlsd.schemas import schema_for
+from tcrlsd.templates import (
+    Template,
+    chat_wrap,
+    default_templates_dir,
+    load_template,
+    render_critic_prompt,
+    render_teacher_prompt,
+    split_student_prompt,
+)
+
+
+def _critic_template_name(mode: str, is_correct: bool) -> str:
+    kind = "correct" if is_correct else "incorrect"
+    return {"critique": f"critic-{kind}", "critique_gold": f"critic-gold-{kind}", "self": f"self-{kind}"}[mode]
+
+
+def _teacher_template_name(mode: str) -> str:
+    return "teacher-gold" if mode == "gold" else "teacher-critique"
+
+
+def _templates_for(params: CritiqueParams) -> dict[str, Template]:
+    folder = params.templates_dir or default_templates_dir()
+    if params.mode == "none":
+        return {}
+    names = [_teacher_template_name(params.mode)]
+    if params.mode in ("critique", "critique_gold", "self"):
+        names += [_critic_template_name(params.mode, c) for c in (False, True)]
+    return {n: load_template(folder, n) for n in names}
+
+
+def needs_feedback(mode: str, which: str, is_correct: bool) -> bool:
+    return mode != "none" and (which == "all" or not is_correct)
+
+
+# --------------------------------------------------------------------------------------------------
+# Joining the inputs
+
+
+def join_inputs(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table) -> list[dict]:
+    """One dict per rollout, in rollouts order, with its verdict and prompt fields."""
+    v_rows = {r["rollout_id"]: r for r in verdicts.select(
+        ["rollout_id", "is_correct", "reason", "extracted_answer"]).to_pylist()}
+    p_rows = {r["prompt_id"]: r for r in prompts.select(
+        ["prompt_id", "problem", "prompt", "answer", "solution"]).to_pylist()}
+    out = []
+    for r in rollouts.select(["rollout_id", "prompt_id", "response_text"]).to_pylist():
+        v = v_rows.get(r["rollout_id"])
+        if v is None:
+            raise CritiqueError(f"verdicts: no row for rollout_id {r['rollout_id']!r}; every rollout needs a verdict")
+        p = p_rows.get(r["prompt_id"])
+        if p is None:
+            raise CritiqueError(f"prompts: no row for prompt_id {r['prompt_id']!r} (rollout {r['rollout_id']!r})")
+        out.append({**r, **{k: v[k] for k in ("is_correct", "reason", "extracted_answer")},
+                    **{k: p[k] for k in ("problem", "prompt", "answer", "solution")}})
+    return out
+
+
+def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, templates: dict[str, Template],
+                  wrap: tuple[str, str] | None = None, journal: Journal | None = None,
+                  progress=None) -> pa.Table:
+    """The ``critiques`` table for ``rows`` (joined dicts, see :func:`join_inputs`), in order."""
+    mode, which = params.mode, params.effective_which()
+    n = len(rows)
+    feedback: list[str | None] = [None] * n
+    errors: list[str | None] = [None] * n
+    template_ids: list[str] = [""] * n
+    critic_labels = ["none"] * n
+    todo: list[int] = []
+    requests: list[CritiqueRequest] = []
+    for i, row in enumerate(rows):
+        if not needs_feedback(mode, which, row["is_correct"]):
+            if progress is not None:
+                progress.update(1)
+            continue
+        teacher_id = templates[_teacher_template_name(mode)].id
+        if mode == "gold":
+            critic_labels[i] = "gold"
+            template_ids[i] = teacher_id
+            if row["solution"]:
+                feedback[i] = row["solution"]
+            else:
+                errors[i] = "no gold solution in the prompts row"
+            if progress is not None:
+                progress.update(1)
+            continue
+        critic_labels[i] = critic.label
+        if critic.template_id is not None:  # the critic reads the row itself, not a rendered prompt
+            prompt = ""
+            template_ids[i] = f"{critic.template_id}+{teacher_id}"
+        else:
+            tpl = templates[_critic_template_name(mode, row["is_correct"])]
+            prompt = render_critic_prompt(tpl, row, params.max_response_chars)
+            template_ids[i] = f"{tpl.id}+{teacher_id}"
+        sha = prompt_sha(prompt)
+        if journal is not None and (done := journal.get(row["rollout_id"], sha)) is not None:
+            feedback[i] = done
+            if progress is not None:
+                progress.update(1)
+            continue
+        todo.append(i)
+        requests.append(CritiqueRequest(row["rollout_id"], prompt, row["problem"], row["response_text"],
+                                        row["solution"], row["answer"], row["is_correct"],
+                                        row["extracted_answer"]))
+
+    def on_reply(j: int, reply: CriticReply) -> None:
+        i = todo[j]
+        feedback[i], errors[i] = reply.text, (reply.error if reply.text is None else None)
+        if journal is not None and reply.text is not None:
+            journal.add(requests[j].rollout_id, prompt_sha(requests[j].prompt), reply.text)
+        if progress is not None:
+            progress.update(1)
+
+    if requests:
+        critic.critique(requests, on_reply)
+
+    leaks, suspects, teacher_prompts = [], [], []
+    for i, row in enumerate(rows):
+        text = feedback[i]
+        leak = contains_answer(text, row["answer"])
+        if text is not None and leak and params.mask_leaked_answer:
+            text = feedback[i] = mask_answer(text, row["answer"], params.mask_text)
+        leaks.append(leak)
+        predicted = row["extracted_answer"] if row["extracted_answer"] is not None else last_boxed(
+            row["response_text"])
+        suspects.append(not row["is_correct"] and (relaxed_equal(predicted, row["answer"]) or claims_correct(text)))
+        if text is None:
+            teacher_prompts.append(None)
+            continue
+        prefix, problem, instruction = split_student_prompt(row["prompt"], row["problem"], wrap)
+        teacher_prompts.append(render_teacher_prompt(templates[_teacher_template_name(mode)], prefix, problem,
+                                                     instruction, text, wrap))
+    return pa.table({
+        "rollout_id": pa.array([r["rollout_id"] for r in rows], pa.string()),
+        "mode": pa.array([mode] * n, pa.string()),
+        "critic": pa.array(critic_labels, pa.string()),
+        "feedback_text": pa.array(feedback, pa.string()),
+        "template": pa.array(template_ids, pa.string()),
+        "teacher_prompt": pa.array(teacher_prompts, pa.string()),
+        "error": pa.array(errors, pa.string()),
+        "leaks_answer": pa.array(leaks, pa.bool_()),
+        "suspected_false_negative": pa.array(suspects, pa.bool_()),
+    }, schema=schema_for("critiques"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage's one function
+
+
+def _make_stage_critic(params: CritiqueParams, policy_path: str | None):
+    if params.mode in ("none", "gold"):
+        return None
+    if params.mode == "self":
+        if not policy_path:
+            raise CritiqueError("mode 'self' needs the policy checkpoint (--policy)")
+        options = {"device": params.device, "dtype": params.dtype, "trust_remote_code": params.trust_remote_code,
+                   **dict(params.backend_options)}
+        return GenerationCritic(params.self_backend, str(policy_path), options, params.sampling(),
+                                params.max_feedback_chars, params.chunk_rows, params.chat_template_kwargs,
+                                label=f"self:{params.self_backend}:{policy_path}")
+    return make_critic(params.critic, params, params.critic_model)
+
+
+def _chat_wrap_from(params: CritiqueParams) -> tuple[str, str] | None:
+    if not params.policy_chat_template_tokenizer:
+        return None
+    from tcrlsd.policy import load_tokenizer
+
+    tok = load_tokenizer(params.policy_chat_template_tokenizer, params.trust_remote_code)
+    if not getattr(tok, "chat_template", None):
+        raise CritiqueError(f"policy_chat_template_tokenizer {params.policy_chat_template_tokenizer!r} "
+                            "has no chat template")
+    return chat_wrap(tok)
+
+
+def run_critique(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table, params: CritiqueParams,
+                 out_dir: str | os.PathLike, shard: ShardSpec = ShardSpec(), policy_path: str | None = None,
+                 input_paths: Sequence[str | os.PathLike] = ()) -> bool:
+    """Write the ``critiques`` artifact under ``out_dir`` part by part; True once it is complete.
+
+    Resumes: finished parts are skipped, and answered rows of an unfinished part are read back from
+    its journal (model critics). ``input_paths`` (the input files) go into the manifest fingerprint.
+    """
+    rows = join_inputs(rollouts, verdicts, prompts)
+    templates = _templates_for(params)
+    num_parts = max(1, math.ceil(len(rows) / params.rows_per_part))
+    fingerprint = {
+        "params": dataclasses.asdict(params),
+        "inputs": fingerprint_files(input_paths),
+        "templates": {t.id: t.sha for t in templates.values()},
+        "rows": len(rows),
+    }
+    if params.mode == "self" and policy_path:
+        fingerprint["policy"] = fingerprint_files([policy_path])
+    out = ShardedOutput(out_dir, "critiques", num_parts, fingerprint)
+    pending = out.pending(shard)
+    if not pending:
+        return out.complete()
+    ranges = split_evenly(len(rows), num_parts)
+    critic = _make_stage_critic(params, policy_path)
+    wrap = _chat_wrap_from(params)
+    from tqdm import tqdm
+
+    total = sum(len(ranges[p]) for p in pending)
+    with tqdm(total=total, desc=f"critique ({params.mode})", unit="row", file=sys.stderr,
+              dynamic_ncols=True, mininterval=1.0) as bar:
+        for part in pending:
+            part_rows = [rows[i] for i in ranges[part]]
+            journal_path = out.folder / f"journal-{part:05d}.jsonl"
+            journal = Journal(journal_path) if critic is not None and critic.journaled else None
+            try:
+                table = critique_rows(part_rows, params, critic, templates, wrap, journal, bar)
+            finally:
+                if journal is not None:
+                    journal.close()
+            out.write(part, table)
+            journal_path.unlink(missing_ok=True)
+    return out.complete()
+
+
+def critique_metrics(critiques: pa.Table, verdicts: pa.Table, params: CritiqueParams,
+                     rollouts: pa.Table | None = None, prompts: pa.Table | None = None) -> dict:
+    """Coverage, critique length, failures by reason, leakage and suspected false negatives.
+
+    ``leaks`` / ``leakage_share`` count feedback that contained the gold answer before masking (the
+    ``leaks_answer`` column); with rollouts and prompts given, ``leakage_share_after_masking`` checks
+    the stored text again (equal to ``leakage_share`` unless ``mask_leaked_answer`` is on).
+    """
+    gold_answers = None
+    if rollouts is not None and prompts is not None:
+        ans = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("answer").to_pylist()))
+        gold_answers = [{"rollout_id": rid, "answer": ans.get(pid, "")} for rid, pid in
+                        zip(rollouts.column("rollout_id").to_pylist(), rollouts.column("prompt_id").to_pylist())]
+    rows = critiques.to_pylist()
+    correct = {r["rollout_id"]: r["is_correct"] for r in verdicts.select(["rollout_id", "is_correct"]).to_pylist()}
+    n = len(rows)
+    texts = [r["feedback_text"] for r in rows if r["feedback_text"] is not None]
+    n_fb = len(texts)
+    failures = Counter(r["error"] for r in rows if r["error"] is not None)
+    n_incorrect = sum(1 for r in rows if not correct.get(r["rollout_id"], False))
+    which = params.effective_which()
+    eligible = sum(1 for r in rows if needs_feedback(params.mode, which, correct.get(r["rollout_id"], False)))
+    leaks = sum(1 for r in rows if r["leaks_answer"] and r["feedback_text"] is not None)
+    answers = {r["rollout_id"]: r["answer"] for r in gold_answers} if gold_answers is not None else None
+    leaks_after = (sum(1 for r in rows if contains_answer(r["feedback_text"], answers.get(r["rollout_id"], "")))
+                   if answers is not None else None)
+    suspects = [r for r in rows if r["suspected_false_negative"]]
+
+    def share(a: int, b: int) -> float:
+        return a / b if b else 0.0
+
+    return {
+        "mode": params.mode,
+        "critic": params.critic if params.mode in ("critique", "critique_gold") else params.mode,
+        "which": which,
+        "rollouts": n,
+        "incorrect_rollouts": n_incorrect,
+        "incorrect_share": share(n_incorrect, n),
+        "eligible_rollouts": eligible,
+        "rollouts_with_feedback": n_fb,
+        "coverage": share(n_fb, n),
+        "coverage_of_eligible": share(n_fb, eligible),
+        "mean_feedback_chars": share(sum(len(t) for t in texts), n_fb),
+        "mean_feedback_words": share(sum(len(t.split()) for t in texts), n_fb),
+        "failures": sum(failures.values()),
+        "failures_by_reason": dict(sorted(failures.items())),
+        "leaks": leaks,
+        "leakage_share": share(leaks, n_fb),
+        "leakage_share_after_masking": None if leaks_after is None else share(leaks_after, n_fb),
+        "mask_leaked_answer": params.mask_leaked_answer,
+        "suspected_false_negatives": len(suspects),
+        "suspected_false_negative_share_of_incorrect": share(len(suspects), n_incorrect),
+        "templates": sorted({r["template"] for r in rows if r["template"]}),
+    }
+
+
+def read_inputs(prompts_path, rollouts_path, verdicts_path) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """``(rollouts, verdicts, prompts)``, read and validated (errors name the file)."""
+    return (read_artifact(rollouts_path, "rollouts"), read_artifact(verdicts_path, "verdicts"),
+            read_artifact(prompts_path, "prompts"))

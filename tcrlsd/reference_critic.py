@@ -1,0 +1,128 @@
+"""The synthetic task's reference critic: names the first wrong step of an attempt."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tcrlsd.answers import last_boxed
+
+# The reference critic's phrasing has a version id like a template file (recorded in `template`).
+REFERENCE_CRITIC_ID = "reference-critic@v1"
+
+
+@dataclass(frozen=True)
+class CriticReply:
+    text: str | None  # cleaned feedback; None when the critic failed
+    error: str | None = None  # why there is no text (None when text is set)
+
+
+# --------------------------------------------------------------------------------------------------
+# reference
+
+
+@dataclass(frozen=True)
+class Step:
+    left: int
+    op: str  # "+", "-" or "*"
+    right: int
+    result: int
+
+
+_STEP = re.compile(r"(-?\d+)[ \t]*([-+*×xX])[ \t]*(-?\d+)[ \t]*=[ \t]*(-?\d+)")
+_OP_ALIASES = {"×": "*", "x": "*", "X": "*"}
+_VERB = {"+": "add", "-": "subtract", "*": "multiply by"}
+_PAST = {"+": "added", "-": "subtracted", "*": "multiplied by"}
+_NOUN = {"+": "addition", "-": "subtraction", "*": "multiplication"}
+
+
+def parse_steps(text: str) -> list[Step]:
+    """Every ``a op b = r`` in ``text``, one per line at most (the first on each line), in order."""
+    steps = []
+    for line in text.splitlines():
+        m = _STEP.search(line)
+        if m:
+            op = _OP_ALIASES.get(m.group(2), m.group(2))
+            steps.append(Step(int(m.group(1)), op, int(m.group(3)), int(m.group(4))))
+    return steps
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def _all_right(n: int) -> str:
+    return "The one step is right" if n == 1 else f"All {n} steps are right"
+
+
+def _same_number(text: str, value: int) -> bool:
+    """``\\boxed{52}``, ``\\boxed{ 52. }`` and ``\\boxed{52.0}`` all box 52."""
+    s = re.sub(r"[\s$]", "", text).rstrip(".")
+    try:
+        return float(s) == value
+    except ValueError:
+        return False
+
+
+def reference_critique(response: str, solution: str | None, reveal_final_answer: bool = False) -> CriticReply:
+    """A plain-language critique of the first wrong step of ``response`` against ``solution``."""
+    gold = parse_steps(solution or "")
+    if not gold:
+        return CriticReply(None, "no step-by-step gold solution (the reference critic needs the synthetic format)")
+    mine = parse_steps(response)
+    boxed = last_boxed(response)
+    n = len(gold)
+    ops = "operation" if n == 1 else f"{n} operations"
+    if not mine:
+        first = gold[0]
+        if boxed is None:
+            text = (f"The response has no calculation steps and no final answer in \\boxed{{}}. Work through the "
+                    f"{ops} of the problem one at a time, one line each, like 'a + b = c', starting from "
+                    f"{first.left}, and put the last result in \\boxed{{}}.")
+        else:
+            text = (f"The response gives the answer {boxed} without any calculation steps. Work through the "
+                    f"{ops} one at a time, one line each, like 'a + b = c'; the first one is to "
+                    f"{_VERB[first.op]} {first.right}, starting from {first.left}.")
+        return CriticReply(text)
+    for i, (g, m) in enumerate(zip(gold, mine)):
+        k = i + 1
+        if m.left != g.left:
+            if i == 0:
+                return CriticReply(f"Step 1 starts from {m.left}, but the problem starts with {g.left}. "
+                                   "Copy the starting number from the problem.")
+            return CriticReply(f"Step {k} starts from {m.left}, but the result of step {i} is {g.left}. "
+                               "Each step must continue from the result of the step before it.")
+        if m.op != g.op:
+            return CriticReply(f"Step {k} should {_VERB[g.op]} {g.right}, as the problem says, but it "
+                               f"{_PAST[m.op]} {m.right} instead.")
+        if m.right != g.right:
+            return CriticReply(f"In step {k} the problem says to {_VERB[g.op]} {g.right}, but the step uses "
+                               f"{m.right}. Copy the number from the problem.")
+        true = _apply(m.left, m.op, m.right)
+        if m.result != true:
+            sym = "*" if m.op == "*" else m.op
+            if i == n - 1 and not reveal_final_answer:  # the right result here IS the final answer
+                return CriticReply(f"Step {k} has an arithmetic error: {m.left} {sym} {m.right} is not "
+                                   f"{m.result}. Redo this {_NOUN[m.op]} carefully.")
+            return CriticReply(f"Step {k} has an arithmetic error: {m.left} {sym} {m.right} is {true}, not "
+                               f"{m.result}. Carry the corrected result into the steps after it.")
+    if len(mine) < n:
+        nxt = gold[len(mine)]
+        done = len(mine)
+        return CriticReply(f"The first {done} step{'s are' if done > 1 else ' is'} right, but the work stops "
+                           f"there: the problem has {n} operations. The next one is to "
+                           f"{_VERB[nxt.op]} {nxt.right}.")
+    if len(mine) > n:
+        return CriticReply(f"{_all_right(n)} and the problem is finished after step {n}, but "
+                           f"step {n + 1} is an operation the problem does not ask for. "
+                           f"The answer is the result of step {n}.")
+    last = mine[-1].result
+    if boxed is None:
+        return CriticReply(f"{_all_right(n)}, but the final answer is not "
+                           "written in \\boxed{}. Put the result of the last step in \\boxed{}.")
+    if not _same_number(boxed, last):
+        tail = f" Box {last}." if reveal_final_answer else f" Box the result of step {n}."
+        return CriticReply(f"{_all_right(n)}, but the boxed answer ({boxed}) "
+                           f"is not the result of the last step.{tail}")
+    return CriticReply(f"{_all_right(n)} and the boxed answer is the result "
+                       "of the last step; I find no error in this attempt.")

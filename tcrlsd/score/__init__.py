@@ -1,0 +1,49 @@
+"""Score stage: student and teacher log-probs of every sampled response token.
+
+For each rollout (x, y) with optional feedback f (from the critique stage):
+
+    student_logprobs[t] = log pi_S(y_t | x, y_<t)       input: prompt_token_ids + response_token_ids
+    teacher_logprobs[t] = log pi_T(y_t | c, y_<t)       input: encode_prompt(teacher_prompt) + response_token_ids
+
+where c is the rendered teacher context (problem + feedback). The response ids are the sampled
+ones, never re-tokenised text. Rows without feedback get teacher = student, copied, with no second
+forward pass (Delta_t = 0 there, as in the method note).
+
+Which weights play the teacher is a param: ``current`` (the student's checkpoint, the method note),
+``lagged`` (a copy the update stage refreshes every K iterations, as RLSD's scripts do) or ``ema``
+(a moving average kept by the update stage, as SDPO does). For the last two the caller passes the
+teacher checkpoint folder; the student always is the current policy. ``teacher_checkpoint`` records
+that folder (the policy path for ``current``) on every row, rows without feedback included, whose
+teacher values are the student's by the rule above.
+
+How the forward passes are laid out (the part a reader should check):
+
+- Sequences are sorted by length (longest first, stable) and cut greedily into batches whose
+  padded size ``batch_size * longest`` stays within ``max_tokens_per_batch``; a sequence longer
+  than the budget runs alone. With ``current`` the student and teacher sequences share one pool.
+- Padding goes on the right and no attention mask is passed: under causal attention a real token
+  attends only to earlier positions, which are all real, so right padding cannot change a real
+  token's output and the fused causal attention kernel stays usable.
+- The log-prob of response token t comes from the logits at position ``len(context) + t - 1``.
+  Only those positions go through the lm head: the decoder's hidden states are gathered at the
+  response positions first, then projected in chunks of ``logits_chunk_tokens`` rows, so a full
+  (B, T, V) logits tensor is never built. log-softmax runs in fp32 (logits are cast up even when
+  the model runs in bf16).
+- Output is written part by part (``rows_per_part`` rollouts each, contiguous in input order)
+  through :class:`tcrlsd.artifacts.ShardedOutput`: memory is bounded by one part, a killed run
+  resumes at the first missing part, and ``--shard i/N`` workers split the parts.
+
+torch and transformers are imported inside functions: importing this module is cheap.
+
+
+Layout of this package: ``params``, ``logprobs``, ``inputs``, ``metrics``, ``stage`` (see
+docs/ARCHITECTURE.md). Importing it is cheap: torch and transformers are imported inside functions.
+"""
+
+from __future__ import annotations
+
+from tcrlsd.score.inputs import ScoringInputs, build_inputs, check_vocab, score_part  # noqa: F401
+from tcrlsd.score.logprobs import plan_batches, response_logprobs  # noqa: F401
+from tcrlsd.score.metrics import score_metrics  # noqa: F401
+from tcrlsd.score.params import TEACHER_MODES, ScoreError, ScoreParams  # noqa: F401
+from tcrlsd.score.stage import ScoreRunStats, run_score, teacher_checkpoint_for  # noqa: F401
