@@ -15,10 +15,7 @@ import argparse
 import sys
 
 from tcrlsd.artifacts import ShardSpec, write_json
-from tcrlsd.evaluate import EvaluateParams, run_evaluate
-from tcrlsd.params import ParamsError, load_section
-from tcrlsd.schemas import SchemaError
-from tcrlsd.verify import VerifyError, VerifyParams, WorkerStartError
+from tcrlsd.evaluate import STAGE_ERRORS, load_params, run_evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     try:
-        params = load_section(args.params, "evaluate", EvaluateParams, preset=args.preset)
-        verify_params = load_section(args.params, "verify", VerifyParams, preset=args.preset)
+        params, verify_params = load_params(args.params, args.preset)
         metrics = run_evaluate(params, verify_params, args.prompts, args.policy, args.out,
                                shard=ShardSpec.parse(args.shard), progress=not args.no_progress)
-    except (ParamsError, SchemaError, FileNotFoundError, VerifyError, WorkerStartError, ValueError) as exc:
+    except STAGE_ERRORS as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
     if not metrics["complete"]:

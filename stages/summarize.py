@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from tcrlsd.artifacts import write_json
-from tcrlsd.loop.summary import collect_rows, headline, write_table
+from tcrlsd.summarize import collect_rows, headline, write_table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,17 +49,22 @@ class LogLines:
         return False
 
 
-def progress_bar(total: int | float | None = None, desc: str = "", unit: str = "it", enabled: bool = True,
-                 file: IO[str] | None = None, **kwargs):
-    """A tqdm bar on stderr (or ``file``): live on a terminal, a line every ~30 s in a log."""
+def progress_bar(iterable=None, total: int | float | None = None, desc: str = "", unit: str = "it",
+                 enabled: bool = True, file: IO[str] | None = None, **kwargs):
+    """A tqdm bar on stderr (or ``file``): live on a terminal, a line every ~30 s in a log.
+
+    ``iterable`` (optional) is wrapped like ``tqdm(iterable)``; ``kwargs`` go to tqdm (postfix, unit_scale...).
+    """
     from tqdm import tqdm
 
     stream = file if file is not None else sys.stderr
     is_tty = bool(getattr(stream, "isatty", lambda: False)())
     if is_tty:
         kwargs.setdefault("dynamic_ncols", True)
-        return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=stream, **kwargs)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, file=stream, **kwargs)
     interval = log_interval()
     # maxinterval must not undercut mininterval, or tqdm's monitor forces more frequent lines.
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=LogLines(stream),
+    kwargs.pop("dynamic_ncols", None)
+    kwargs.pop("mininterval", None)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, file=LogLines(stream),
                 mininterval=interval, maxinterval=max(interval, 10.0), ncols=100, ascii=True, **kwargs)

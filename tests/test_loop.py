@@ -14,7 +14,7 @@ import yaml
 from tcrlsd.loop.experiment import Run, collect_results, summary_table
 from tcrlsd.loop.iterations import IterationsError, append_iterations, read_iterations
 from tcrlsd.loop.report import write_report
-from tcrlsd.loop.summary import COLUMNS, collect_rows, headline, read_table, write_table
+from tcrlsd.summarize import COLUMNS, collect_rows, headline, read_table, write_table
 from tcrlsd.progress import LogLines, progress_bar
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 from collections import Counter
 from typing import Sequence
 
@@ -220,11 +219,10 @@ def run_critique(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table, para
     ranges = split_evenly(len(rows), num_parts)
     critic = _make_stage_critic(params, policy_path)
     wrap = _chat_wrap_from(params)
-    from tqdm import tqdm
+    from tcrlsd.progress import progress_bar
 
     total = sum(len(ranges[p]) for p in pending)
-    with tqdm(total=total, desc=f"critique ({params.mode})", unit="row", file=sys.stderr,
-              dynamic_ncols=True, mininterval=1.0) as bar:
+    with progress_bar(total=total, desc=f"critique ({params.mode})", unit="row", mininterval=1.0) as bar:
         for part in pending:
             part_rows = [rows[i] for i in ranges[part]]
             journal_path = out.folder / f"journal-{part:05d}.jsonl"

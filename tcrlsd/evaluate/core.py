@@ -28,7 +28,8 @@ from tcrlsd.artifacts import ShardedOutput, ShardSpec, fingerprint_files, read_a
 from tcrlsd.generation import Completion, SamplingConfig
 from tcrlsd.schemas import SchemaError, schema_for
 
-__all__ = ["EvaluateParams", "val_prompt_ids", "evaluation_rows", "evaluation_metrics", "run_evaluate"]
+__all__ = ["EvaluateParams", "STAGE_ERRORS", "load_params", "val_prompt_ids", "evaluation_rows",
+           "evaluation_metrics", "run_evaluate"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class EvaluateParams:
     num_threads: int = 0
 
     def __post_init__(self):
-        from tcrlsd.generate_backends import BACKENDS
+        from tcrlsd.generate.backends import BACKENDS
 
         if self.backend not in BACKENDS:
             raise ValueError(f"evaluate.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
@@ -76,6 +77,27 @@ class EvaluateParams:
                 "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens,
                 "tensor_parallel_size": self.tensor_parallel_size,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "seed": self.seed}
+
+
+def load_params(params_path: str | os.PathLike, preset: str | os.PathLike | None = None):
+    """(EvaluateParams, VerifyParams) from the ``evaluate`` and ``verify`` sections: grading as in training."""
+    from tcrlsd.params import load_section
+    from tcrlsd.verify.params import VerifyParams
+
+    return (load_section(params_path, "evaluate", EvaluateParams, preset=preset),
+            load_section(params_path, "verify", VerifyParams, preset=preset))
+
+
+def _stage_errors() -> tuple[type[BaseException], ...]:
+    from tcrlsd.params import ParamsError
+    from tcrlsd.verify.params import VerifyError
+    from tcrlsd.verify.pool import WorkerStartError
+
+    return (ParamsError, SchemaError, FileNotFoundError, VerifyError, WorkerStartError, ValueError)
+
+
+# The errors the stage reports as "evaluate: error: ..." (bad params, inputs, graders), not as tracebacks.
+STAGE_ERRORS = _stage_errors()
 
 
 def val_prompt_ids(prompts: pa.Table, max_prompts: int | None, source: str | None = None) -> list[str]:
@@ -110,7 +132,7 @@ def evaluation_rows(prompt_ids: Sequence[str], greedy: Sequence[Completion],
 
 def _grade(cols: dict[str, list], prompts: pa.Table, verify_params, prompts_source: str | None) -> None:
     """Fill reward and reason through the verify stage's graders (same pool, same reasons)."""
-    from tcrlsd.verify import verify_rollouts
+    from tcrlsd.verify.stage import verify_rollouts
 
     table = pa.table({"rollout_id": cols["eval_id"], "prompt_id": cols["prompt_id"],
                       "response_text": cols["response_text"]})
@@ -173,7 +195,7 @@ def run_evaluate(params: EvaluateParams, verify_params, prompts_path: str | os.P
     Metrics are computed over the whole artifact when it is complete, else ``{"complete": False}``
     plus progress counts (a worker of a sharded run that finishes early).
     """
-    from tcrlsd.generate_backends import derive_seed, make_backend
+    from tcrlsd.generate.backends import derive_seed, make_backend
     from tcrlsd.policy import encode_prompt, load_tokenizer
     from tcrlsd.progress import progress_bar
 

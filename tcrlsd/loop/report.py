@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from tcrlsd.loop.summary import read_table
+from tcrlsd.summarize import read_table
 
 __all__ = ["FIGURES", "write_report", "plot_curves"]
 

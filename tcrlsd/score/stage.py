@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,9 +98,9 @@ def run_score(
     decides whether finished parts on disk are still valid.
     """
     import torch
-    from tqdm import tqdm
 
     from tcrlsd.policy import load_policy, load_tokenizer
+    from tcrlsd.progress import progress_bar
 
     teacher_ckpt = teacher_checkpoint_for(params, policy, teacher_policy)
     device = _resolve_device(params.device)
@@ -149,8 +148,7 @@ def run_score(
             if inputs.responses[i]:
                 total += len(inputs.prompts[i]) + len(inputs.responses[i])
                 total += len(t_ids[i]) + len(inputs.responses[i]) if i in t_ids else 0
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="score", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=total, unit="tok", unit_scale=True, desc="score", enabled=progress)
     start = time.perf_counter()
     try:
         for part in pending:
