@@ -18,7 +18,7 @@ import sys
 
 from tcrlsd.artifacts import write_json
 from tcrlsd.params import load_section, load_yaml
-from tcrlsd.update.config import UpdateParams
+from tcrlsd.update.params import UpdateParams
 
 
 def main(argv: list[str] | None = None) -> int:

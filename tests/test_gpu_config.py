@@ -27,7 +27,7 @@ SECTIONS = {
     "critique": "tcrlsd.critique:CritiqueParams",
     "score": "tcrlsd.score:ScoreParams",
     "advantages": "tcrlsd.advantages:AdvantagesParams",
-    "update": "tcrlsd.update.config:UpdateParams",
+    "update": "tcrlsd.update.params:UpdateParams",
     "evaluate": "tcrlsd.evaluate:EvaluateParams",
 }
 

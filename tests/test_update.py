@@ -25,12 +25,32 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
 from tcrlsd.artifacts import write_artifact, write_table  # noqa: E402
-from tcrlsd.update.config import UpdateError, UpdateParams  # noqa: E402
+from tcrlsd.update.params import UpdateError, UpdateParams  # noqa: E402
 from tcrlsd.update.losses import (AGGREGATIONS, AggregationCounts, aggregate, k3_kl, lr_factor,  # noqa: E402
                                   ppo_clip_loss)
 
 REPO = Path(__file__).resolve().parents[1]
-torch.set_num_threads(1)
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_process_group():
+    """The in-process updates join one process group of one (no launcher); it and the variables it
+    set are gone after this module, and torch's thread count is restored."""
+    import torch.distributed as dist
+
+    env = {k: os.environ.get(k) for k in _DIST_ENV}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- pure loss terms
@@ -262,7 +282,6 @@ def test_stop_token_is_trained(tiny_policy, tok, tmp_path):
 
 
 def test_nonfinite_grad_norm_skips_the_step_and_counts_it(tiny_policy, signed, tmp_path):
-    from tcrlsd.policy import load_policy
     from tcrlsd.update.batching import UpdateInputs
     from tcrlsd.update.stage import open_trainer
 
@@ -302,7 +321,8 @@ def two_iterations(tiny_policy, tok, tmp_path_factory):
             for k in (0, 1)]
 
 
-def test_two_separate_iterations_equal_one_continuous_run(tiny_policy, two_iterations, tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_separate_iterations_equal_one_continuous_run(tiny_policy, two_iterations, tmp_path, zero_stage):
     """Iteration 1 resumes AdamW moments and the LR step: same weights as one process doing both.
 
     The scores of iteration 1 are the iteration-0 policy's (fixture): both runs read the same data,
@@ -312,7 +332,7 @@ def test_two_separate_iterations_equal_one_continuous_run(tiny_policy, two_itera
     from tcrlsd.update.stage import open_trainer, run_update
 
     params = UpdateParams(**{**FAST, "lr": 3e-3, "mini_batch_prompts": 2, "ppo_epochs": 2, "warmup_steps": 3,
-                             "shuffle": True})
+                             "shuffle": True, "zero_stage": zero_stage})
     d0, d1 = two_iterations
     run_update(d0["rollouts"], d0["scores"], d0["advantages"], tiny_policy, tmp_path / "p1", tmp_path / "s1", params)
     m = run_update(d1["rollouts"], d1["scores"], d1["advantages"], tmp_path / "p1", tmp_path / "p2", tmp_path / "s2",
@@ -384,6 +404,7 @@ def _params_file(path, **over):
     return path
 
 
+@pytest.mark.slow  # two fresh processes importing torch + DeepSpeed: ~30 s each on 2 busy cores
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_processes_match_one(tiny_policy, two_iterations, tmp_path, zero_stage):
     from tcrlsd.update.stage import run_update
@@ -409,12 +430,13 @@ def test_two_processes_match_one(tiny_policy, two_iterations, tmp_path, zero_sta
 
 
 def test_stage_cli_end_to_end(tiny_policy, tok, tmp_path):
-    """Inputs from the score and advantages stages' CLIs; output loads with from_pretrained."""
+    """Inputs from the score and advantages stages' CLIs; the update's CLI (in process, one process,
+    no launcher); the output loads with from_pretrained."""
     from transformers import AutoModelForCausalLM
 
     d = make_iteration(tmp_path / "iter", tiny_policy, tok, n_prompts=3, samples=2, seed=3)
     params = _params_file(tmp_path / "params.yaml", zero_stage=1)
-    _run_cli(["--params", str(params), "--rollouts", str(d["rollouts"]), "--scores", str(d["scores"]),
+    _load_stage("update").main(["--params", str(params), "--rollouts", str(d["rollouts"]), "--scores", str(d["scores"]),
               "--advantages", str(d["advantages"]), "--policy", str(tiny_policy), "--state-in",
               str(tmp_path / "none-state"), "--policy-out", str(tmp_path / "p1"), "--state-out", str(tmp_path / "s1"),
               "--metrics", str(tmp_path / "metrics" / "update.json")])

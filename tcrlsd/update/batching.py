@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tcrlsd.artifacts import artifact_files
-from tcrlsd.update.config import UpdateError
+from tcrlsd.update.params import UpdateError
 
 __all__ = ["TrainSequence", "UpdateInputs", "plan_mini_batches", "split_for_ranks", "plan_micro_batches"]
 

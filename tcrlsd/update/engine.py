@@ -42,7 +42,8 @@ def init_distributed(device: str) -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:  # no launcher: a group of one
+        if "WORLD_SIZE" not in os.environ:  # no launcher: a group of one on a free local port
+            # DeepSpeed reads these variables (LOCAL_RANK in the engine), so they are set, not passed.
             os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                                "MASTER_PORT": str(_free_port())})
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")

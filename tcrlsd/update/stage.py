@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from tcrlsd.update.batching import UpdateInputs
-from tcrlsd.update.config import TEACHER_MODES, UpdateError, UpdateParams
+from tcrlsd.update.params import TEACHER_MODES, UpdateError, UpdateParams
 from tcrlsd.update.engine import barrier, build_engine, init_distributed, save_hf_checkpoint
 from tcrlsd.update.state import (TAG, ZERO_DIR, TrainerState, replace_dir, resolve_state, weights_digest,
                                  write_state_json)

@@ -16,14 +16,13 @@ for a fresh optimizer explicitly (recorded in the metrics). Never a silent reset
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tcrlsd.update.config import UpdateError
+from tcrlsd.update.params import UpdateError
 
 __all__ = ["TrainerState", "STATE_FILE", "ZERO_DIR", "TAG", "weights_digest", "read_state", "resolve_state",
            "write_state_json", "replace_dir"]
@@ -44,17 +43,13 @@ class TrainerState:
 
 
 def weights_digest(policy: str | os.PathLike) -> str:
-    """sha256 over the policy folder's *.safetensors files (name and bytes, sorted)."""
-    h = hashlib.sha256()
+    """sha256 over the policy folder's *.safetensors files (names and bytes, sorted)."""
+    from tcrlsd.artifacts import content_digest
+
     files = sorted(Path(policy).glob("*.safetensors"))
     if not files:
         raise UpdateError(f"{policy}: no *.safetensors weights")
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    return content_digest(files)
 
 
 def read_state(state_dir: str | os.PathLike) -> TrainerState:

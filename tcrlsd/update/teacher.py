@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tcrlsd.update.config import UpdateError
+from tcrlsd.update.params import UpdateError
 
 __all__ = ["TEACHER_DIR", "previous_teacher", "write_teacher"]
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from tcrlsd.update.batching import (TrainSequence, UpdateInputs, plan_micro_batches, plan_mini_batches,
                                     split_for_ranks)
-from tcrlsd.update.config import UpdateError, UpdateParams
+from tcrlsd.update.params import UpdateError, UpdateParams
 from tcrlsd.update.losses import AggregationCounts, aggregate, head_logprobs_entropy, k3_kl, lr_factor, ppo_clip_loss
 from tcrlsd.update.state import TrainerState
 
@@ -168,6 +168,8 @@ class Trainer:
 
         p = self.params
         rows = [i for i in rows if inputs.response_lengths[i] > 0]  # an empty response has no token to train
+        if not rows:  # no token at all: no step (AdamW would still move weights on its momentum)
+            return
         lengths = [inputs.lengths[i] for i in rows]
         counts = AggregationCounts(tokens=max(1, sum(inputs.response_lengths[i] for i in rows)),
                                    sequences=max(1, len(rows)), norm_tokens=p.loss_norm_tokens)

@@ -21,10 +21,10 @@ class UpdateParams:
     """``update:`` section of params.yaml (every key is commented there)."""
 
     # optimiser (AdamW; weight decay on matrices only) and LR schedule
-    lr: float = 5e-4
+    lr: float = 3e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
+    adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
