@@ -10,8 +10,10 @@ keys set, all sharing one DVC cache ``DIR/cache``. Why workspaces and not `dvc e
 - DVC experiments need a git repository and run one at a time in the workspace (or in temporary
   copies of it anyway); plain workspaces need neither and are left on disk, inspectable;
 - through the shared cache, DVC's run-cache restores stages whose command, deps and params are
-  identical in another workspace instead of running them: prepare, the warm start and the
-  baseline evaluation run once for all runs, so every run starts from the same warm start.
+  identical in another workspace instead of running them: prepare and the warm start run once for
+  all runs, so every run starts from the same warm start (checked in a scratch repository: DVC
+  3.67 run-caches stages with deps and ordinary outputs; stages with `persist` outputs, such as
+  the baseline evaluation, run again in each workspace -- deterministically, same seed and weights).
 
 Resumable: a rerun re-enters each workspace, extends iterations.yaml to K items if needed and
 calls `dvc repro`, which skips what is done (a killed stage resumes from its finished parts).
