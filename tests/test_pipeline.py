@@ -47,8 +47,10 @@ SMALL = {
 
 
 def _run(cmd, cwd):
-    # the stages import the copy's tcrlsd (the one dvc.yaml's deps name), whatever PYTHONPATH says
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", PYTHONPATH=str(cwd))
+    # the stages import the copy's tcrlsd (the one dvc.yaml's deps name), whatever PYTHONPATH says,
+    # and dvc.yaml's `python` is this interpreter
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", PYTHONPATH=str(cwd), PATH=path)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
