@@ -144,6 +144,9 @@ def test_table_and_headline_have_two_iterations(repo):
     assert head["iterations"] == 2 and head["baseline"]["greedy_mean_at_1"] is not None
     shown = _run([repo["dvc"], "metrics", "show", "--json"], work).stdout
     assert "headline.json" in shown and "update.json" not in shown  # details stay out of dvc metrics
+    plots = json.loads(_run([repo["dvc"], "plots", "show", "--json"], work).stdout)["data"]
+    assert {"validation accuracy", "reward and critique coverage", "update"} <= set(plots)
+    assert len(plots["validation accuracy"][0]["content"]["data"]["values"]) == 2
     md = _run([repo["tcrlsd"], "report", "--out", str(work / "reports")], work)
     assert (work / "reports" / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", md.stdout
     assert "| iteration |" in (work / "reports" / "report.md").read_text()
