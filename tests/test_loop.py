@@ -120,3 +120,24 @@ def test_progress_lines_in_a_log_file(monkeypatch):
     assert lines[-1].startswith("stage: 100%") and all(ln.startswith("stage:") for ln in lines)
     w = LogLines(buf)
     assert not w.isatty()
+
+
+def test_experiment_workspace_applies_preset_seed_iterations_and_shared_cache(tmp_path):
+    from tcrlsd.loop.experiment import prepare_workspace
+
+    ws = prepare_workspace(ROOT, ROOT / "params.yaml", Run("grpo", 3), ROOT / "configs" / "presets",
+                           tmp_path / "runs" / "grpo-s3", tmp_path / "cache", iterations=3)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    assert params["critique"]["mode"] == "none" and params["advantages"]["estimator"] == "grpo"
+    assert params["generate"]["seed"] == params["update"]["seed"] == params["critique"]["seed"] == 3
+    assert params["warmstart"] == yaml.safe_load((ROOT / "params.yaml").read_text())["warmstart"]  # same warm start
+    assert [it.key for it in read_iterations(ws / "iterations.yaml")] == ["0000", "0001", "0002"]
+    assert (ws / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()
+    assert str((tmp_path / "cache").resolve()) in (ws / ".dvc" / "config.local").read_text()
+    assert (ws / "data" / "raw").is_dir() and (ws / "tcrlsd" / "schemas.py").exists()
+    # re-entering (resume) keeps the run's chain; asking for fewer iterations than it has is an error
+    prepare_workspace(ROOT, ROOT / "params.yaml", Run("grpo", 3), ROOT / "configs" / "presets", ws,
+                      tmp_path / "cache", iterations=3)
+    with pytest.raises(ValueError, match="more than --iterations 2"):
+        prepare_workspace(ROOT, ROOT / "params.yaml", Run("grpo", 3), ROOT / "configs" / "presets", ws,
+                          tmp_path / "cache", iterations=2)

@@ -64,10 +64,15 @@ def _copy(src: Path, dst: Path) -> None:
 def _link_tree(src: Path, dst: Path) -> None:
     """Hard-link a data folder (falls back to copying across file systems)."""
     def link(s, d):
+        if os.path.exists(d):
+            if os.path.samefile(s, d):
+                return d  # linked by an earlier call (resume)
+            os.unlink(d)
         try:
             os.link(s, d)
         except OSError:
             shutil.copy2(s, d)
+        return d
 
     shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)
 
