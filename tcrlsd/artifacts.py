@@ -38,6 +38,7 @@ __all__ = [
     "write_table",
     "write_artifact",
     "write_json",
+    "write_text",
     "ShardSpec",
     "ShardedOutput",
     "fingerprint_files",
@@ -107,18 +108,23 @@ class AtomicParquetWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def write_json(obj, path: str | os.PathLike) -> Path:
-    """Write JSON atomically, keys sorted, so that the same metrics give the same bytes."""
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write UTF-8 text atomically (temporary name in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(obj, path: str | os.PathLike) -> Path:
+    """Write JSON atomically, keys sorted, so that the same metrics give the same bytes."""
+    return write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", path)
 
 
 def read_table(path: str | os.PathLike, name: str | None = None, columns: list[str] | None = None) -> pa.Table:

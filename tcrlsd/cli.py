@@ -16,7 +16,7 @@ app = typer.Typer(
         "RLVR for math, densified by teacher critiques. The training iterations run with "
         "`dvc repro` (`tcrlsd iterate N` adds N and runs it); these commands grade answers, switch "
         "params.yaml to a preset run, recompute and compare advantages offline from what an "
-        "iteration stored, and write offline reports."
+        "iteration stored, inspect an iteration's samples token by token, and write offline reports."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -32,6 +32,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("loop", "iterate", "iterate"),
     ("loop", "report", "report"),
     ("loop", "experiment", "experiment"),
+    ("inspect", "inspect", "inspect"),
 )
 
 for _module, _func, _name in COMMANDS:

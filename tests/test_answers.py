@@ -77,10 +77,14 @@ def test_every_stage_uses_the_one_extractor():
     import tcrlsd.verify.pool
     import tcrlsd.warmstart.accuracy
 
-    for mod in (tcrlsd.prepare.sources, tcrlsd.warmstart.accuracy, tcrlsd.verify.graders, tcrlsd.verify.pool,
-                tcrlsd.critique.stage, tcrlsd.reference_critic):
+    for mod in (tcrlsd.warmstart.accuracy, tcrlsd.verify.pool, tcrlsd.critique.stage, tcrlsd.reference_critic):
         assert mod.last_boxed is answers.last_boxed, mod.__name__
-    assert tcrlsd.prepare.extract_boxed is answers.last_boxed
+    # gold answers and the math_verify grader read the final boxes (an answer of several parts),
+    # whose last one is last_boxed's (tests/test_grader_corpus.py checks that on random texts)
+    assert tcrlsd.verify.graders.final_boxes is answers.final_boxes
+    assert tcrlsd.verify.graders.final_boxed_answer is answers.final_boxed_answer
+    assert tcrlsd.prepare.sources.final_boxed_answer is answers.final_boxed_answer
+    assert tcrlsd.prepare.extract_boxed is answers.final_boxed_answer
     # verify: both graders see no answer (the string grader does not fall back to the trailing 2)
     from tcrlsd.verify.graders import GradeLimits, grade_math_verify, grade_string
 

@@ -97,6 +97,33 @@ def test_math500_boxed_agrees_with_answer_field():
     assert extract_boxed(first_box_only) != nt459["answer"] == extract_boxed(nt459["solution"])
 
 
+# MATH train solutions whose final answer is boxed part by part ("$\\boxed{(-2,18)}$ and
+# $\\boxed{(8,38)}$."): the gold is every part, joined (tcrlsd.answers.final_boxes). Found by running
+# final_boxes over all 7500 solutions; the last box alone would keep only the second part.
+MATH_TRAIN_MULTI_PART = {
+    "train/algebra/152.json": "(-2,18), (8,38)",
+    "train/algebra/1771.json": "(-2, 23), (0, 1)",
+    "train/intermediate_algebra/396.json": "(-5, 7), (-5, 1)",  # "either focus": both listed, see docs
+    "train/intermediate_algebra/1964.json": "1, 9",
+    "train/prealgebra/1629.json": "648, 648",  # the same value boxed twice: still one value
+    "train/precalculus/860.json": "\\frac{3}{2}, -3",
+    "train/precalculus/1040.json": "12, 18",
+}
+
+
+def test_math_train_answers_of_several_parts():
+    """prepare's MATH answer differs from the solution's last box exactly for these 7 solutions."""
+    from tcrlsd.answers import last_boxed
+    from tcrlsd.prepare.params import SourceParams
+    from tcrlsd.prepare.sources import RawRecord, _math_row
+
+    recs = [json.loads(line) for line in (RAW / "math_train.jsonl").read_text().splitlines() if line.strip()]
+    src = SourceParams(name="math", format="math", split="train", path="data/raw/math_train.jsonl")
+    rows = [_math_row(src, "math_train", RawRecord(i, f"math_train.jsonl:{i + 1}", r)) for i, r in enumerate(recs)]
+    differ = {r["unique_id"]: row.answer for r, row in zip(recs, rows) if row.answer != last_boxed(r["solution"])}
+    assert differ == MATH_TRAIN_MULTI_PART
+
+
 def test_gsm8k_answers_parse():
     """Every GSM8K record (train and test) has one integer answer; no calculator notes survive."""
     for name, n in (("gsm8k_test.jsonl", 1319), ("gsm8k_train.jsonl", 7473)):

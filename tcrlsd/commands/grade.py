@@ -10,10 +10,13 @@ import typer
 
 def grade(
     response: Annotated[
-        str | None, typer.Argument(help="The model response (its last \\boxed{} is graded). Omit with --jsonl.")
+        str | None,
+        typer.Argument(help="The model response (its last \\boxed{}, or the final boxes of an answer boxed part "
+                            "by part, is graded). Omit with --jsonl."),
     ] = None,
     gold: Annotated[
-        str | None, typer.Option("--gold", help="Gold answer (a bare answer, or a solution whose last \\boxed{} is used).")
+        str | None,
+        typer.Option("--gold", help="Gold answer (a bare answer, or a solution whose final \\boxed{} answer is used)."),
     ] = None,
     grader: Annotated[str, typer.Option("--grader", help="Grader name: math_verify | string.")] = "math_verify",
     jsonl: Annotated[

@@ -31,7 +31,7 @@ Importing it is cheap: torch and transformers are imported inside functions.
 
 from __future__ import annotations
 
-from tcrlsd.answers import last_boxed as extract_boxed  # the one extractor (tcrlsd.answers)
+from tcrlsd.answers import final_boxed_answer as extract_boxed  # the one extractor (tcrlsd.answers)
 from tcrlsd.prepare.params import DEFAULT_PROMPT_TEMPLATE, HF_HINT, PrepareError, PrepareParams, SourceParams  # noqa: F401
 from tcrlsd.prepare.sources import (  # noqa: F401
     FORMATS,

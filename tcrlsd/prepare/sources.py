@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
-from tcrlsd.answers import last_boxed
+from tcrlsd.answers import final_boxed_answer
 from tcrlsd.prepare.params import HF_HINT, PrepareError, SourceParams
 
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
@@ -166,7 +166,7 @@ def _math_row(source: SourceParams, label: str, rec: RawRecord) -> Row:
     return Row(
         prompt_id=f"{source.name}/{uid}" if uid else f"{source.name}/{label}/{rec.index}",
         problem=_field(rec, "problem"),
-        answer=last_boxed(solution),
+        answer=final_boxed_answer(solution),  # every part of an answer boxed part by part
         solution=solution,
         level=_level(rec),
         subject=_field(rec, "type"),

@@ -5,8 +5,10 @@ signature, ``grader(response, gold, limits) -> Grade``. Which grader a rollout g
 its prompt's ``source`` through params (``graders_by_source``, else ``default_grader``).
 
 - ``math_verify``: the prediction is the content of the LAST ``\\boxed{}`` of the response (cut
-  out by :mod:`tcrlsd.answers`: math-verify's own extraction merges several boxes into a set); the gold is
-  parsed as LaTeX and as a plain expression. Percentages work through
+  out by :mod:`tcrlsd.answers`: math-verify's own extraction merges every box into a set), and,
+  for an answer boxed part by part (``\\boxed{(2,2)} and \\boxed{(6,2)}``), those final boxes
+  joined (see :func:`tcrlsd.verify.graders.grade_math_verify`); the gold is parsed as LaTeX and as
+  a plain expression. Percentages work through
   :mod:`tcrlsd.verify.mathverify_compat`.
 - ``string``: for GSM8K-style integer answers; the last ``\\boxed{}`` or, when the text opens no box
   at all, the last number of the text, normalised (commas, ``$``, whitespace, trailing ``.0`` removed) and compared as

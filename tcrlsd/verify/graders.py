@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import NamedTuple
 
-from tcrlsd.answers import final_answer, last_boxed
+from tcrlsd.answers import final_answer, final_boxed_answer, final_boxes, join_parts
 
 REASONS: tuple[str, ...] = ("correct", "incorrect", "no_answer", "unparsable", "timeout")
 
@@ -105,58 +105,97 @@ def _math_targets():
     return [LatexExtractionConfig(), ExprExtractionConfig()]
 
 
+def _as_math_text(answer: str) -> str:
+    """The string math-verify parses for one answer (a gold, or a box's content): the answer inside
+    ``\\boxed{}``, so that it is read whole as LaTeX. As written, ``-2,1`` (MATH's way of listing
+    two solutions) would be read as the decimal -2.1 and ``3, 5, 7`` as its last number. So a bare
+    ``1,22`` is the list {1, 22} too, never the decimal 1.22 (Math-Verify's plain-text number
+    extraction reads it that way; its LaTeX reading of ``$1,22$`` is also {1, 22})."""
+    return "\\boxed{" + answer + "}"
+
+
+def gold_answer(gold: str) -> str:
+    """The answer a gold string stands for: its final boxes joined (:func:`tcrlsd.answers.final_boxed_answer`:
+    a gold solution, or a gold written as several boxes), else the whole string, stripped."""
+    joined = final_boxed_answer(gold)
+    return joined if joined is not None else gold.strip()
+
+
 @lru_cache(maxsize=4096)
-def _parse_gold(gold_answer: str, parse_timeout_s: int) -> tuple:
+def _parse_gold(gold_text: str, parse_timeout_s: int) -> tuple:
     """Parse a gold answer once per worker (8 rollouts of a group share it). Raises on timeout."""
     from tcrlsd.verify.mathverify_compat import parse
 
-    return tuple(
-        parse("\\boxed{" + gold_answer + "}", extraction_config=_math_targets(),
-              parsing_timeout=parse_timeout_s, raise_on_error=True)
-    )
+    return tuple(parse(_as_math_text(gold_text), extraction_config=_math_targets(),
+                       parsing_timeout=parse_timeout_s, raise_on_error=True))
 
 
 def grade_math_verify(response: str, gold: str, limits: GradeLimits) -> Grade:
-    """math-verify grader: gold (its last ``\\boxed{}`` if it has one, else the whole string) vs
-    the content of the response's last ``\\boxed{}``. ``verify`` is called gold first (it is not
-    symmetric), pair by pair, so that a timeout in one pair is seen (math-verify would report it
-    as a plain False) while an error in one pair does not hide a match in another."""
+    """math-verify grader: the response's final answer vs :func:`gold_answer`.
+
+    The response is read in at most two ways, and is correct if either matches the gold:
+
+    1. its LAST box (``\\boxed{3}. Wait, that is wrong: \\boxed{5}`` is graded as ``5``);
+    2. when its last box was written together with boxes just before it
+       (:func:`tcrlsd.answers.final_boxes`: ``\\boxed{(2,2)} and \\boxed{(6,2)}``), all those parts
+       joined as if written in one box (``(2,2), (6,2)``).
+
+    Why this is safe for one-part golds: the joined reading is a list of several values, which
+    equals a one-part gold only when every part equals it, in which case the last box matches
+    too. So a gold of one part gets exactly the verdict of reading 1 (an abandoned box never
+    helps), and only a gold of several parts (a set, several solutions, several boxes) can be
+    matched by boxing its parts one by one -- all of them, no more.
+
+    ``extracted_answer`` is the reading that matched, else the last box. ``verify`` is called gold
+    first (it is not symmetric), pair by pair, so that a timeout in one pair is seen (math-verify
+    would report it as a plain False) while an error in one pair does not hide a match in another.
+    Reasons when nothing matched: ``timeout`` if any parse or comparison timed out, ``unparsable``
+    if the gold or the last box gave no math, else ``incorrect``.
+    """
     from sympy import Basic
     from sympy.matrices import MatrixBase
 
     from tcrlsd.verify.mathverify_compat import TimeoutException, parse, verify
 
-    content = last_boxed(response)
-    if content is None or not content.strip():
+    parts = final_boxes(response)
+    if parts is None or not parts[-1]:
         return Grade(0.0, None, "no_answer")
-    extracted = _clip(content)
-    gold_answer = last_boxed(gold)
-    if gold_answer is None:
-        gold_answer = gold
+    readings = [parts[-1]] if len(parts) == 1 else [parts[-1], join_parts(parts)]
+    extracted = _clip(parts[-1])
     try:
-        gold_parsed = _parse_gold(gold_answer.strip(), int(limits.parse_timeout_s))
-        pred_parsed = parse("\\boxed{" + content + "}", extraction_config=_math_targets(),
-                            parsing_timeout=int(limits.parse_timeout_s), raise_on_error=True)
+        gold_parsed = _parse_gold(gold_answer(gold), int(limits.parse_timeout_s))
     except TimeoutException:
         return Grade(0.0, extracted, "timeout")
-    except Exception:  # noqa: BLE001 -- any parser failure on model text is a verdict, not a crash
+    except Exception:  # noqa: BLE001 -- any parser failure is a verdict, not a crash
         return Grade(0.0, extracted, "unparsable")
-    if not gold_parsed or not pred_parsed:
+    if not gold_parsed:
         return Grade(0.0, extracted, "unparsable")
     timed_out = False
-    for g in gold_parsed:
-        for p in pred_parsed:
-            try:
-                if verify(g, p, timeout_seconds=int(limits.verify_timeout_s), raise_on_error=True):
-                    return Grade(1.0, extracted, "correct")
-            except TimeoutException:
-                timed_out = True
-            except Exception:  # noqa: BLE001, S110 -- one failing comparison pair is not a match
-                pass
+    last_is_math = False
+    for k, reading in enumerate(readings):
+        try:
+            pred_parsed = parse(_as_math_text(reading), extraction_config=_math_targets(),
+                                parsing_timeout=int(limits.parse_timeout_s), raise_on_error=True)
+        except TimeoutException:
+            timed_out = True
+            continue
+        except Exception:  # noqa: BLE001, S112 -- model text that does not parse is not a match
+            continue
+        if k == 0:
+            # Only the raw-string fallback surviving means the box holds something that is not math.
+            last_is_math = any(isinstance(p, (Basic, MatrixBase)) for p in pred_parsed)
+        for g in gold_parsed:
+            for p in pred_parsed:
+                try:
+                    if verify(g, p, timeout_seconds=int(limits.verify_timeout_s), raise_on_error=True):
+                        return Grade(1.0, _clip(reading), "correct")
+                except TimeoutException:
+                    timed_out = True
+                except Exception:  # noqa: BLE001, S110 -- one failing comparison pair is not a match
+                    pass
     if timed_out:
         return Grade(0.0, extracted, "timeout")
-    if not any(isinstance(p, (Basic, MatrixBase)) for p in pred_parsed):
-        # Only the raw-string fallback survived: the box holds something that is not math.
+    if not last_is_math:
         return Grade(0.0, extracted, "unparsable")
     return Grade(0.0, extracted, "incorrect")
 
