@@ -66,5 +66,10 @@ def progress_bar(iterable=None, total: int | float | None = None, desc: str = ""
     # maxinterval must not undercut mininterval, or tqdm's monitor forces more frequent lines.
     kwargs.pop("dynamic_ncols", None)
     kwargs.pop("mininterval", None)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, file=LogLines(stream),
+
+    class _LogBar(tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=True, **kw):  # noqa: ARG002 -- no forced line
+            super().set_postfix(ordered_dict, refresh=False, **kw)
+
+    return _LogBar(iterable, total=total, desc=desc, unit=unit, disable=not enabled, file=LogLines(stream),
                 mininterval=interval, maxinterval=max(interval, 10.0), ncols=100, ascii=True, **kwargs)

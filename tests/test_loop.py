@@ -120,6 +120,15 @@ def test_progress_lines_in_a_log_file(monkeypatch):
     assert lines[-1].startswith("stage: 100%") and all(ln.startswith("stage:") for ln in lines)
     w = LogLines(buf)
     assert not w.isatty()
+    # a stage's set_postfix does not force a line in a log (only the interval does)
+    monkeypatch.setenv("TCRLSD_PROGRESS_INTERVAL", "3600")
+    log = io.StringIO()
+    bar = progress_bar(total=100, desc="x", file=log)
+    for i in range(100):
+        bar.update(1)
+        bar.set_postfix(loss=i)
+    bar.close()
+    assert len(log.getvalue().splitlines()) <= 2, log.getvalue()
 
 
 def test_experiment_workspace_applies_preset_seed_iterations_and_shared_cache(tmp_path):
