@@ -16,9 +16,8 @@ import argparse
 import sys
 
 from tcrlsd.advantages import AdvantagesParams, IterationInputs, compute_advantages
-from tcrlsd.artifacts import artifact_path, write_json
-from tcrlsd.params import ParamsError, load_section
-from tcrlsd.schemas import SchemaError
+from tcrlsd.artifacts import STAGE_ERRORS, artifact_path, write_json
+from tcrlsd.params import load_section
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
             critiques=artifact_path(args.critiques) if args.critiques else None,
         )
         metrics = compute_advantages(inputs, params, args.out)  # validates inputs, writes atomically
-    except (ParamsError, SchemaError, FileNotFoundError, ValueError) as exc:
+        if args.metrics:
+            write_json(metrics, args.metrics)
+    except STAGE_ERRORS as exc:
         print(f"advantages: error: {exc}", file=sys.stderr)
         return 2
-    if args.metrics:
-        write_json(metrics, args.metrics)
     print(
         f"advantages: {metrics['estimator']} λ={metrics['lam']:.4g} on {metrics['rollouts']} rollouts, "
         f"{metrics['tokens']} tokens -> {args.out}",

@@ -6,7 +6,8 @@
         [--metrics data/iter-0000/metrics/critique.json]
 
 Resumable: rerun the same command after a kill and it continues (finished parts are kept; a model
-critic's answered rows are read back from the part's journal). With ``--shard i/N`` several workers
+critic's answered rows are read back from the part's journal). Exit status 75 when rows failed
+transiently or the critic went down: their parts stay unfinished; rerun later to ask only them. With ``--shard i/N`` several workers
 share the parts; the worker that finds the artifact complete writes the metrics.
 """
 
@@ -15,10 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tcrlsd.artifacts import ShardSpec, read_artifact, write_json
-from tcrlsd.critique import CriticAborted, CritiqueError, CritiqueParams, critique_metrics, read_inputs, run_critique
-from tcrlsd.params import ParamsError, load_section
-from tcrlsd.schemas import SchemaError
+from tcrlsd.artifacts import STAGE_ERRORS, ShardSpec, read_artifact, write_json
+from tcrlsd.critique import CriticAborted, CriticRetryLater, CritiqueParams, critique_metrics, read_inputs, run_critique
+from tcrlsd.params import load_section
+
+EX_TEMPFAIL = 75  # some rows failed transiently (or the critic went down): rerun later (sysexits.h)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output critiques folder (part-NNNNN.parquet shards)")
     ap.add_argument("--shard", default=None, help="i/N: this worker does parts p with p %% N == i")
     ap.add_argument("--metrics", default=None, help="output metrics JSON (written once the artifact is complete)")
+    ap.add_argument("--restart", action="store_true",
+                    help="delete finished parts made with other code/inputs/params (refused while another worker runs)")
     args = ap.parse_args(argv)
 
     try:
@@ -39,17 +43,25 @@ def main(argv: list[str] | None = None) -> int:
         params = load_section(args.params, "critique", CritiqueParams, preset=args.preset)
         rollouts, verdicts, prompts = read_inputs(args.prompts, args.rollouts, args.verdicts)
         complete = run_critique(rollouts, verdicts, prompts, params, args.out, shard, args.policy,
-                                input_paths=[args.prompts, args.rollouts, args.verdicts])
-    except (ParamsError, CritiqueError, SchemaError, ValueError, FileNotFoundError, CriticAborted) as exc:
+                                input_paths={"prompts": args.prompts, "rollouts": args.rollouts,
+                                             "verdicts": args.verdicts}, restart=args.restart)
+    except (CriticAborted, CriticRetryLater) as exc:
+        print(f"critique: unfinished: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except STAGE_ERRORS as exc:
         print(f"critique: error: {exc}", file=sys.stderr)
         return 2
     if not complete:
         print(f"critique: shard {shard.index}/{shard.count} done; other parts still pending", file=sys.stderr)
         return 0
-    critiques = read_artifact(args.out, "critiques")
-    metrics = critique_metrics(critiques, verdicts, params, rollouts, prompts)
-    if args.metrics:
-        write_json(metrics, args.metrics)
+    try:
+        critiques = read_artifact(args.out, "critiques")
+        metrics = critique_metrics(critiques, verdicts, params, rollouts, prompts)
+        if args.metrics:
+            write_json(metrics, args.metrics)
+    except STAGE_ERRORS as exc:
+        print(f"critique: error: {exc}", file=sys.stderr)
+        return 2
     print(f"critique: {metrics['rollouts_with_feedback']}/{metrics['rollouts']} rollouts with feedback "
           f"(coverage {metrics['coverage']:.3f}, {metrics['failures']} failures, "
           f"leakage {metrics['leakage_share']:.3f}) in {args.out}", file=sys.stderr)

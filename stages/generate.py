@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tcrlsd.artifacts import ShardSpec, write_json
+from tcrlsd.artifacts import STAGE_ERRORS, ShardSpec, write_json
 from tcrlsd.generate import GenerateParams, run_generate
 from tcrlsd.params import load_section
 
@@ -29,13 +29,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", default=None, help="i/N: this worker generates parts p with p %% N == i")
     ap.add_argument("--metrics", default=None, help="metrics JSON to write once the artifact is complete")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--restart", action="store_true",
+                    help="delete finished parts made with other code/inputs/params (refused while another worker runs)")
     args = ap.parse_args(argv)
 
-    params = load_section(args.params, "generate", GenerateParams)
-    metrics = run_generate(params, args.prompts, args.policy, args.iteration, args.out,
-                           shard=ShardSpec.parse(args.shard), progress=not args.no_progress)
-    if args.metrics and metrics["complete"]:
-        write_json(metrics, args.metrics)
+    try:
+        params = load_section(args.params, "generate", GenerateParams)
+        metrics = run_generate(params, args.prompts, args.policy, args.iteration, args.out,
+                               shard=ShardSpec.parse(args.shard), progress=not args.no_progress, restart=args.restart)
+        if args.metrics and metrics["complete"]:
+            write_json(metrics, args.metrics)
+    except STAGE_ERRORS as exc:
+        print(f"generate: error: {exc}", file=sys.stderr)
+        return 2
     print(f"generate: {metrics['parts_done']}/{metrics['parts_total']} parts done, "
           f"{metrics['rollouts_generated_now']} rollouts now, {metrics['tokens_per_second']} tokens/s",
           file=sys.stderr)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tcrlsd.artifacts import write_artifact, write_json
-from tcrlsd.params import ParamsError, load_section
+from tcrlsd.artifacts import STAGE_ERRORS, write_artifact, write_json
+from tcrlsd.params import load_section
 from tcrlsd.prepare import PrepareError, PrepareParams, prepare
-from tcrlsd.schemas import SchemaError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,12 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_section(args.params, "prepare", PrepareParams, preset=args.preset)
         table, metrics = prepare(params)
-    except (ParamsError, PrepareError, SchemaError) as exc:
+        write_artifact(table, args.out, "prompts")
+        if args.metrics:
+            write_json(metrics, args.metrics)
+    except (*STAGE_ERRORS, PrepareError) as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 2
-    write_artifact(table, args.out, "prompts")
-    if args.metrics:
-        write_json(metrics, args.metrics)
     by_split = ", ".join(f"{k} {v}" for k, v in metrics["rows_by_split"].items())
     print(f"prepare: wrote {table.num_rows} prompts ({by_split}) to {args.out}", file=sys.stderr)
     return 0

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tcrlsd.artifacts import ShardSpec, artifact_path, checkpoint_digest, read_artifact, write_json
+from tcrlsd.artifacts import STAGE_ERRORS, ShardSpec, artifact_path, read_artifact, write_json
 from tcrlsd.params import load_section
-from tcrlsd.score import ScoreParams, build_inputs, run_score, score_metrics
+from tcrlsd.score import ScoreParams, artifact_metrics, build_inputs, run_score
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,24 +31,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", default=None, help="i/N: this worker does parts p with p %% N == i")
     ap.add_argument("--metrics", default=None, help="metrics JSON, written once the artifact is complete")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--restart", action="store_true",
+                    help="delete finished parts made with other code/inputs/params (refused while another worker runs)")
     args = ap.parse_args(argv)
 
+    try:
+        return _run(args)
+    except STAGE_ERRORS as exc:
+        print(f"score: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     params = load_section(args.params, "score", ScoreParams)
     rollouts = read_artifact(args.rollouts, "rollouts")
     critiques = read_artifact(args.critiques, "critiques")
     inputs = build_inputs(rollouts, critiques, critiques_source=str(artifact_path(args.critiques)))
-    digests = {"rollouts": checkpoint_digest(artifact_path(args.rollouts)),
-               "critiques": checkpoint_digest(artifact_path(args.critiques))}
+    paths = {"rollouts": artifact_path(args.rollouts), "critiques": artifact_path(args.critiques)}
     stats = run_score(rollouts, inputs, args.policy, args.out, params, teacher_policy=args.teacher_policy,
-                      shard=ShardSpec.parse(args.shard), input_digests=digests, progress=not args.no_progress)
+                      shard=ShardSpec.parse(args.shard), input_paths=paths, progress=not args.no_progress,
+                      restart=args.restart)
     if not stats.complete:
         print(f"score: wrote {stats.parts_done} part(s); other parts still pending (other shards); "
               "metrics are written by the run that completes the artifact", file=sys.stderr)
         return 0
-    scores = read_artifact(args.out, "scores")  # validated: finite values, equal list lengths
-    metrics = score_metrics(scores, inputs)
+    metrics = artifact_metrics(args.out, inputs)  # one part file at a time, each validated
     metrics["teacher"] = params.teacher
-    metrics["teacher_checkpoint"] = scores.column("teacher_checkpoint")[0].as_py() if scores.num_rows else None
     metrics["run"] = stats.as_dict()
     if args.metrics:
         write_json(metrics, args.metrics)

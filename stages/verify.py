@@ -14,9 +14,8 @@ import argparse
 import sys
 import time
 
-from tcrlsd.artifacts import read_artifact, write_artifact, write_json
-from tcrlsd.params import ParamsError, load_section
-from tcrlsd.schemas import SchemaError
+from tcrlsd.artifacts import STAGE_ERRORS, read_artifact, write_artifact, write_json
+from tcrlsd.params import load_section
 from tcrlsd.verify import VerifyError, VerifyParams, WorkerStartError, verify_rollouts
 
 
@@ -38,12 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         rollouts = read_artifact(args.rollouts, "rollouts")
         verdicts, metrics = verify_rollouts(rollouts, prompts, params, progress=not args.no_progress,
                                             prompts_source=args.prompts)
-    except (ParamsError, SchemaError, FileNotFoundError, VerifyError, WorkerStartError) as exc:
+        write_artifact(verdicts, args.out, "verdicts")
+        if args.metrics:
+            write_json(metrics, args.metrics)
+    except (*STAGE_ERRORS, VerifyError, WorkerStartError) as exc:
         print(f"verify: error: {exc}", file=sys.stderr)
         return 2
-    write_artifact(verdicts, args.out, "verdicts")
-    if args.metrics:
-        write_json(metrics, args.metrics)
     took = time.monotonic() - started
     reasons = ", ".join(f"{k} {v}" for k, v in metrics["by_reason"].items() if v)
     print(

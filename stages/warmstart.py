@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tcrlsd.artifacts import read_artifact, write_json
-from tcrlsd.params import ParamsError, load_section
-from tcrlsd.schemas import SchemaError
+from tcrlsd.artifacts import STAGE_ERRORS, read_artifact, write_json
+from tcrlsd.params import load_section
 from tcrlsd.warmstart import WarmstartParams, run_warmstart
 
 
@@ -33,14 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         params = load_section(args.params, "warmstart", WarmstartParams, preset=args.preset)
         prompts = read_artifact(args.prompts, "prompts")
         model, tokenizer, metrics = run_warmstart(params, prompts, source=args.prompts, progress=not args.no_progress)
-    except (ParamsError, SchemaError, ValueError, FileNotFoundError) as exc:
+
+        from tcrlsd.policy import save_policy
+
+        save_policy(model, tokenizer, args.out)
+        write_json(metrics, args.metrics)
+    except STAGE_ERRORS as exc:
         print(f"warmstart: error: {exc}", file=sys.stderr)
         return 2
-
-    from tcrlsd.policy import save_policy
-
-    save_policy(model, tokenizer, args.out)
-    write_json(metrics, args.metrics)
     levels = ", ".join(f"L{k} {v:.0%}" for k, v in metrics["accuracy_by_level"].items())
     print(
         f"warmstart: {metrics['parameters']:,} parameters, {metrics['steps']} steps in "

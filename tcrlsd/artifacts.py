@@ -1,29 +1,34 @@
 """Reading and writing artifacts: atomic files, sharded folders, resumable stages.
 
 An artifact ``NAME`` of an iteration folder is either ``NAME.parquet`` or a folder ``NAME/`` holding
-``part-NNNNN.parquet`` shards (plus a ``_manifest.json``); readers accept both.
+``part-NNNNN.parquet`` shards plus ``_manifest.json`` (artifact name and part count only, so the
+folder's bytes -- and its DVC hash -- depend on the parts alone); readers accept both.
 
-Nothing is ever written in place: a file goes to a temporary name in the same folder and is renamed
-when complete, so a killed stage leaves either the old file or the new one, never half of one.
+Nothing is ever written in place. A file goes to a temporary name unique to its writer
+(``.NAME.<host>-<pid>-<random>-<n>.tmp``, same folder, created with the permissions the umask
+gives), is fsync'd, renamed over the final name, and the folder is fsync'd: a killed or crashed
+writer leaves the old file or the new one, never half of one. Leftover temporary files are deleted
+only when provably stale (their writer's process is gone).
 
-Resumable, sharded stages use :class:`ShardedOutput`: the work is cut into ``num_parts`` parts by a
-stable plan; each finished part is written (atomically) as soon as it is done; a rerun skips the
-parts already on disk, provided the manifest's fingerprint (inputs + params) still matches.
-Several workers share one stage by taking ``--shard i/N``: worker i does the parts p with
-p % N == i.
+Resumable, sharded stages (``ShardedOutput``, ``stage_fingerprint``: the one resume scheme) are in
+:mod:`tcrlsd.resume`, built on the writers here.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,96 +40,259 @@ __all__ = [
     "read_artifact",
     "artifact_files",
     "read_table",
+    "check_utf8",
     "write_table",
     "write_artifact",
     "write_json",
     "write_text",
-    "ShardSpec",
-    "ShardedOutput",
-    "fingerprint_files",
-    "content_digest",
-    "checkpoint_digest",
+    "atomic_write",
+    "atomic_dir",
     "AtomicParquetWriter",
+    "remove_stale_temps",
+    "writer_id",
+    "StaleOutputError",
+    "STAGE_ERRORS",
+    "ShardSpec",
+    "split_evenly",
 ]
 
 _PART_RE = re.compile(r"^part-(\d{5})\.parquet$")
 MANIFEST = "_manifest.json"
 ROW_GROUP_ROWS = 1024
+# Fixed write options: the same table gives the same bytes.
+PARQUET_OPTIONS = dict(compression="zstd", use_dictionary=False, write_statistics=False)
 
 
-def _tmp_name(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+class StaleOutputError(RuntimeError):
+    """Finished parts on disk were made with another fingerprint (or a live worker disagrees)."""
 
 
-def write_table(table: pa.Table, path: str | os.PathLike, name: str | None = None) -> Path:
-    """Validate (when ``name`` is given) and write ``table`` to ``path`` atomically.
+# What a stage's ``main`` reports as ``<stage>: error: <message>`` with exit status 2 instead of a
+# traceback: bad inputs and params (SchemaError, ParamsError and the stages' own errors are
+# ValueErrors), files that are missing, unreadable or cannot be written (a full disk included),
+# and resume conflicts. Every message names the file, row, column or key.
+STAGE_ERRORS = (ValueError, OSError, StaleOutputError)
 
-    The write options are fixed so that the same table gives the same bytes.
+
+# --------------------------------------------------------------------------------------------------
+# Writers and their temporary files
+
+
+_WRITER: dict = {"pid": None}
+_TMP_RE = re.compile(r"^\.(?P<final>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<rand>[0-9a-f]{8})-\d+\.tmp$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def writer_id() -> str:
+    """``<host>-<pid>-<random>`` of this process (a forked child gets its own)."""
+    pid = os.getpid()
+    if _WRITER["pid"] != pid:
+        _WRITER.update(pid=pid, id=f"{_host_tag()}-{pid}-{secrets.token_hex(4)}", count=itertools.count())
+    return _WRITER["id"]
+
+
+def _temp_path(path: Path) -> Path:
+    wid = writer_id()
+    return path.parent / f".{path.name}.{wid}-{next(_WRITER['count'])}.tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_is_stale(name: str) -> bool:
+    """A temporary file is stale when its writer ran on this host and that process is gone."""
+    m = _TMP_RE.match(name)
+    if not m or m.group("host") != _host_tag():
+        return False  # another host's writer may be alive: never ours to delete
+    pid = int(m.group("pid"))
+    if pid == os.getpid():  # this process: stale unless it is one of our own open writes
+        return f"{m.group('host')}-{pid}-{m.group('rand')}" != writer_id()
+    return not _pid_alive(pid)
+
+
+def remove_stale_temps(folder: str | os.PathLike, final_name: str | None = None) -> list[Path]:
+    """Delete the provably stale temporary files in ``folder`` (of ``final_name`` only, when given)."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for q in folder.iterdir():
+        m = _TMP_RE.match(q.name)
+        if m and (final_name is None or m.group("final") == final_name) and _temp_is_stale(q.name):
+            if q.is_dir() and not q.is_symlink():
+                shutil.rmtree(q, ignore_errors=True)
+            else:
+                q.unlink(missing_ok=True)
+            removed.append(q)
+    return removed
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # not thread-safe, only where /proc is missing
+    os.umask(mask)
+    return mask
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP) or not directory:  # some filesystems refuse dir fsync
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsync'd and renamed to ``path``.
+
+    The temporary file is created (empty) with mode 0666 & ~umask, so the final file gets the
+    permissions the user's umask gives. On any exception it is removed and ``path`` is untouched.
     """
     path = Path(path)
-    if name is not None:
-        table = validate(table, name, source=str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    remove_stale_temps(path.parent, path.name)
+    tmp = _temp_path(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        # Small row groups let readers stream token-level artifacts with flat memory.
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=False, write_statistics=False,
-                       row_group_size=ROW_GROUP_ROWS)
+        yield tmp
+        _fsync_path(tmp)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a file-size limit, a read-only folder: say which file
+        tmp.unlink(missing_ok=True)
+        if str(path) in str(exc):
+            raise
+        detail = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"{path}: could not be written ({detail}); the previous file, if any, is unchanged") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_path(path.parent, directory=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success its files are fsync'd and it replaces ``path``.
+
+    The folder is created with mode 0777 & ~umask. An existing ``path`` is swapped out in one
+    atomic exchange where the system has one (a kill leaves the old folder or the new one), then
+    deleted. On any exception the temporary folder is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
+    tmp = _temp_path(path)
+    tmp.mkdir(mode=0o777)
+    try:
+        yield tmp
+        for q in sorted(tmp.rglob("*")):
+            _fsync_path(q, directory=q.is_dir())
+        _fsync_path(tmp, directory=True)
+        if path.exists() and _exchange(tmp, path):
+            shutil.rmtree(tmp)  # now the old folder
+        else:
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_path(path.parent, directory=True)
+
+
+def write_table(table: pa.Table, path: str | os.PathLike, name: str | None = None) -> Path:
+    """Validate (when ``name`` is given) and write ``table`` to ``path`` atomically (same table, same bytes)."""
+    path = Path(path)
+    if name is not None:
+        table = validate(table, name, source=str(path))
+    with atomic_write(path) as tmp:
+        # Small row groups let readers stream token-level artifacts with flat memory.
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, **PARQUET_OPTIONS)
     return path
 
 
 class AtomicParquetWriter:
-    """Stream tables into one Parquet file at a temporary name beside ``path``; renamed on success.
-
-    A context manager: on an exception the temporary file is removed and ``path`` is untouched.
-    Same write options as :func:`write_table` (same tables -> same bytes), except row groups are
-    the written tables themselves.
-    """
+    """A ParquetWriter streaming row groups to a temporary name, renamed to ``path`` only on success."""
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.tmp = path, _tmp_name(path)
-        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd", use_dictionary=False,
-                                       write_statistics=False)
+        self._ctx = atomic_write(path)
+        self.path = Path(path)
+        self.tmp = self._ctx.__enter__()
+        try:
+            self.writer = pq.ParquetWriter(self.tmp, schema, **PARQUET_OPTIONS)
+        except BaseException as exc:
+            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
 
     def write(self, table: pa.Table) -> None:
-        self.writer.write_table(table)
+        self.writer.write_table(table)  # row groups = the written tables (the caller sizes them)
 
     def __enter__(self) -> "AtomicParquetWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except BaseException as close_exc:
+            if exc_type is None:
+                exc_type, exc, tb = type(close_exc), close_exc, close_exc.__traceback__
         if exc_type is None:
-            os.replace(self.tmp, self.path)
+            self._ctx.__exit__(None, None, None)
         else:
-            self.tmp.unlink(missing_ok=True)
+            self._ctx.__exit__(exc_type, exc, tb)
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
     """Write UTF-8 text atomically (temporary name in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
 def write_json(obj, path: str | os.PathLike) -> Path:
     """Write JSON atomically, keys sorted, so that the same metrics give the same bytes."""
     return write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Readers
 
 
 def read_table(path: str | os.PathLike, name: str | None = None, columns: list[str] | None = None) -> pa.Table:
@@ -136,9 +304,33 @@ def read_table(path: str | os.PathLike, name: str | None = None, columns: list[s
         table = pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise SchemaError(f"{path}: not a readable Parquet file: {exc}") from None
+    check_utf8(table, str(path))
     if name is not None and columns is None:
         table = validate(table, name, source=str(path))
     return table
+
+
+def check_utf8(table: pa.Table, source: str) -> None:
+    """Every string value must be valid UTF-8 (Parquet readers do not check; Python decoding would
+    fail later, far from the file). The error names the file, column and row."""
+    for name, column in zip(table.column_names, table.columns):
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        offset = 0
+        for chunk in column.chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid:
+                for i, value in enumerate(chunk.view(pa.binary() if pa.types.is_string(chunk.type)
+                                                     else pa.large_binary()).to_pylist()):
+                    try:
+                        None if value is None else value.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise SchemaError(
+                            f"{source}: column {name!r}, row {offset + i}: not valid UTF-8 ({exc.reason} at byte "
+                            f"{exc.start}; e.g. a lone surrogate or a cut multi-byte character)") from None
+                raise SchemaError(f"{source}: column {name!r}: invalid string data") from None
+            offset += len(chunk)
 
 
 def artifact_path(path: str | os.PathLike) -> Path:
@@ -169,11 +361,16 @@ def artifact_files(path: str | os.PathLike, name: str) -> list[Path]:
     parts = _parts(p)
     man = p / MANIFEST
     if man.exists():
-        meta = json.loads(man.read_text())
-        want = meta.get("num_parts")
+        try:
+            meta = json.loads(man.read_text())
+            want = meta.get("num_parts") if isinstance(meta, dict) else None
+        except (ValueError, UnicodeDecodeError):
+            raise SchemaError(f"{man}: not a JSON manifest (expected {{\"artifact\", \"num_parts\"}})") from None
         have = {int(_PART_RE.match(q.name).group(1)) for q in parts}
-        if want is not None and have != set(range(want)):
+        if isinstance(want, int) and have != set(range(want)):
             missing = sorted(set(range(want)) - have)
+            if not missing:
+                raise SchemaError(f"{p}: {name} artifact holds parts beyond its manifest's {want}")
             raise SchemaError(
                 f"{p}: incomplete {name} artifact: {len(missing)} of {want} part(s) missing "
                 f"(e.g. part-{missing[0]:05d}.parquet); rerun the stage to finish it"
@@ -205,38 +402,8 @@ def write_artifact(table: pa.Table, path: str | os.PathLike, name: str) -> Path:
     return out
 
 
-def fingerprint_files(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
-    """Cheap identity of input files (size and mtime_ns) for a manifest; folders are walked."""
-    out: dict[str, str] = {}
-    for p in paths:
-        p = Path(p)
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-        for q in files:
-            st = q.stat()
-            out[str(q)] = f"{st.st_size}:{st.st_mtime_ns}"
-    return out
-
-
-def content_digest(paths: Sequence[Path]) -> str:
-    """sha256 over the names and bytes of ``paths``, in the order given."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_digest(path: str | os.PathLike) -> str:
-    """sha256 over the bytes of an artifact file, or of every file (sorted) in a folder.
-
-    Content, not mtimes (unlike :func:`fingerprint_files`): a DVC checkout that restores the same
-    bytes keeps finished parts valid. Hidden files (temporaries) are skipped.
-    """
-    p = Path(path)
-    files = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")) if p.is_dir() else [p]
-    return content_digest(files)
+# --------------------------------------------------------------------------------------------------
+# Sharding
 
 
 @dataclass(frozen=True)
@@ -257,57 +424,6 @@ class ShardSpec:
 
     def owns(self, part: int) -> bool:
         return part % self.count == self.index
-
-
-class ShardedOutput:
-    """A folder artifact written part by part, resumable across kills and shareable by workers.
-
-    ``fingerprint`` is any JSON-able description of what determines the output (params, input
-    file identities). If the folder holds a manifest with another fingerprint, its parts are stale
-    and are removed; otherwise finished parts are kept and :meth:`done` reports them.
-    """
-
-    def __init__(self, folder: str | os.PathLike, name: str, num_parts: int, fingerprint: dict):
-        self.folder = Path(folder)
-        self.name = name
-        self.num_parts = int(num_parts)
-        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
-        if self.folder.is_file():
-            raise SchemaError(f"{self.folder}: expected a folder for the sharded {name} artifact, found a file")
-        single = self.folder.with_suffix(".parquet")
-        if single.exists() and single != self.folder:
-            single.unlink()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        man = self.folder / MANIFEST
-        meta = {"artifact": name, "num_parts": self.num_parts, "fingerprint": self.fingerprint}
-        if man.exists():
-            try:
-                old = json.loads(man.read_text())
-            except json.JSONDecodeError:
-                old = {}
-            if old != meta:
-                for q in self.folder.iterdir():
-                    if q.is_file():
-                        q.unlink()
-        if not man.exists() or json.loads(man.read_text()) != meta:
-            write_json(meta, man)
-        for q in self.folder.glob(".*.tmp"):  # leftovers of a killed writer
-            q.unlink(missing_ok=True)
-
-    def part_path(self, part: int) -> Path:
-        return self.folder / f"part-{part:05d}.parquet"
-
-    def done(self, part: int) -> bool:
-        return self.part_path(part).exists()
-
-    def pending(self, shard: ShardSpec = ShardSpec()) -> list[int]:
-        return [p for p in range(self.num_parts) if shard.owns(p) and not self.done(p)]
-
-    def write(self, part: int, table: pa.Table) -> Path:
-        return write_table(table, self.part_path(part), self.name)
-
-    def complete(self) -> bool:
-        return all(self.done(p) for p in range(self.num_parts))
 
 
 def split_evenly(n_items: int, num_parts: int) -> list[range]:

@@ -109,23 +109,13 @@ def build_tiny_llama(tokenizer, config: TinyLlamaConfig = TinyLlamaConfig(), see
 
 
 def save_policy(model, tokenizer, path: str | os.PathLike) -> Path:
-    """Save model (safetensors) and tokenizer as a Hugging Face folder, atomically."""
-    import shutil
-    import tempfile
+    """Save model (safetensors) and tokenizer as a Hugging Face folder, atomically (fsync'd, umask modes)."""
+    from tcrlsd.artifacts import atomic_dir
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint is meant to be shared
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -142,10 +132,25 @@ def torch_dtype(name: str):
         raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(table)}") from None
 
 
+def _check_vocab_fits(tokenizer, path: Path) -> None:
+    """A tokenizer with more ids than the model's embedding has rows belongs to another model."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # no config beside it (a tokenizer-only folder): nothing to compare
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise ValueError(f"{path}: the tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is {vocab}; "
+                         "the tokenizer files belong to another model")
+
+
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    _check_vocab_fits(tok, Path(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -15,6 +15,9 @@ REFERENCE_CRITIC_ID = "reference-critic@v1"
 class CriticReply:
     text: str | None  # cleaned feedback; None when the critic failed
     error: str | None = None  # why there is no text (None when text is set)
+    # A transient failure (timeouts, 5xx, dropped connections, after every attempt): the row is not
+    # final -- its part stays unfinished and a rerun asks it again. Permanent failures are recorded.
+    retryable: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -36,14 +39,19 @@ _PAST = {"+": "added", "-": "subtracted", "*": "multiplied by"}
 _NOUN = {"+": "addition", "-": "subtraction", "*": "multiplication"}
 
 
-def parse_steps(text: str) -> list[Step]:
-    """Every ``a op b = r`` in ``text``, one per line at most (the first on each line), in order."""
+def parse_steps(text: str, limit: int | None = None) -> list[Step]:
+    """Every ``a op b = r`` in ``text``, one per line at most (the first on each line), in order.
+
+    ``limit``: stop after that many steps (a 10 MB response costs no more than a short one).
+    """
     steps = []
     for line in text.splitlines():
         m = _STEP.search(line)
         if m:
             op = _OP_ALIASES.get(m.group(2), m.group(2))
             steps.append(Step(int(m.group(1)), op, int(m.group(3)), int(m.group(4))))
+            if limit is not None and len(steps) >= limit:
+                break
     return steps
 
 
@@ -69,7 +77,7 @@ def reference_critique(response: str, solution: str | None, reveal_final_answer:
     gold = parse_steps(solution or "")
     if not gold:
         return CriticReply(None, "no step-by-step gold solution (the reference critic needs the synthetic format)")
-    mine = parse_steps(response)
+    mine = parse_steps(response, limit=len(gold) + 1)  # one step past the gold ones is all it reads
     boxed = last_boxed(response)
     n = len(gold)
     ops = "operation" if n == 1 else f"{n} operations"

@@ -66,9 +66,13 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
         Column("sample_idx", pa.int32(), doc="int32  # index inside the GRPO group, 0..samples_per_prompt-1"),
         Column("iteration", pa.int32(), doc="int32  # training step k that produced the rollout"),
         Column("prompt_token_ids", _I32_LIST, doc="list<int32>  # exactly what the policy was conditioned on"),
-        Column("response_token_ids", _I32_LIST, doc="list<int32>  # the sampled ids, never re-tokenised text"),
-        Column("response_text", pa.string(), doc="string  # decoded response (special tokens skipped)"),
-        Column("finish_reason", pa.string(), doc="string  # 'stop' (EOS / stop string) or 'length'"),
+        Column("response_token_ids", _I32_LIST,
+               doc="list<int32>  # the sampled ids, never re-tokenised text; a 'stop' row ends with its "
+                   "stop id (EOS), which every token-level column covers like any other token"),
+        Column("response_text", pa.string(),
+               doc="string  # decoded response_token_ids without the stop id (special tokens skipped)"),
+        Column("finish_reason", pa.string(),
+               doc="string  # 'stop' (a stop id was sampled: the last id) or 'length' (max_new_tokens ids)"),
     ),
     "verdicts": (
         Column("rollout_id", pa.string()),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import os
 import re
@@ -92,13 +94,63 @@ def render_critic_prompt(template: Template, row: dict, max_response_chars: int)
     )
 
 
+# Chat templates that print "today" (Llama 3.x: ``date_string`` if given, else ``strftime_now``; Granite:
+# ``strftime_now``) get this date, so a rendered prompt does not change from one day to the next (nor
+# do its token ids, the teacher contexts, or the resume fingerprints built on them). 26 Jul 2024 is
+# Llama 3.1's own default when neither is available.
+FIXED_CHAT_DATE = datetime.datetime(2024, 7, 26)
+
+
+def chat_template_kwargs(extra: dict | None = None) -> dict:
+    """Keyword arguments for ``apply_chat_template``: the fixed ``date_string``, then ``extra`` (which wins)."""
+    return {"date_string": FIXED_CHAT_DATE.strftime("%d %b %Y"), **(extra or {})}
+
+
+@contextlib.contextmanager
+def _fixed_template_clock():
+    """While rendering, transformers' template global ``strftime_now`` (``datetime.now()`` of its
+    chat-template module) reads :data:`FIXED_CHAT_DATE`.
+
+    A replacement ``strftime_now`` cannot be passed as a template argument: transformers 5 reduces
+    template arguments to plain data. So the module's ``datetime`` is swapped for the render and put
+    back after it (rendering is single-threaded in every stage).
+    """
+    try:
+        from transformers.utils import chat_template_utils as ctu
+    except ImportError:  # transformers moved it: date_string still covers the Llama 3.x templates
+        yield
+        return
+    real = getattr(ctu, "datetime", None)
+    if not isinstance(real, type) or not issubclass(real, datetime.datetime):
+        yield
+        return
+
+    class _Fixed(real):
+        @classmethod
+        def now(cls, tz=None):
+            return FIXED_CHAT_DATE.replace(tzinfo=tz)
+
+    ctu.datetime = _Fixed
+    try:
+        yield
+    finally:
+        ctu.datetime = real
+
+
+def render_user_message(tokenizer, text: str, extra_kwargs: dict | None = None) -> str:
+    """``text`` as one user message through the tokenizer's chat template, generation prompt appended,
+    with the fixed date (:data:`FIXED_CHAT_DATE`). Every chat rendering of the project goes here."""
+    with _fixed_template_clock():
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True, **chat_template_kwargs(extra_kwargs))
+
+
 _SENTINEL = "\u0000TCRLSD-USER-TEXT\u0000"
 
 
 def chat_wrap(tokenizer) -> tuple[str, str]:
     """(head, tail) the chat template puts around one user message (with generation prompt)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = render_user_message(tokenizer, _SENTINEL)
     if text.count(_SENTINEL) != 1:
         raise TemplateError("policy_chat_template_tokenizer: cannot locate the user message in its chat template")
     head, tail = text.split(_SENTINEL)
@@ -108,8 +160,10 @@ def chat_wrap(tokenizer) -> tuple[str, str]:
 def split_student_prompt(prompt: str, problem: str, wrap: tuple[str, str] | None = None) -> tuple[str, str, str]:
     """``(prefix, problem, instruction)`` with ``prefix + problem + instruction`` == the user text.
 
-    The user text is ``prompt`` (unwrapped from the chat template when ``wrap`` is given). When the
-    problem does not occur in it verbatim, the whole user text plays the problem (no instruction).
+    The user text is ``prompt`` (unwrapped from the chat template when ``wrap`` is given). A problem
+    that does not occur in it verbatim is an error: the teacher context could not place the feedback
+    after the problem nor repeat the student's instruction (a silent fallback would give the teacher
+    another instruction than the student).
     """
     text = prompt
     if wrap is not None:
@@ -120,7 +174,9 @@ def split_student_prompt(prompt: str, problem: str, wrap: tuple[str, str] | None
         text = text[len(head):len(text) - len(tail)]
     i = text.find(problem) if problem else -1
     if i < 0:
-        return "", text, ""
+        raise TemplateError("the problem text does not occur verbatim in the rendered prompt, so the teacher "
+                            "context cannot put the feedback after it; was the prompt rendered from another "
+                            "problem text (re-run prepare)?")
     return text[:i], problem, text[i + len(problem):]
 
 

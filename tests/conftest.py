@@ -23,3 +23,17 @@ def tiny_policy(tmp_path_factory):
                           num_attention_heads=4, num_key_value_heads=2)
     model = build_tiny_llama(tok, cfg, seed=0)
     return save_policy(model, tok, tmp_path_factory.mktemp("policy") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def reliability_iteration(tiny_policy, tmp_path_factory):
+    """A finished 16-rollout iteration (prepare .. advantages, reference critic) of tests/harness.py,
+    with a copy of the tiny policy in ``policy/``: the kill, bad-input and fault tests start from it."""
+    import shutil
+
+    from harness import build_iteration, write_params
+
+    d = tmp_path_factory.mktemp("iteration")
+    shutil.copytree(tiny_policy, d / "policy")
+    build_iteration(d, d / "policy", write_params(d))
+    return d

@@ -31,7 +31,8 @@ from tcrlsd.advantages import (
     settings_for,
     token_advantages,
 )
-from tcrlsd.artifacts import ShardedOutput, read_artifact, write_artifact
+from tcrlsd.artifacts import read_artifact, write_artifact
+from tcrlsd.resume import ShardedOutput
 from tcrlsd.params import ParamsError, from_mapping
 from tcrlsd.schemas import SchemaError, schema_for
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from tcrlsd.artifacts import ShardedOutput, ShardSpec, read_artifact, split_evenly, write_json, write_table
+from tcrlsd.artifacts import ShardSpec, StaleOutputError, read_artifact, split_evenly, write_json, write_table
+from tcrlsd.resume import ShardedOutput
 from tcrlsd.schemas import SchemaError
 
 
@@ -73,6 +74,9 @@ def test_sharded_output_resume_and_stale_fingerprint(tmp_path):
     again.write(1, _verdicts(["b"]))
     assert again.complete()
     assert read_artifact(folder, "verdicts").column("rollout_id").to_pylist() == ["a", "b", "c"]
-    # a changed fingerprint means the finished parts are stale: they are removed
-    fresh = ShardedOutput(folder, "verdicts", 3, {"seed": 2})
+    # a changed fingerprint is an error that deletes nothing; restart=True starts over
+    with pytest.raises(StaleOutputError, match=r"3 finished part\(s\) were made with other seed.*--restart"):
+        ShardedOutput(folder, "verdicts", 3, {"seed": 2})
+    assert again.complete()
+    fresh = ShardedOutput(folder, "verdicts", 3, {"seed": 2}, restart=True)
     assert fresh.pending() == [0, 1, 2]

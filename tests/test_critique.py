@@ -371,11 +371,14 @@ def test_stage_none_and_suspected_false_negatives(tmp_path):
 
 def test_openai_critic_retries_500s_stalls_and_drops_then_records_errors(tmp_path):
     # per rollout (by sample / prompt): two 500s then ok; a stall past the timeout then ok; a dropped
-    # connection then ok; and one rollout that always fails with 500.
+    # connection then ok; one rollout that fails with 500 on every attempt of the first run (transient:
+    # its part stays unfinished, the rerun asks it alone) and one refused with 400 (permanent: recorded).
     def behaviour(tag, attempt):
         i, j = int(tag.split("#")[0].rsplit("/", 1)[1]), int(tag.split("#")[1])
         if i == 0 and j == 1:
-            return ("status", 500)
+            return ("status", 500) if attempt <= 3 else ("ok",)
+        if i == 3 and j == 1:
+            return ("status", 400)
         if j == 1 and attempt <= 2:
             return ("status", 500)
         if j == 2 and i % 2 == 0 and attempt == 1:
@@ -389,30 +392,40 @@ def test_openai_critic_retries_500s_stalls_and_drops_then_records_errors(tmp_pat
     env = dict(os.environ, TCRLSD_TEST_CRITIC_KEY=KEY)
     with CriticServer(behaviour, require_key=KEY) as server:
         params = write_params(tmp_path, **_fast_http(server.base_url))
+        first = subprocess.run(stage_cmd(paths, params, out, metrics_path), capture_output=True, text=True,
+                               cwd=REPO, env=env, timeout=120)
+        assert first.returncode == 75, first.stderr
+        assert "1 row(s) in 1 part(s)" in first.stderr and "'synthetic/train/0#1': http 500 after 3 attempts" in first.stderr
+        assert not list(out.glob("part-*")) and not metrics_path.exists()
+        journal = [json.loads(line) for line in (tmp_path / ".c.resume" / "journal-00000.jsonl").read_text().splitlines()]
+        assert len(journal) == 7 and "synthetic/train/0#1" not in {r["rollout_id"] for r in journal}
+        asked = dict(server.counts)
         proc = run_stage(paths, params, out, metrics_path, env=env)
+    assert {k: v - asked.get(k, 0) for k, v in server.counts.items() if v != asked.get(k)} == {"synthetic/train/0#1": 1}
     rows = read_artifact(out, "critiques").to_pylist()
     incorrect = [r for r in rows if not r["rollout_id"].endswith("#0")]
     assert len(incorrect) == 8
     for r in incorrect:
-        if r["rollout_id"] == "synthetic/train/0#1":
+        if r["rollout_id"] == "synthetic/train/3#1":
             assert r["feedback_text"] is None and r["teacher_prompt"] is None
-            assert r["error"] == "http 500 after 3 attempts"
-            assert server.counts[r["rollout_id"]] == 3
+            assert r["error"] == "http 400 (not retried)"
+            assert server.counts[r["rollout_id"]] == 1
         else:
             assert r["feedback_text"] == reply_for(r["rollout_id"]) and r["error"] is None
             assert r["template"] == "critic-incorrect@v1+teacher-critique@v1" and r["critic"] == "openai:critic-test"
     assert server.counts["synthetic/train/1#1"] == 3 and server.counts["synthetic/train/2#2"] == 2
-    assert server.counts["synthetic/train/1#2"] == 2
+    assert server.counts["synthetic/train/1#2"] == 2 and server.counts["synthetic/train/0#1"] == 4
     assert not any(k.endswith("#0") for k in server.counts)  # correct rollouts are not sent
     assert set(server.auth_headers) == {f"Bearer {KEY}"}
     metrics = json.loads(metrics_path.read_text())
-    assert metrics["failures_by_reason"] == {"http 500 after 3 attempts": 1}
+    assert metrics["failures_by_reason"] == {"http 400 (not retried)": 1}
+    assert metrics["failed_rollout_ids"] == ["synthetic/train/3#1"]
     assert metrics["coverage"] == pytest.approx(7 / 12)
     # the key is never written anywhere
-    for f in [*out.rglob("*"), metrics_path, params]:
+    for f in [*out.rglob("*"), *(tmp_path / ".c.resume").rglob("*"), metrics_path, params]:
         if f.is_file():
             assert KEY.encode() not in f.read_bytes(), f
-    assert KEY not in proc.stdout + proc.stderr
+    assert KEY not in proc.stdout + proc.stderr + first.stdout + first.stderr
 
 
 def test_openai_stage_resumes_after_kill_without_reasking(tmp_path):
@@ -429,7 +442,7 @@ def test_openai_stage_resumes_after_kill_without_reasking(tmp_path):
 
     paths = make_iteration(tmp_path, n_prompts=6, samples=3, tag=True)
     out, metrics_path = tmp_path / "c", tmp_path / "m.json"
-    journal = out / "journal-00000.jsonl"
+    journal = tmp_path / ".c.resume" / "journal-00000.jsonl"  # beside the tracked output, not in it
     with CriticServer(behaviour) as server:
         params = write_params(tmp_path, **_fast_http(server.base_url, request_timeout_s=30.0, max_concurrency=2))
         proc = subprocess.Popen(stage_cmd(paths, params, out, metrics_path), cwd=REPO,
@@ -477,32 +490,99 @@ def test_openai_critic_aborts_when_server_is_down(tmp_path):
 # self mode: the tiny random policy critiques itself
 
 
-def test_self_mode_with_tiny_policy(tmp_path, tiny_policy):
-    paths = make_iteration(tmp_path, n_prompts=2, samples=2)
+class RecordingBackend:
+    """The real transformers backend, keeping what was sent (prompt ids, n, sampling) and what came back."""
+
+    def __init__(self, inner):
+        self.inner, self.stop_ids, self.calls = inner, inner.stop_ids, []
+
+    def generate(self, prompts, samples_per_prompt, sampling):
+        out = self.inner.generate(prompts, samples_per_prompt, sampling)
+        self.calls.append({"prompts": [list(p) for p in prompts], "n": samples_per_prompt, "sampling": sampling,
+                           "out": out})
+        return out
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every transformers backend the code under test builds is wrapped in a RecordingBackend."""
+    import functools
+
+    from tcrlsd.generate import backends as registry
+
+    made, real = [], registry.BACKENDS["transformers"]
+
+    @functools.wraps(real)  # same signature: make_backend checks the options against it
+    def factory(model_path, **options):
+        made.append(RecordingBackend(real(model_path, **options)))
+        return made[-1]
+
+    monkeypatch.setitem(registry.BACKENDS, "transformers", factory)
+    return made
+
+
+CHAT = ("{{ bos_token }}{% for m in messages %}<|user|>\n{{ m.content }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_self_mode_sends_chat_rendered_critic_prompts_and_stores_the_replies(tmp_path, tiny_policy, recorded):
+    import shutil
+
+    from tcrlsd.critique import clean_feedback, join_inputs
+    from tcrlsd.policy import encode_prompt, load_tokenizer
+    from tcrlsd.templates import render_user_message
+
+    policy = tmp_path / "chat-policy"  # the tiny policy with a chat template, so "applied" is visible
+    shutil.copytree(tiny_policy, policy)
+    tok = load_tokenizer(policy)
+    tok.chat_template = CHAT
+    tok.save_pretrained(policy)
+    paths = make_iteration(tmp_path, n_prompts=2, samples=3)
     params = write_params(tmp_path, mode="self", max_new_tokens=12, temperature=1.0, seed=3, chunk_rows=2)
     outs = []
     for k in range(2):
         out = tmp_path / f"self{k}"
-        argv = stage_cmd(paths, params, out, tmp_path / f"m{k}.json", extra=["--policy", str(tiny_policy)])[2:]
+        argv = stage_cmd(paths, params, out, tmp_path / f"m{k}.json", extra=["--policy", str(policy)])[2:]
         assert stage_main(argv) == 0
         outs.append(out)
-    table = read_artifact(outs[0], "critiques")
-    verdicts = read_artifact(paths["verdicts"], "verdicts").column("is_correct").to_pylist()
-    for row, ok in zip(table.to_pylist(), verdicts):
-        assert row["mode"] == "self"
-        if ok:
-            assert row["feedback_text"] is None and row["error"] is None
-        else:
-            assert row["critic"] == f"self:transformers:{tiny_policy}"
-            assert row["template"] == "self-incorrect@v1+teacher-critique@v1"
-            assert (row["feedback_text"] is None) != (row["error"] is None)  # text, or why not
-            if row["feedback_text"] is not None:
-                assert row["feedback_text"] in row["teacher_prompt"]
+    table = read_artifact(outs[0], "critiques").to_pylist()
+    rows = join_inputs(*(read_artifact(paths[k], k) for k in ("rollouts", "verdicts", "prompts")))
+    wrong = [i for i, r in enumerate(rows) if not r["is_correct"]]
+    assert 0 < len(wrong) < len(rows)
+
+    # What was sent: one request per incorrect rollout, in order, chunks of chunk_rows, one sample each,
+    # the self-incorrect critic prompt rendered through the policy's chat template (one BOS).
+    backend = recorded[0]
+    assert [len(c["prompts"]) for c in backend.calls] == [2] * (len(wrong) // 2) + [1] * (len(wrong) % 2)
+    assert all(c["n"] == 1 and c["sampling"] == SamplingConfig(1.0, 1.0, 12, 3) for c in backend.calls)
+    sent = [p for c in backend.calls for p in c["prompts"]]
+    replies = [g[0] for c in backend.calls for g in c["out"]]
+    tpl = load_template(default_templates_dir(), "self-incorrect")
+    assert len(sent) == len(wrong)
+    for ids, i in zip(sent, wrong):
+        want = render_user_message(tok, render_critic_prompt(tpl, rows[i], 6000))
+        assert ids == encode_prompt(tok, want) and ids.count(tok.bos_token_id) == 1
+        text = tok.decode(ids)
+        assert text.startswith("<s><|user|>\n") and text.endswith("<|end|>\n<|assistant|>\n")
+        assert rows[i]["problem"] in text and rows[i]["response_text"] in text
+
+    # What was stored: each incorrect row holds the cleaned reply it got (or the reason it has none).
+    for row in (table[i] for i in range(len(rows)) if i not in wrong):
+        assert row["feedback_text"] is None and row["error"] is None and row["critic"] == "none"
+    for i, reply in zip(wrong, replies):
+        want = clean_feedback(reply.text, CritiqueParams().max_feedback_chars)
+        assert (table[i]["feedback_text"], table[i]["error"]) == (want.text, want.error)
+        assert table[i]["critic"] == f"self:transformers:{policy}"
+        assert table[i]["template"] == "self-incorrect@v1+teacher-critique@v1"
+        if want.text is not None:
+            assert want.text in table[i]["teacher_prompt"]
+    assert sum(table[i]["feedback_text"] is not None for i in wrong) >= 1
     parts = [sorted(p.read_bytes() for p in o.glob("part-*.parquet")) for o in outs]
     assert parts[0] == parts[1]  # deterministic on CPU
-    assert not list(outs[0].glob("journal-*"))
-    metrics = critique_metrics(table, read_artifact(paths["verdicts"], "verdicts"), CritiqueParams(mode="self"))
-    assert metrics["eligible_rollouts"] == sum(not v for v in verdicts)
+    assert not list(outs[0].glob("journal-*")) and not list((tmp_path / ".self0.resume").glob("journal-*"))
+    verdicts = read_artifact(paths["verdicts"], "verdicts")
+    metrics = critique_metrics(read_artifact(outs[0], "critiques"), verdicts, CritiqueParams(mode="self"))
+    assert metrics["eligible_rollouts"] == len(wrong)
 
 
 def test_stage_shards_and_which_all(tmp_path):
@@ -518,8 +598,9 @@ def test_stage_shards_and_which_all(tmp_path):
     assert all("I find no error" in r["feedback_text"] for r in rows if r["rollout_id"].endswith("#0"))
 
 
-def test_transformers_critic_with_tiny_model(tiny_policy):
-    from tcrlsd.critique import CritiqueRequest, make_critic
+def test_transformers_critic_with_tiny_model(tiny_policy, recorded):
+    from tcrlsd.critique import CritiqueRequest, clean_feedback, make_critic
+    from tcrlsd.policy import encode_prompt, load_tokenizer
 
     params = CritiqueParams(critic="transformers", max_new_tokens=8, temperature=1.0, seed=1, chunk_rows=2)
     critic = make_critic("transformers", params, str(tiny_policy))
@@ -531,4 +612,13 @@ def test_transformers_critic_with_tiny_model(tiny_policy):
         critic.critique(reqs, lambda i, reply: got.__setitem__(i, reply))
         runs.append(got)
     assert sorted(runs[0]) == [0, 1, 2] and runs[0] == runs[1]
-    assert all((r.text is None) != (r.error is None) for r in runs[0].values())
+    # sent: the request prompts (no chat template on this tokenizer: the text itself), in chunks of 2
+    tok = load_tokenizer(tiny_policy)
+    (backend,) = recorded
+    calls = backend.calls[:2]  # the first critique() call
+    assert [c["prompts"] for c in calls] == [[encode_prompt(tok, r.prompt) for r in reqs[:2]],
+                                            [encode_prompt(tok, reqs[2].prompt)]]
+    # received: each reply is the cleaned completion text of its own request
+    replies = [g[0].text for c in calls for g in c["out"]]
+    assert [runs[0][i] for i in range(3)] == [clean_feedback(t, params.max_feedback_chars) for t in replies]
+    assert any(r.text for r in runs[0].values())

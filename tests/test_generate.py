@@ -18,7 +18,7 @@ from tcrlsd.generate import (
     select_prompts,
     train_prompt_ids,
 )
-from tcrlsd.generation import SamplingConfig
+from tcrlsd.generation import SamplingConfig, check_completions
 from tcrlsd.schemas import SchemaError, schema_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,8 +168,8 @@ def test_greedy_batched_equals_unbatched_and_hf_generate(loaded):
         ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                              max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
-        if tok.eos_token_id in ref:
-            ref = ref[:ref.index(tok.eos_token_id)]
+        if tok.eos_token_id in ref:  # the stop token is part of the response
+            ref = ref[:ref.index(tok.eos_token_id) + 1]
         assert list(g[0].token_ids) == ref
     # top_p that keeps only the most likely token is greedy decoding.
     nucleus = SamplingConfig(temperature=1.0, top_p=1e-6, max_new_tokens=10, seed=123)
@@ -191,10 +191,12 @@ def test_sampling_is_seeded_and_completions_are_consistent(loaded):
     assert len({c.token_ids for c in flat}) > len(flat) // 2  # samples differ within groups
     reasons = {c.finish_reason for c in flat}
     assert reasons == {"stop", "length"}, reasons
-    for c in flat:
-        assert tok.eos_token_id not in c.token_ids
-        assert (c.finish_reason == "length") == (len(c.token_ids) == 20)
-        assert c.text == tok.decode(list(c.token_ids), skip_special_tokens=True)
+    check_completions(a, backend.stop_ids, 20)
+    for c in flat:  # the stop-token contract: a "stop" response ends with EOS, its text does not
+        assert (c.finish_reason == "stop") == (c.token_ids[-1] == tok.eos_token_id)
+        assert tok.eos_token_id not in c.token_ids[:-1]
+        body = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+        assert c.text == tok.decode(list(body), skip_special_tokens=True)
 
 
 def test_make_backend_registry_and_vllm_message(tiny_policy):
@@ -244,14 +246,16 @@ def test_stage_cli_writes_rollouts_and_reruns_identically(stage_inputs, tiny_pol
     text = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
     for row in table.to_pylist():
         assert row["prompt_token_ids"] == encode_prompt(tok, text[row["prompt_id"]])
-        assert row["response_text"] == tok.decode(row["response_token_ids"], skip_special_tokens=True)
-        assert (row["finish_reason"] == "length") == (len(row["response_token_ids"]) == params.max_new_tokens)
-        assert tok.eos_token_id not in row["response_token_ids"]
+        ids, stop = row["response_token_ids"], row["finish_reason"] == "stop"
+        assert row["response_text"] == tok.decode(ids[:-1] if stop else ids, skip_special_tokens=True)
+        assert stop == (ids[-1] == tok.eos_token_id) and tok.eos_token_id not in ids[:-1]
+        assert stop or len(ids) == params.max_new_tokens
     import json
 
     m = json.loads(metrics.read_text())
     assert m["rollouts"] == 18 and m["prompts"] == 6 and m["complete"] and m["iteration"] == 3
     assert 0.0 <= m["share_finish_length"] <= 1.0 and m["tokens_per_second"] > 0
+    assert m["share_finish_stop"] + m["share_finish_length"] == pytest.approx(1.0)
 
     # A fresh folder gives byte-identical parts.
     out2 = tmp_path / "b" / "rollouts"
@@ -278,17 +282,19 @@ def test_stage_cli_writes_rollouts_and_reruns_identically(stage_inputs, tiny_pol
     assert after["part-00002.parquet"] == before["part-00002.parquet"]
     assert _part_bytes(out2) == _part_bytes(out1)
 
-    # Changed params invalidate the finished parts (the manifest fingerprint no longer matches).
+    # Changed params make the finished parts stale: an error that deletes nothing, until --restart.
     other = tmp_path / "params2.yaml"
     other.write_text(PARAMS.replace("seed: 5", "seed: 6"))
     args = _args(stage_inputs, tiny_policy, out2)
     args[1] = str(other)
-    assert _stage_main()(args) == 0
+    assert _stage_main()(args) == 2
+    assert _part_bytes(out2) == _part_bytes(out1)
+    assert _stage_main()(args + ["--restart"]) == 0
     assert _part_bytes(out2) != _part_bytes(out1)
     assert read_artifact(out2, "rollouts").num_rows == 18
 
 
-def test_stage_rejects_bad_shard(stage_inputs, tiny_policy, tmp_path):
-    with pytest.raises(ValueError, match="--shard must look like i/N"):
-        _stage_main()(_args(stage_inputs, tiny_policy, tmp_path / "r", "--shard", "2/2"))
+def test_stage_rejects_bad_shard(stage_inputs, tiny_policy, tmp_path, capsys):
+    assert _stage_main()(_args(stage_inputs, tiny_policy, tmp_path / "r", "--shard", "2/2")) == 2
+    assert "--shard must look like i/N" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "r" / "part-00000.parquet")

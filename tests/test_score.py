@@ -14,9 +14,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
 from tcrlsd.artifacts import read_artifact, write_artifact
-from tcrlsd.schemas import SchemaError
 from tcrlsd.score import (
-    ScoreError,
     ScoreParams,
     build_inputs,
     plan_batches,
@@ -152,9 +150,9 @@ def test_student_and_teacher_match_reference(tiny_policy, teacher_mode):
     student, tok = _load(tiny_policy)
     teacher = _load(tiny_policy, seed=7)[0] if teacher_mode == "lagged" else None
     rollouts, critiques = _tables(tok, n=10, seed=3)
-    inputs = build_inputs(rollouts, critiques)
+    inputs = build_inputs(rollouts, critiques).part(range(10))
     params = ScoreParams(max_tokens_per_batch=96, logits_chunk_tokens=7)
-    table, counts = score_part(inputs, range(len(inputs)), student, teacher, tok, params, "ckpt")
+    table, counts = score_part(inputs, student, teacher, tok, params, "ckpt")
     t_model = teacher if teacher is not None else student
     assert table.column("teacher_checkpoint").to_pylist() == ["ckpt"] * len(inputs)
     for i, row in enumerate(table.to_pylist()):
@@ -234,7 +232,7 @@ def test_teacher_with_verbatim_response_in_feedback_is_more_confident(copy_model
     rollouts = pa.Table.from_pylist(rows)
     critiques = pa.Table.from_pylist(crits)
     inputs = build_inputs(rollouts, critiques)
-    table, _ = score_part(inputs, range(16), model, None, tok, ScoreParams(), "copy")
+    table, _ = score_part(inputs.part(range(16)), model, None, tok, ScoreParams(), "copy")
     res = table.to_pylist()
     delta_verbatim = np.array([np.subtract(r["teacher_logprobs"], r["student_logprobs"]) for r in res[0::2]])
     delta_other = np.array([np.subtract(r["teacher_logprobs"], r["student_logprobs"]) for r in res[1::2]])
@@ -277,6 +275,16 @@ def _stage_main(argv):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.main(argv)
+
+
+def _stage_fails(capsys, pattern, argv):
+    """The stage exits 2 with one ``score: error: ...`` line matching ``pattern`` (no traceback)."""
+    import re
+
+    capsys.readouterr()
+    assert _stage_main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err) and "Traceback" not in err, err
 
 
 def _part_bytes(folder):
@@ -327,15 +335,14 @@ def test_stage_cli_writes_scores_reruns_identically_and_resumes(tiny_policy, tmp
     assert _part_bytes(tmp_path / "sharded") == first
 
 
-def test_stage_lagged_teacher_uses_the_given_checkpoint(tiny_policy, tmp_path):
+def test_stage_lagged_teacher_uses_the_given_checkpoint(tiny_policy, tmp_path, capsys):
     from tcrlsd.policy import save_policy
 
     model, tok = _load(tiny_policy, seed=3)
     teacher_dir = save_policy(model, tok, tmp_path / "teacher")
     _write_inputs(tmp_path, tok, n=6)
     _params(tmp_path, teacher="lagged")
-    with pytest.raises(ScoreError, match="--teacher-policy"):
-        _stage_main(_args(tmp_path, tiny_policy, tmp_path / "s"))
+    _stage_fails(capsys, "--teacher-policy", _args(tmp_path, tiny_policy, tmp_path / "s"))
     assert _stage_main(_args(tmp_path, tiny_policy, tmp_path / "s", teacher_policy=teacher_dir)) == 0
     scores = read_artifact(tmp_path / "s", "scores")
     assert set(scores.column("teacher_checkpoint").to_pylist()) == {str(teacher_dir)}
@@ -347,46 +354,41 @@ def test_stage_lagged_teacher_uses_the_given_checkpoint(tiny_policy, tmp_path):
     np.testing.assert_allclose(pa.compute.list_flatten(current.column("student_logprobs")).to_numpy(),
                                pa.compute.list_flatten(scores.column("student_logprobs")).to_numpy(), atol=1e-5)
     assert current.column("teacher_logprobs").to_pylist() != scores.column("teacher_logprobs").to_pylist()
-    with pytest.raises(ScoreError, match="'current'"):
-        _stage_main(_args(tmp_path, tiny_policy, tmp_path / "c", teacher_policy=teacher_dir))
+    _stage_fails(capsys, "'current'", _args(tmp_path, tiny_policy, tmp_path / "c", teacher_policy=teacher_dir))
 
 
-def test_stage_mismatched_inputs_fail_clearly(tiny_policy, tmp_path):
+def test_stage_mismatched_inputs_fail_clearly(tiny_policy, tmp_path, capsys):
     _, tok = _load(tiny_policy)
     rollouts, critiques = _tables(tok, n=6)
     write_artifact(rollouts, tmp_path / "rollouts.parquet", "rollouts")
     write_artifact(critiques.slice(0, 5), tmp_path / "critiques.parquet", "critiques")
     _params(tmp_path)
-    with pytest.raises(SchemaError, match=r"critiques.parquet: critiques has no row for 1 rollout.*'p2#1'"):
-        _stage_main(_args(tmp_path, tiny_policy, tmp_path / "s"))
+    _stage_fails(capsys, r"critiques.parquet: critiques has no row for 1 rollout.*'p2#1'", _args(tmp_path, tiny_policy, tmp_path / "s"))
     bad = critiques.set_column(5, "teacher_prompt", pa.array([None] * 6, pa.string()))
     write_artifact(bad, tmp_path / "critiques.parquet", "critiques")
-    with pytest.raises(ScoreError, match="rollout_id 'p0#1': feedback_text is set but teacher_prompt is null"):
-        _stage_main(_args(tmp_path, tiny_policy, tmp_path / "s"))
+    _stage_fails(capsys, "rollout_id 'p0#1': feedback_text is set but teacher_prompt is null", _args(tmp_path, tiny_policy, tmp_path / "s"))
     # Rollouts from a model with a bigger vocabulary: named, not an index error deep in torch.
     big = rollouts.set_column(5, "response_token_ids", pa.array([[10_000]] * 6, pa.list_(pa.int32())))
     write_artifact(big, tmp_path / "rollouts.parquet", "rollouts")
     write_artifact(critiques, tmp_path / "critiques.parquet", "critiques")
-    with pytest.raises(ScoreError, match="outside the vocabulary"):
-        _stage_main(_args(tmp_path, tiny_policy, tmp_path / "s"))
+    _stage_fails(capsys, "outside the vocabulary", _args(tmp_path, tiny_policy, tmp_path / "s"))
     assert not list((tmp_path / "s").glob("part-*.parquet"))
 
 
 def test_metrics_hand_computed():
     """Delta per position of two feedback rows and one without, computed by hand."""
-    from tcrlsd.score import ScoringInputs
-
     scores = pa.table({
         "rollout_id": ["a", "b", "c"],
         "student_logprobs": [[-1.0, -2.0], [-1.0, -1.0, -1.0, -1.0], [-3.0]],
         "teacher_logprobs": [[-0.5, -2.5], [-1.0, -0.0, -1.0, -1.0], [-3.0]],
         "teacher_checkpoint": ["x"] * 3,
     })
-    inputs = ScoringInputs(["a", "b", "c"], [[1]] * 3, [[1, 2], [1, 2, 3, 4], [5]], ["tp", "tp", None])
-    m = score_metrics(scores, inputs)
+    has_fb = np.array([True, True, False])
+    m = score_metrics([(scores, has_fb)])
     # deltas: a: +0.5, -0.5; b: 0, +1, 0, 0  -> token mean 1.0 / 6; row means 0 and 0.25
     assert m["delta_gap"] == pytest.approx(1 / 6)
     assert m["delta_gap_row_mean"] == pytest.approx(0.125)
+    assert m["delta_std"] == pytest.approx(np.std([0.5, -0.5, 0, 1, 0, 0]))
     assert m["feedback_response_tokens"] == 6 and m["rollouts_with_feedback"] == 2
     assert m["critique_coverage"] == pytest.approx(2 / 3)
     dec = {b["bucket"]: b for b in m["delta_by_relative_decile"]}
@@ -396,3 +398,17 @@ def test_metrics_hand_computed():
     assert dec["0.2-0.3"]["mean_delta"] == pytest.approx(1.0) and dec["0.1-0.2"]["mean_delta"] is None
     assert m["delta_by_position"][0] == {"bucket": "0-15", "tokens": 6, "mean_delta": pytest.approx(1 / 6)}
     assert m["teacher_equals_student_without_feedback"] is True
+    # Folded part by part (the stage reads one part file at a time), every cut gives the same metrics.
+    for cut in (1, 2):
+        split = score_metrics([(scores.slice(0, cut), has_fb[:cut]), (scores.slice(cut), has_fb[cut:])])
+        assert _approx_equal(split, m), (cut, split, m)
+
+
+def _approx_equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_approx_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_approx_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, abs=1e-12)
+    return a == b

@@ -281,6 +281,23 @@ def test_stop_token_is_trained(tiny_policy, tok, tmp_path):
         assert a[-1] > s.old_logprobs[-1] + 1e-3, f"{s.rollout_id}: stop token log-prob did not rise"
 
 
+def test_k3_kl_to_a_reference_checkpoint(tiny_policy, signed, tmp_path):
+    """kl_coef > 0 needs --reference-policy; against the starting weights the KL is 0 before the first
+    step and positive once the policy has moved (two mini-batches: the second is after a step)."""
+    from tcrlsd.update.stage import run_update
+
+    params = UpdateParams(**{**FAST, "kl_coef": 0.1, "mini_batch_prompts": 2, "shuffle": False})
+    with pytest.raises(UpdateError, match="reference-policy"):
+        run_update(signed["rollouts"], signed["scores"], signed["advantages"], tiny_policy, tmp_path / "p",
+                   tmp_path / "s", params)
+    one = run_update(signed["rollouts"], signed["scores"], signed["advantages"], tiny_policy, tmp_path / "p1",
+                     tmp_path / "s1", replace(params, mini_batch_prompts=8), reference=tiny_policy)
+    assert one["kl_to_reference"] == pytest.approx(0.0, abs=1e-9)
+    two = run_update(signed["rollouts"], signed["scores"], signed["advantages"], tiny_policy, tmp_path / "p2",
+                     tmp_path / "s2", params, reference=tiny_policy)
+    assert two["optimizer_steps"] == 2 and two["kl_to_reference"] > 1e-6
+
+
 def test_nonfinite_grad_norm_skips_the_step_and_counts_it(tiny_policy, signed, tmp_path):
     from tcrlsd.update.batching import UpdateInputs
     from tcrlsd.update.stage import open_trainer

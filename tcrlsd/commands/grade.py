@@ -65,11 +65,12 @@ def grade(
             typer.echo("error: --jsonl takes no RESPONSE or --gold", err=True)
             raise typer.Exit(2)
         try:
-            text = sys.stdin.read() if str(jsonl) == "-" else jsonl.read_text(encoding="utf-8")
+            raw = sys.stdin.buffer.read() if str(jsonl) == "-" else jsonl.read_bytes()
         except OSError as exc:
             typer.echo(f"error: cannot read {jsonl}: {exc}", err=True)
             raise typer.Exit(2)
-        items = [(n, _request(line, n, grader, known)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        # Line by line from bytes: one line that is not UTF-8 is that line's error, not the file's.
+        items = [(n, _request(line, n, grader, known)) for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
 
     requests = [r for _, r in items if isinstance(r, GradeRequest)]
     try:
@@ -93,12 +94,16 @@ def grade(
         raise typer.Exit(1)
 
 
-def _request(line: str, n: int, default_grader: str, known: str):
+def _request(raw: bytes, n: int, default_grader: str, known: str):
     """A GradeRequest for one JSONL line, or an error message (str) naming what is wrong."""
     import json
 
     from tcrlsd.verify import GRADERS, GradeRequest
 
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"line {n}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -108,6 +113,10 @@ def _request(line: str, n: int, default_grader: str, known: str):
     for key in ("response", "gold"):
         if not isinstance(obj.get(key), str):
             return f"line {n}: field {key!r} must be a string, got {obj.get(key)!r:.80}"
+        try:
+            obj[key].encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate from a \\uD800-style escape
+            return f"line {n}: field {key!r} is not valid Unicode text (lone surrogate at character {exc.start})"
     name = obj.get("grader", default_grader)
     if name not in GRADERS:
         return f"line {n}: unknown grader {name!r}; known: {known}"

@@ -30,9 +30,13 @@ pass and is never itself parsed as a template, so a rollout that writes ``${gold
 Per-row flags and the metrics JSON: ``leaks_answer`` (the feedback contains the gold final answer as a
 token, before any masking), ``suspected_false_negative`` (for a rollout the strict grader rejected:
 the critic says it is right, or a relaxed grader -- formatting stripped, numeric equality -- accepts
-it). Resumable and sharded through :class:`tcrlsd.artifacts.ShardedOutput`; model critics also keep a
-per-part journal of answered rows (``journal-NNNNN.jsonl``, fsync'd per line) so a critic that dies
-mid-part loses nothing already answered; the journal is removed once its part is written.
+it). Resumable and sharded through :class:`tcrlsd.resume.ShardedOutput`; model critics also keep a
+per-part journal of answered rows (``.critiques.resume/journal-NNNNN.jsonl`` beside the output,
+fsync'd per line) so a critic that dies mid-part loses nothing already answered; the journal is
+removed once its part is written. A row whose request failed transiently (timeouts, 5xx, dropped
+connections, after every attempt) is not final: its part is left unwritten, journal kept, and the
+stage ends with :class:`CriticRetryLater`; a rerun asks only those rows again. Permanent failures
+(a 4xx, an empty reply) are journaled, written with their ``error`` and named in the metrics.
 
 
 Layout of this package: ``params``, ``protocol``, ``backends``, ``flags``, ``journal``, ``stage`` (see
@@ -46,8 +50,16 @@ from tcrlsd.critique.flags import claims_correct, contains_answer, mask_answer, 
 from tcrlsd.critique.journal import Journal, prompt_sha  # noqa: F401
 from tcrlsd.critique.openai_critic import OpenAICritic  # noqa: F401
 from tcrlsd.critique.params import MODES, CritiqueError, CritiqueParams  # noqa: F401
-from tcrlsd.critique.protocol import Critic, CriticAborted, CritiqueRequest, OnReply, clean_feedback  # noqa: F401
+from tcrlsd.critique.protocol import (  # noqa: F401
+    Critic,
+    CriticAborted,
+    CriticRetryLater,
+    CritiqueRequest,
+    OnReply,
+    clean_feedback,
+)
 from tcrlsd.critique.stage import (  # noqa: F401
+                              critique_fingerprint,
                               critique_metrics,
                               critique_rows,
                               join_inputs,

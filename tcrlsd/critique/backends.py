@@ -34,6 +34,7 @@ from tcrlsd.critique.params import CritiqueParams
 from tcrlsd.critique.protocol import Critic, CritiqueRequest, OnReply, clean_feedback
 from tcrlsd.generation import SamplingConfig
 from tcrlsd.reference_critic import REFERENCE_CRITIC_ID, reference_critique
+from tcrlsd.templates import render_user_message
 
 
 class ReferenceCritic:
@@ -61,8 +62,7 @@ def render_chat(tokenizer, text: str, chat_template_kwargs: dict | None = None) 
     """``text`` as one user message through the tokenizer's chat template; unchanged without one."""
     if not getattr(tokenizer, "chat_template", None):
         return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True, **(chat_template_kwargs or {}))
+    return render_user_message(tokenizer, text, chat_template_kwargs)  # fixed date unless the kwargs give one
 
 
 class GenerationCritic:

@@ -1,4 +1,9 @@
-"""The per-part journal of answered rows (model critics), fsync'd line by line."""
+"""The per-part journal of answered rows (model critics), fsync'd line by line.
+
+It lives in the output's resume folder (``.critiques.resume/journal-NNNNN.jsonl``), outside the
+tracked artifact. A line holds a row's feedback, or the permanent error it failed with; transient
+failures are not journaled, so a rerun asks those rows again.
+"""
 
 from __future__ import annotations
 
@@ -31,17 +36,22 @@ class Journal:
                     f.write(b"\n")
         self._file = None
 
-    def get(self, rollout_id: str, prompt_sha: str) -> str | None:
+    def get(self, rollout_id: str, prompt_sha: str) -> tuple[str | None, str | None] | None:
+        """``(feedback_text, error)`` of a final answer to this prompt (text, or a permanent error)."""
         rec = self.answers.get(rollout_id)
-        if rec and rec.get("prompt_sha") == prompt_sha and isinstance(rec.get("feedback_text"), str):
-            return rec["feedback_text"]
+        if not rec or rec.get("prompt_sha") != prompt_sha:
+            return None
+        if isinstance(rec.get("feedback_text"), str):
+            return rec["feedback_text"], None
+        if isinstance(rec.get("error"), str):
+            return None, rec["error"]
         return None
 
-    def add(self, rollout_id: str, prompt_sha: str, text: str) -> None:
+    def add(self, rollout_id: str, prompt_sha: str, text: str | None, error: str | None = None) -> None:
         if self._file is None:
             self._file = open(self.path, "ab")
-        line = json.dumps({"rollout_id": rollout_id, "prompt_sha": prompt_sha, "feedback_text": text},
-                          ensure_ascii=False)
+        line = json.dumps({"rollout_id": rollout_id, "prompt_sha": prompt_sha, "feedback_text": text,
+                           **({"error": error} if text is None else {})}, ensure_ascii=False)
         self._file.write(line.encode() + b"\n")
         self._file.flush()
         os.fsync(self._file.fileno())

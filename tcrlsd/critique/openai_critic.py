@@ -137,7 +137,7 @@ class OpenAICritic:
                 kind = f"unexpected {type(exc).__name__}"
             if attempt < self.max_attempts:
                 time.sleep(self._backoff(req.rollout_id, attempt))
-        return CriticReply(None, f"{kind} after {self.max_attempts} attempts")
+        return CriticReply(None, f"{kind} after {self.max_attempts} attempts", retryable=True)
 
     def critique(self, requests: Sequence[CritiqueRequest], on_reply: OnReply) -> None:
         if not requests:
@@ -150,7 +150,7 @@ class OpenAICritic:
                 for fut in as_completed(futures):
                     reply = fut.result()
                     if key and reply.error and key in reply.error:  # belt and braces
-                        reply = CriticReply(None, reply.error.replace(key, "***"))
+                        reply = CriticReply(None, reply.error.replace(key, "***"), reply.retryable)
                     on_reply(futures[fut], reply)
                     failures_in_a_row = failures_in_a_row + 1 if reply.text is None else 0
                     if self.abort_after_failures and failures_in_a_row >= self.abort_after_failures:

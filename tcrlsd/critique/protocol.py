@@ -42,6 +42,10 @@ class CriticAborted(RuntimeError):
     """The critic failed so many rows in a row that it is probably down; stop and resume later."""
 
 
+class CriticRetryLater(RuntimeError):
+    """Some rows failed transiently; their parts stay unfinished (journals kept) for a rerun."""
+
+
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
 
 from tcrlsd.answers import last_boxed
-from tcrlsd.artifacts import ShardedOutput, ShardSpec, fingerprint_files, read_artifact, split_evenly
+from tcrlsd.artifacts import ShardSpec, read_artifact, split_evenly
 from tcrlsd.critique.backends import GenerationCritic, make_critic
 from tcrlsd.critique.flags import claims_correct, contains_answer, mask_answer, relaxed_equal
 from tcrlsd.critique.journal import Journal, prompt_sha
 from tcrlsd.critique.params import CritiqueError, CritiqueParams
-from tcrlsd.critique.protocol import CritiqueRequest
+from tcrlsd.critique.protocol import CriticRetryLater, CritiqueRequest
 from tcrlsd.reference_critic import CriticReply
+from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.schemas import schema_for
 from tcrlsd.templates import (
     Template,
+    TemplateError,
     chat_wrap,
     default_templates_dir,
     load_template,
@@ -57,8 +59,11 @@ def needs_feedback(mode: str, which: str, is_correct: bool) -> bool:
 # Joining the inputs
 
 
-def join_inputs(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table) -> list[dict]:
-    """One dict per rollout, in rollouts order, with its verdict and prompt fields."""
+def join_inputs(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table, sources: dict | None = None) -> list[dict]:
+    """One dict per rollout, in rollouts order, with its verdict and prompt fields.
+
+    ``sources`` (artifact name -> file) lets the errors name the files."""
+    src = {k: str(v) for k, v in (sources or {}).items()}
     v_rows = {r["rollout_id"]: r for r in verdicts.select(
         ["rollout_id", "is_correct", "reason", "extracted_answer"]).to_pylist()}
     p_rows = {r["prompt_id"]: r for r in prompts.select(
@@ -67,10 +72,12 @@ def join_inputs(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table) -> li
     for r in rollouts.select(["rollout_id", "prompt_id", "response_text"]).to_pylist():
         v = v_rows.get(r["rollout_id"])
         if v is None:
-            raise CritiqueError(f"verdicts: no row for rollout_id {r['rollout_id']!r}; every rollout needs a verdict")
+            raise CritiqueError(f"{src.get('verdicts', 'verdicts')}: no row for rollout_id {r['rollout_id']!r} of "
+                                f"{src.get('rollouts', 'the rollouts')}; every rollout needs a verdict")
         p = p_rows.get(r["prompt_id"])
         if p is None:
-            raise CritiqueError(f"prompts: no row for prompt_id {r['prompt_id']!r} (rollout {r['rollout_id']!r})")
+            raise CritiqueError(f"{src.get('prompts', 'prompts')}: no row for prompt_id {r['prompt_id']!r} (rollout "
+                                f"{r['rollout_id']!r} of {src.get('rollouts', 'the rollouts')})")
         out.append({**r, **{k: v[k] for k in ("is_correct", "reason", "extracted_answer")},
                     **{k: p[k] for k in ("problem", "prompt", "answer", "solution")}})
     return out
@@ -78,8 +85,12 @@ def join_inputs(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table) -> li
 
 def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, templates: dict[str, Template],
                   wrap: tuple[str, str] | None = None, journal: Journal | None = None,
-                  progress=None) -> pa.Table:
-    """The ``critiques`` table for ``rows`` (joined dicts, see :func:`join_inputs`), in order."""
+                  progress=None, retry_later: list | None = None) -> pa.Table:
+    """The ``critiques`` table for ``rows`` (joined dicts, see :func:`join_inputs`), in order.
+
+    Rows whose critic request failed transiently are appended to ``retry_later`` as
+    ``(rollout_id, error)``: the table must then not be written as a finished part.
+    """
     mode, which = params.mode, params.effective_which()
     n = len(rows)
     feedback: list[str | None] = [None] * n
@@ -114,7 +125,7 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
             template_ids[i] = f"{tpl.id}+{teacher_id}"
         sha = prompt_sha(prompt)
         if journal is not None and (done := journal.get(row["rollout_id"], sha)) is not None:
-            feedback[i] = done
+            feedback[i], errors[i] = done
             if progress is not None:
                 progress.update(1)
             continue
@@ -126,8 +137,11 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
     def on_reply(j: int, reply: CriticReply) -> None:
         i = todo[j]
         feedback[i], errors[i] = reply.text, (reply.error if reply.text is None else None)
-        if journal is not None and reply.text is not None:
-            journal.add(requests[j].rollout_id, prompt_sha(requests[j].prompt), reply.text)
+        if reply.text is None and reply.retryable:
+            if retry_later is not None:
+                retry_later.append((requests[j].rollout_id, reply.error))
+        elif journal is not None:
+            journal.add(requests[j].rollout_id, prompt_sha(requests[j].prompt), reply.text, errors[i])
         if progress is not None:
             progress.update(1)
 
@@ -147,7 +161,10 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
         if text is None:
             teacher_prompts.append(None)
             continue
-        prefix, problem, instruction = split_student_prompt(row["prompt"], row["problem"], wrap)
+        try:
+            prefix, problem, instruction = split_student_prompt(row["prompt"], row["problem"], wrap)
+        except TemplateError as exc:
+            raise CritiqueError(f"rollout_id {row['rollout_id']!r} (prompt_id {row['prompt_id']!r}): {exc}") from None
         teacher_prompts.append(render_teacher_prompt(templates[_teacher_template_name(mode)], prefix, problem,
                                                      instruction, text, wrap))
     return pa.table({
@@ -193,26 +210,50 @@ def _chat_wrap_from(params: CritiqueParams) -> tuple[str, str] | None:
     return chat_wrap(tok)
 
 
+# The resume fingerprint (tcrlsd.resume): the code that computes a part and the params that change
+# it (the rest pace the work or say where things are; files found by path go in by content).
+CODE_MODULES = ("tcrlsd.critique", "tcrlsd.templates", "tcrlsd.answers", "tcrlsd.reference_critic",
+                "tcrlsd.generation")
+NOT_OUTPUT = ("templates_dir", "policy_chat_template_tokenizer", "device", "backend_options", "chunk_rows",
+              "base_url", "api_key_env", "max_concurrency", "request_timeout_s", "max_attempts",
+              "backoff_initial_s", "backoff_max_s", "abort_after_failures")
+
+
+def critique_fingerprint(params: CritiqueParams, templates: dict[str, Template], out_dir, input_paths,
+                         policy_path: str | None, rows: int) -> dict:
+    """:func:`tcrlsd.resume.stage_fingerprint` of the critique stage."""
+    inputs = dict(input_paths) if isinstance(input_paths, dict) else {f"input{i}": p for i, p in enumerate(input_paths)}
+    settings = output_settings(params, NOT_OUTPUT)
+    code = list(CODE_MODULES)
+    if params.mode == "self" and policy_path:
+        inputs["policy"] = policy_path
+        code.append("tcrlsd.generate")  # self-critique generates through the generate stage's backends
+    if params.policy_chat_template_tokenizer:
+        inputs["chat_template_tokenizer"] = params.policy_chat_template_tokenizer
+    if params.mode in ("critique", "critique_gold") and params.critic in ("transformers", "vllm"):
+        code.append("tcrlsd.generate")
+        if Path(params.critic_model).exists():
+            inputs["critic_model"] = params.critic_model  # a local model: by content, not by path
+            settings.pop("critic_model")
+    return stage_fingerprint(code=code, settings=settings, inputs=inputs, cache_dir=resume_dir(out_dir),
+                             templates={t.id: t.sha for t in templates.values()}, rows=rows)
+
+
 def run_critique(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table, params: CritiqueParams,
                  out_dir: str | os.PathLike, shard: ShardSpec = ShardSpec(), policy_path: str | None = None,
-                 input_paths: Sequence[str | os.PathLike] = ()) -> bool:
+                 input_paths: dict | Sequence[str | os.PathLike] = (), restart: bool = False) -> bool:
     """Write the ``critiques`` artifact under ``out_dir`` part by part; True once it is complete.
 
     Resumes: finished parts are skipped, and answered rows of an unfinished part are read back from
-    its journal (model critics). ``input_paths`` (the input files) go into the manifest fingerprint.
+    its journal (model critics). ``input_paths`` (artifact name -> file) go into the fingerprint by
+    content. Raises :class:`CriticRetryLater` after doing every pending part when some rows failed
+    transiently (their parts are left unwritten, journals kept).
     """
-    rows = join_inputs(rollouts, verdicts, prompts)
+    rows = join_inputs(rollouts, verdicts, prompts, input_paths if isinstance(input_paths, dict) else None)
     templates = _templates_for(params)
     num_parts = max(1, math.ceil(len(rows) / params.rows_per_part))
-    fingerprint = {
-        "params": dataclasses.asdict(params),
-        "inputs": fingerprint_files(input_paths),
-        "templates": {t.id: t.sha for t in templates.values()},
-        "rows": len(rows),
-    }
-    if params.mode == "self" and policy_path:
-        fingerprint["policy"] = fingerprint_files([policy_path])
-    out = ShardedOutput(out_dir, "critiques", num_parts, fingerprint)
+    fingerprint = critique_fingerprint(params, templates, out_dir, input_paths, policy_path, len(rows))
+    out = ShardedOutput(out_dir, "critiques", num_parts, fingerprint, restart=restart)
     pending = out.pending(shard)
     if not pending:
         return out.complete()
@@ -222,18 +263,32 @@ def run_critique(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table, para
     from tcrlsd.progress import progress_bar
 
     total = sum(len(ranges[p]) for p in pending)
+    retry_later: list[tuple[str, str]] = []
+    unfinished = []
     with progress_bar(total=total, desc=f"critique ({params.mode})", unit="row", mininterval=1.0) as bar:
         for part in pending:
             part_rows = [rows[i] for i in ranges[part]]
-            journal_path = out.folder / f"journal-{part:05d}.jsonl"
+            journal_path = out.journal_path(part)
             journal = Journal(journal_path) if critic is not None and critic.journaled else None
+            failed: list[tuple[str, str]] = []
             try:
-                table = critique_rows(part_rows, params, critic, templates, wrap, journal, bar)
+                table = critique_rows(part_rows, params, critic, templates, wrap, journal, bar, failed)
             finally:
                 if journal is not None:
                     journal.close()
+            if failed:  # not final: keep the journal, leave the part for a rerun
+                retry_later += failed
+                unfinished.append(part)
+                continue
             out.write(part, table)
             journal_path.unlink(missing_ok=True)
+    if retry_later:
+        rid, err = retry_later[0]
+        raise CriticRetryLater(
+            f"{len(retry_later)} row(s) in {len(unfinished)} part(s) of {out.folder} failed transiently "
+            f"(e.g. rollout {rid!r}: {err}); those parts stay unfinished, answered rows are kept in "
+            f"{out.resume}; rerun to ask only the failed rows again"
+        )
     return out.complete()
 
 
@@ -283,6 +338,8 @@ def critique_metrics(critiques: pa.Table, verdicts: pa.Table, params: CritiquePa
         "mean_feedback_words": share(sum(len(t.split()) for t in texts), n_fb),
         "failures": sum(failures.values()),
         "failures_by_reason": dict(sorted(failures.items())),
+        # permanent failures by name (transient ones never reach a finished part): the first 100 ids
+        "failed_rollout_ids": sorted(r["rollout_id"] for r in rows if r["error"] is not None)[:100],
         "leaks": leaks,
         "leakage_share": share(leaks, n_fb),
         "leakage_share_after_masking": None if leaks_after is None else share(leaks_after, n_fb),

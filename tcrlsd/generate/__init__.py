@@ -10,8 +10,9 @@ a prompt twice in a step would give two GRPO groups with the same rollout ids.
 The step's prompts are cut into ``num_parts`` contiguous parts (whole groups); each part is one
 ``part-NNNNN.parquet`` of the ``rollouts`` folder, generated with sampling seed
 derive_seed(seed, iteration, part). Parts are the unit of sharing (``--shard i/N`` takes parts
-p % N == i) and of resuming (a finished part is never generated again while the manifest's
-fingerprint -- params, input file identities, iteration -- still matches).
+p % N == i) and of resuming (a finished part is never generated again while the resume
+fingerprint -- code, input contents, output-changing params, iteration -- still matches; see
+:mod:`tcrlsd.resume`).
 
 
 Layout of this package: ``selection``, ``backends``, ``stage`` (see docs/ARCHITECTURE.md). Importing it is cheap: torch and transformers are imported inside functions, and this

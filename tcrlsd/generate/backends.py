@@ -2,8 +2,9 @@
 
 ``transformers`` (the default, CPU or one GPU) runs its own batched sampling loop over a Hugging Face
 causal LM with a KV cache; ``vllm`` (GPUs, tensor parallel) hands token-id prompts to ``vllm.LLM``.
-Both return :class:`tcrlsd.generation.Completion` records: the sampled ids with the EOS cut off,
-the decoded text, and ``finish_reason`` "stop" or "length".
+Both return :class:`tcrlsd.generation.Completion` records under the stop-token contract of
+``tcrlsd.generation``: the sampled ids, ending with the stop id (EOS) when ``finish_reason`` is
+"stop", the decoded text without it, and ``finish_reason`` "stop" or "length".
 
 Choices, and where they depart from ``model.generate``:
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from tcrlsd.artifacts import ShardedOutput, ShardSpec, fingerprint_files, read_artifact, split_evenly
+from tcrlsd.artifacts import ShardSpec, read_artifact, split_evenly
 from tcrlsd.generate.backend_base import derive_seed
 from tcrlsd.generate.backends import BACKENDS
 from tcrlsd.generate.selection import select_prompts, train_prompt_ids
-from tcrlsd.generation import SamplingConfig
+from tcrlsd.generation import SamplingConfig, check_completions
+from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.schemas import schema_for
+
+# The resume fingerprint (tcrlsd.resume): the code that computes a part and the params that change it;
+# the others only place or pace the work.
+CODE_MODULES = ("tcrlsd.generate", "tcrlsd.generation", "tcrlsd.policy")
+NOT_OUTPUT = ("device", "batch_size", "max_batch_tokens", "tensor_parallel_size", "gpu_memory_utilization",
+              "num_threads")
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ def rollout_metrics(rollouts: pa.Table) -> dict:
     n = rollouts.num_rows
     lengths = pc.list_value_length(rollouts.column("response_token_ids"))
     n_length = pc.sum(pc.equal(rollouts.column("finish_reason"), "length")).as_py() or 0
+    n_stop = pc.sum(pc.equal(rollouts.column("finish_reason"), "stop")).as_py() or 0
     return {
         "rollouts": n,
         "prompts": pc.count_distinct(rollouts.column("prompt_id")).as_py() if n else 0,
@@ -99,6 +106,7 @@ def rollout_metrics(rollouts: pa.Table) -> dict:
         "mean_response_tokens": float(pc.mean(lengths).as_py()) if n else 0.0,
         "max_response_tokens": int(pc.max(lengths).as_py()) if n else 0,
         "share_finish_length": n_length / n if n else 0.0,
+        "share_finish_stop": n_stop / n if n else 0.0,  # these end with their stop id (a scored token)
     }
 
 
@@ -110,6 +118,7 @@ def run_generate(
     out: str | os.PathLike,
     shard: ShardSpec | None = None,
     progress: bool = True,
+    restart: bool = False,
 ) -> dict:
     """Generate this worker's pending parts of iteration ``iteration`` into the folder ``out``.
 
@@ -124,12 +133,10 @@ def run_generate(
                             iteration)
     text_of = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
     parts = split_evenly(len(chosen), params.num_parts)
-    fingerprint = {
-        "params": dataclasses.asdict(params),
-        "iteration": iteration,
-        "inputs": fingerprint_files([prompts_path, policy_path]),
-    }
-    output = ShardedOutput(out, "rollouts", len(parts), fingerprint)
+    fingerprint = stage_fingerprint(code=CODE_MODULES, settings=output_settings(params, NOT_OUTPUT),
+                                    inputs={"prompts": prompts_path, "policy": policy_path},
+                                    cache_dir=resume_dir(out), iteration=iteration)
+    output = ShardedOutput(out, "rollouts", len(parts), fingerprint, restart=restart)
     pending = output.pending(shard or ShardSpec())
     started = time.perf_counter()
     new_rollouts = new_tokens = 0
@@ -145,6 +152,7 @@ def run_generate(
             ids = [chosen[i] for i in parts[p]]
             ptoks = [encode_prompt(tokenizer, text_of[pid]) for pid in ids]
             groups = backend.generate(ptoks, params.samples_per_prompt, params.sampling(iteration, p))
+            check_completions(groups, backend.stop_ids, params.max_new_tokens, f"{params.backend} backend, part {p}")
             table = pa.Table.from_pydict(rollout_rows(ids, ptoks, groups, iteration), schema=schema_for("rollouts"))
             output.write(p, table)
             new_rollouts += table.num_rows

@@ -73,7 +73,9 @@ class TransformersBackend:
         return out
 
     def _completion(self, ids: list[int], reason: str) -> Completion:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        # The stop id is a token of the response (scored, trained) but not part of its text.
+        body = ids[:-1] if reason == "stop" else ids
+        text = self.tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return Completion(token_ids=tuple(ids), text=text, finish_reason=reason)
 
     def _new_cache(self, capacity: int):
@@ -114,7 +116,7 @@ class TransformersBackend:
         next_pos = position[:, -1:] + 1  # (R, 1)
         stop = torch.tensor(self.stop_ids, device=dev)
         tokens = torch.full((R, T), self.pad_id, dtype=torch.long, device=dev)  # (R, T)
-        lengths = torch.full((R,), T, dtype=torch.long, device=dev)  # generated ids before EOS
+        lengths = torch.full((R,), T, dtype=torch.long, device=dev)  # response ids, the stop id included
         stopped = torch.zeros(R, dtype=torch.bool, device=dev)
         alive = torch.arange(R, device=dev)  # rows of `tokens` still in the batch
         finished = torch.zeros(R, dtype=torch.bool, device=dev)  # per row of the batch: EOS seen
@@ -123,7 +125,7 @@ class TransformersBackend:
             tokens[alive, t] = nxt  # rows already finished write past their length: ignored
             ended = torch.isin(nxt, stop) & ~finished  # (r,)
             if bool(ended.any()):
-                lengths[alive[ended]] = t
+                lengths[alive[ended]] = t + 1  # the stop id is the response's last token
                 stopped[alive[ended]] = True
                 finished |= ended
                 n_finished = int(finished.sum())
@@ -154,8 +156,8 @@ def _preallocated_layer_class():
     DynamicLayer appends each step's keys/values with torch.cat, copying the whole cache every
     step (O(T^2) memory traffic; on CPU the biggest cost of a large batch). This layer allocates
     (rows, heads, prompt + max_new_tokens, head_dim) once and hands attention a view of the filled
-    prefix. Used only where the cache is made of plain DynamicLayers (transformers >= 4.56);
-    otherwise the stock cache is kept.
+    prefix. Used only where the cache is made of plain DynamicLayers (transformers >= 4.57, whose
+    DynamicLayer has ``is_initialized``); otherwise the stock cache is kept.
     """
     if _PREALLOC:
         return _PREALLOC[0]

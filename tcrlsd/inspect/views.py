@@ -152,6 +152,23 @@ def _predicate(f: Filters, has_critiques: bool) -> pl.Expr | None:
     return out.fill_null(False)
 
 
+def _odd_file(it: Iteration) -> str | None:
+    """The shard whose columns differ from its siblings' (what a failed scan of all of them means)."""
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    for files in it.files.values():
+        if len(files) < 2:
+            continue
+        shapes = [str(pq.read_schema(f).remove_metadata()) for f in files]
+        common = Counter(shapes).most_common(1)[0][0]
+        odd = [f for f, sh in zip(files, shapes) if sh != common]
+        if odd:
+            return f"{odd[0]} (its columns differ from the other parts')"
+    return None
+
+
 def list_samples(
     it: Iteration,
     filters: Filters = Filters(),
@@ -176,7 +193,7 @@ def list_samples(
     try:
         df = lf.select(list(LIST_FIELDS)).collect()
     except pl.exceptions.PolarsError as exc:  # e.g. a shard whose column types differ from the others'
-        raise InspectError(f"{it.root}: cannot read the artifacts as one table: {exc}") from None
+        raise InspectError(f"{_odd_file(it) or it.root}: cannot read the artifacts as one table: {exc}") from None
     total_rows = sum(_num_rows(f) for f in it.files["rollouts"])
     page = df.slice(offset, limit) if limit is not None else df.slice(offset)
     missing = {k: v for k, v in it.missing.items() if k != "prompts"}

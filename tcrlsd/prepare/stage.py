@@ -13,6 +13,7 @@ import pyarrow as pa
 from tcrlsd.prepare.params import PrepareError, PrepareParams, SourceParams
 from tcrlsd.prepare.sources import FORMATS, Row, _missing_why, read_raw
 from tcrlsd.schemas import schema_for, validate
+from tcrlsd.templates import render_user_message
 
 # --------------------------------------------------------------------------------------------------
 # Selection
@@ -116,7 +117,7 @@ def render_prompt(problem: str, template: str, tokenizer=None) -> str:
     text = template.replace("{problem}", problem)
     if tokenizer is None:
         return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return render_user_message(tokenizer, text)  # a template that prints the date gets a fixed one
 
 
 def _chat_tokenizer(path: str | None):

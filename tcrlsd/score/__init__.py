@@ -27,10 +27,17 @@ How the forward passes are laid out (the part a reader should check):
 - The log-prob of response token t comes from the logits at position ``len(context) + t - 1``.
   Only those positions go through the lm head: the decoder's hidden states are gathered at the
   response positions first, then projected in chunks of ``logits_chunk_tokens`` rows, so a full
-  (B, T, V) logits tensor is never built. log-softmax runs in fp32 (logits are cast up even when
-  the model runs in bf16).
+  (B, T, V) logits tensor is never built. The projection itself runs in fp32 (hidden states and
+  head weight cast up, then the architecture's logit scale / soft-cap from
+  ``LOGIT_POSTPROCESS``): bf16 logits cast afterwards would be rounded by about as much as the
+  Delta-gap. At load, :func:`check_head_path` compares this path with ``model(ids).logits`` on one
+  short sequence and refuses, naming the architecture, a model whose forward does something else.
+- The response ids include the stop id of a "stop" rollout: "stop here" gets a log-prob (and so a
+  Delta and an advantage) like every other action.
 - Output is written part by part (``rows_per_part`` rollouts each, contiguous in input order)
-  through :class:`tcrlsd.artifacts.ShardedOutput`: memory is bounded by one part, a killed run
+  through :class:`tcrlsd.resume.ShardedOutput`. Memory is bounded by one part: the inputs stay
+  Arrow columns and a part's rows become Python lists (and its teacher prompts token ids) only
+  when it is scored; the metrics read the artifact back one part file at a time. A killed run
   resumes at the first missing part, and ``--shard i/N`` workers split the parts.
 
 torch and transformers are imported inside functions: importing this module is cheap.
@@ -42,8 +49,15 @@ docs/ARCHITECTURE.md). Importing it is cheap: torch and transformers are importe
 
 from __future__ import annotations
 
-from tcrlsd.score.inputs import ScoringInputs, build_inputs, check_vocab, score_part  # noqa: F401
-from tcrlsd.score.logprobs import plan_batches, response_logprobs  # noqa: F401
-from tcrlsd.score.metrics import score_metrics  # noqa: F401
+from tcrlsd.score.inputs import (  # noqa: F401
+    PartInputs,
+    ScoringInputs,
+    build_inputs,
+    check_vocab,
+    encode_teacher_context,
+    score_part,
+)
+from tcrlsd.score.logprobs import LOGIT_POSTPROCESS, check_head_path, plan_batches, response_logprobs  # noqa: F401
+from tcrlsd.score.metrics import artifact_metrics, score_metrics  # noqa: F401
 from tcrlsd.score.params import TEACHER_MODES, ScoreError, ScoreParams  # noqa: F401
 from tcrlsd.score.stage import ScoreRunStats, run_score, teacher_checkpoint_for  # noqa: F401

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -16,16 +17,45 @@ from tcrlsd.score.params import ScoreError, ScoreParams
 
 
 @dataclass(frozen=True)
-class ScoringInputs:
-    """Aligned per-rollout inputs of the score stage (critiques reordered to rollouts' order)."""
+class PartInputs:
+    """One part's rows as Python lists: what the forward passes take."""
 
     rollout_ids: list[str]
     prompts: list[list[int]]  # student context = prompt_token_ids
-    responses: list[list[int]]  # the sampled ids
+    responses: list[list[int]]  # the sampled ids (a "stop" row ends with its stop id)
     teacher_prompts: list[str | None]  # rendered teacher context text; None = no feedback
 
     def __len__(self) -> int:
         return len(self.rollout_ids)
+
+
+@dataclass(frozen=True)
+class ScoringInputs:
+    """Per-rollout inputs of the score stage in rollouts order (critiques joined by rollout_id),
+    kept as Arrow columns: :meth:`part` converts only one part's rows to Python lists, so the
+    stage holds the iteration in Arrow (4 bytes a token) and one part in Python, never a Python
+    list of every token of the iteration."""
+
+    table: pa.Table  # rollout_id, prompt_token_ids, response_token_ids, teacher_prompt (null = no feedback)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def part(self, rows: range) -> PartInputs:
+        """The contiguous rows ``rows`` (a part of the stage's plan) as Python lists."""
+        if rows.step != 1 or rows.start < 0 or rows.stop > len(self):
+            raise ValueError(f"a part is a contiguous range of rows within 0..{len(self)}; got {rows}")
+        t = self.table.slice(rows.start, len(rows))
+        return PartInputs(t.column("rollout_id").to_pylist(), t.column("prompt_token_ids").to_pylist(),
+                          t.column("response_token_ids").to_pylist(), t.column("teacher_prompt").to_pylist())
+
+    def has_feedback(self) -> np.ndarray:
+        """(rows,) bool: the row has a teacher context."""
+        return pc.is_valid(self.table.column("teacher_prompt")).to_numpy(zero_copy_only=False)
+
+    def lengths(self, column: str) -> np.ndarray:
+        """(rows,) int64 list lengths of ``prompt_token_ids`` or ``response_token_ids``."""
+        return pc.list_value_length(self.table.column(column)).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def build_inputs(rollouts: pa.Table, critiques: pa.Table, *, critiques_source: str | None = None) -> ScoringInputs:
@@ -36,22 +66,35 @@ def build_inputs(rollouts: pa.Table, critiques: pa.Table, *, critiques_source: s
     """
     crit = check_token_lengths(rollouts, critiques, "critiques", source=critiques_source)
     where = f"{critiques_source}: " if critiques_source else ""
-    ids = rollouts.column("rollout_id").to_pylist()
-    fb_null = pc.is_null(crit.column("feedback_text")).to_pylist()
-    tp = crit.column("teacher_prompt").to_pylist()
-    for rid, f_null, t in zip(ids, fb_null, tp):
-        if f_null != (t is None):
-            raise ScoreError(
-                f"{where}rollout_id {rid!r}: feedback_text is {'null' if f_null else 'set'} but teacher_prompt is "
-                f"{'null' if t is None else 'set'}; both must be null (no feedback) or both set"
-            )
+    ids = rollouts.column("rollout_id")
+    fb_null = pc.is_null(crit.column("feedback_text"))
+    tp_null = pc.is_null(crit.column("teacher_prompt"))
+    disagree = pc.not_equal(fb_null, tp_null)
+    if pc.any(disagree).as_py():
+        k = pc.indices_nonzero(disagree)[0].as_py()
+        f_null = fb_null[k].as_py()
+        raise ScoreError(
+            f"{where}rollout_id {ids[k].as_py()!r}: feedback_text is {'null' if f_null else 'set'} but teacher_prompt "
+            f"is {'set' if f_null else 'null'}; both must be null (no feedback) or both set"
+        )
     empty = pc.equal(pc.list_value_length(rollouts.column("prompt_token_ids")), 0)
     if pc.any(empty).as_py():
-        rid = ids[pc.indices_nonzero(empty)[0].as_py()]
+        rid = ids[pc.indices_nonzero(empty)[0].as_py()].as_py()
         raise ScoreError(f"rollouts: rollout_id {rid!r}: prompt_token_ids is empty; expected the policy's input ids")
-    prompts = rollouts.column("prompt_token_ids").to_pylist()
-    responses = rollouts.column("response_token_ids").to_pylist()
-    return ScoringInputs(ids, prompts, responses, tp)
+    return ScoringInputs(pa.table({
+        "rollout_id": ids,
+        "prompt_token_ids": rollouts.column("prompt_token_ids"),
+        "response_token_ids": rollouts.column("response_token_ids"),
+        "teacher_prompt": crit.column("teacher_prompt"),
+    }))
+
+
+def encode_teacher_context(tokenizer, teacher_prompt: str) -> list[int]:
+    """Token ids of a rendered teacher context: ``encode_prompt``, the generate stage's own rule
+    (BOS added unless the text -- a chat template rendering, say -- already starts with it)."""
+    from tcrlsd.policy import encode_prompt
+
+    return encode_prompt(tokenizer, teacher_prompt)
 
 
 def check_vocab(rollouts: pa.Table, vocab_size: int, policy: str) -> None:
@@ -73,36 +116,34 @@ def check_vocab(rollouts: pa.Table, vocab_size: int, policy: str) -> None:
 
 
 def score_part(
-    inputs: ScoringInputs,
-    rows: Sequence[int],
+    part: PartInputs,
     student,
     teacher,
     tokenizer,
     params: ScoreParams,
     teacher_checkpoint: str,
     on_batch: Callable[[int], None] | None = None,
-    teacher_contexts: dict[int, list[int]] | None = None,
+    teacher_contexts: Sequence[list[int] | None] | None = None,
 ) -> tuple[pa.Table, dict]:
-    """Scores table of ``rows`` (indices into ``inputs``), and token counts of the work done.
+    """Scores table of one part's rows, and token counts of the work done.
 
     ``teacher`` is None when the student's weights play the teacher (``current``): then student
     and teacher sequences are batched together through one model. ``teacher_contexts`` may hold
-    already encoded teacher prompts by row index.
+    the part's teacher prompts already encoded (:func:`encode_teacher_context`; None where a row
+    has no feedback); else they are encoded here.
     """
-    from tcrlsd.policy import encode_prompt
-
-    rows = list(rows)
-    cache = teacher_contexts or {}
-    responses = [inputs.responses[i] for i in rows]
-    fb = [j for j, i in enumerate(rows) if inputs.teacher_prompts[i] is not None]
-    s_ctx = [inputs.prompts[i] for i in rows]
-    t_ctx = [cache.get(rows[j]) or encode_prompt(tokenizer, inputs.teacher_prompts[rows[j]]) for j in fb]
+    if teacher_contexts is None:
+        teacher_contexts = [None if t is None else encode_teacher_context(tokenizer, t) for t in part.teacher_prompts]
+    responses = part.responses
+    fb = [j for j, t in enumerate(part.teacher_prompts) if t is not None]
+    s_ctx = part.prompts
+    t_ctx = [teacher_contexts[j] for j in fb]
     t_resp = [responses[j] for j in fb]
     kw = dict(max_tokens_per_batch=params.max_tokens_per_batch, logits_chunk_tokens=params.logits_chunk_tokens,
               on_batch=on_batch)
     if teacher is None:
         both = response_logprobs(student, s_ctx + t_ctx, responses + t_resp, **kw)
-        student_lp, teacher_fb = both[: len(rows)], both[len(rows) :]
+        student_lp, teacher_fb = both[: len(part)], both[len(part) :]
     else:
         student_lp = response_logprobs(student, s_ctx, responses, **kw)
         teacher_fb = response_logprobs(teacher, t_ctx, t_resp, **kw)
@@ -112,15 +153,15 @@ def score_part(
     schema = schema_for("scores")
     table = pa.table(
         {
-            "rollout_id": pa.array([inputs.rollout_ids[i] for i in rows], pa.string()),
+            "rollout_id": pa.array(part.rollout_ids, pa.string()),
             "student_logprobs": pa.array([a.tolist() for a in student_lp], schema.field("student_logprobs").type),
             "teacher_logprobs": pa.array([a.tolist() for a in teacher_lp], schema.field("teacher_logprobs").type),
-            "teacher_checkpoint": pa.array([teacher_checkpoint] * len(rows), pa.string()),
+            "teacher_checkpoint": pa.array([teacher_checkpoint] * len(part), pa.string()),
         },
         schema=schema,
     )
     counts = {
-        "rows": len(rows),
+        "rows": len(part),
         "forward_tokens": sum(len(c) + len(r) for c, r in zip(s_ctx + t_ctx, responses + t_resp) if r),
         "response_tokens_scored": sum(len(r) for r in responses + t_resp),
     }

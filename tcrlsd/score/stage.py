@@ -10,11 +10,18 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tcrlsd.artifacts import ShardedOutput, ShardSpec, checkpoint_digest, split_evenly
-from tcrlsd.score.inputs import ScoringInputs, check_vocab, score_part
+from tcrlsd.artifacts import ShardSpec, split_evenly
+from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
+from tcrlsd.score.inputs import ScoringInputs, check_vocab, encode_teacher_context, score_part
+from tcrlsd.score.logprobs import check_head_path
 from tcrlsd.score.params import ScoreError, ScoreParams
 
 # ----------------------------------------------------------------------------- the stage
+
+# The resume fingerprint (tcrlsd.resume): the code that computes a part and the params that change it
+# (batching, chunking and placement do not; the resolved dtype does).
+CODE_MODULES = ("tcrlsd.score", "tcrlsd.policy")
+NOT_OUTPUT = ("max_tokens_per_batch", "logits_chunk_tokens", "device")
 
 
 def _resolve_device(name: str) -> str:
@@ -85,17 +92,18 @@ def run_score(
     *,
     teacher_policy: str | os.PathLike | None = None,
     shard: ShardSpec = ShardSpec(),
-    input_digests: dict | None = None,
+    input_paths: dict | None = None,
     progress: bool = True,
+    restart: bool = False,
 ) -> ScoreRunStats:
     """Score every pending part of this shard into the folder artifact ``out``.
 
     ``inputs`` is :func:`build_inputs` of ``rollouts`` (which is only read again for the
     vocabulary check).
 
-    ``input_digests`` identifies the inputs in the resume fingerprint (the stage passes content
-    digests of the rollouts and critiques files); with the params and the checkpoints' digests it
-    decides whether finished parts on disk are still valid.
+    ``input_paths`` (name -> the rollouts and critiques artifacts) go into the resume fingerprint by
+    content; with the code, the output-changing params and the checkpoints' contents it decides
+    whether finished parts on disk are still valid (:mod:`tcrlsd.resume`).
     """
     import torch
 
@@ -107,15 +115,12 @@ def run_score(
     dtype = _resolve_dtype(params.dtype, device)
     n = rollouts.num_rows
     plan = split_evenly(n, math.ceil(n / params.rows_per_part) if n else 1)
-    fingerprint = {
-        "params": asdict(params) | {"device": device, "dtype": dtype},
-        "inputs": input_digests or {},
-        "policy": {"path": str(policy), "sha256": checkpoint_digest(policy)},
-        "teacher": {"path": teacher_ckpt,
-                    "sha256": checkpoint_digest(teacher_ckpt) if params.teacher != "current" else "student"},
-        "rows": n,
-    }
-    sink = ShardedOutput(out, "scores", len(plan), fingerprint)
+    fingerprint = stage_fingerprint(
+        code=CODE_MODULES, settings=output_settings(params, NOT_OUTPUT) | {"dtype": dtype},
+        inputs={**(input_paths or {}), "policy": policy,
+                "teacher": teacher_ckpt if params.teacher != "current" else None},
+        cache_dir=resume_dir(out), rows=n)
+    sink = ShardedOutput(out, "scores", len(plan), fingerprint, restart=restart)
     pending = sink.pending(shard)
     stats = ScoreRunStats(device=device, dtype=dtype)
     stats.parts_skipped = sum(1 for p in range(len(plan)) if shard.owns(p)) - len(pending)
@@ -136,29 +141,40 @@ def run_score(
             )
         teacher, _ = load_policy(teacher_ckpt, device=device, dtype=dtype, trust_remote_code=params.trust_remote_code)
 
-    # Encode the teacher contexts of the pending parts once: the progress bar's total needs their
-    # lengths, and the parts reuse them.
-    from tcrlsd.policy import encode_prompt
+    # The load-time check: the stage's fp32 head path must reproduce model(ids).logits (logit
+    # scales, soft-caps), on one short real sequence.
+    check_ids = inputs.part(range(0, 1)) if n else None
+    if check_ids is not None:
+        ids = (check_ids.prompts[0] + check_ids.responses[0])[:64]
+        for model in (student, teacher):
+            if model is not None:
+                check_head_path(model, ids)
 
-    t_ids = {i: encode_prompt(tokenizer, inputs.teacher_prompts[i])
-             for part in pending for i in plan[part] if inputs.teacher_prompts[i] is not None}
+    # Progress in forward tokens: the student sequences of the pending parts are known from the
+    # Arrow list lengths; each part's teacher contexts are added to the total when it encodes them.
+    p_len, r_len = inputs.lengths("prompt_token_ids"), inputs.lengths("response_token_ids")
+    has_fb = inputs.has_feedback()
     total = 0
     for part in pending:
-        for i in plan[part]:
-            if inputs.responses[i]:
-                total += len(inputs.prompts[i]) + len(inputs.responses[i])
-                total += len(t_ids[i]) + len(inputs.responses[i]) if i in t_ids else 0
+        rows = slice(plan[part].start, plan[part].stop)
+        nonempty = r_len[rows] > 0
+        total += int(((p_len[rows] + r_len[rows]) * nonempty).sum() + (r_len[rows] * has_fb[rows]).sum())
     bar = progress_bar(total=total, unit="tok", unit_scale=True, desc="score", enabled=progress)
     start = time.perf_counter()
     try:
         for part in pending:
-            table, counts = score_part(inputs, plan[part], student, teacher, tokenizer, params, teacher_ckpt,
+            rows = inputs.part(plan[part])  # this part's rows only, as Python lists
+            t_ids = [None if t is None else encode_teacher_context(tokenizer, t) for t in rows.teacher_prompts]
+            bar.total += sum(len(c) for c, r in zip(t_ids, rows.responses) if c is not None and r)
+            bar.refresh()
+            table, counts = score_part(rows, student, teacher, tokenizer, params, teacher_ckpt,
                                        on_batch=bar.update, teacher_contexts=t_ids)
             sink.write(part, table)
             stats.parts_done += 1
             stats.rows += counts["rows"]
             stats.forward_tokens += counts["forward_tokens"]
             stats.response_tokens_scored += counts["response_tokens_scored"]
+            del rows, t_ids, table
     finally:
         bar.close()
     if device.startswith("cuda"):

@@ -44,12 +44,17 @@ class TrainerState:
 
 def weights_digest(policy: str | os.PathLike) -> str:
     """sha256 over the policy folder's *.safetensors files (names and bytes, sorted)."""
-    from tcrlsd.artifacts import content_digest
+    import hashlib
+
+    from tcrlsd.resume import content_digest
 
     files = sorted(Path(policy).glob("*.safetensors"))
     if not files:
         raise UpdateError(f"{policy}: no *.safetensors weights")
-    return content_digest(files)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + content_digest(f).encode() + b"\n")
+    return h.hexdigest()
 
 
 def read_state(state_dir: str | os.PathLike) -> TrainerState:

@@ -153,7 +153,8 @@ class GradingPool:
     Use as a context manager. ``grade(requests)`` returns one :class:`Grade` per request, in order.
     Identical requests are graded once. A worker still busy ``row_deadline_s`` after it got a row
     is killed (SIGKILL) and replaced; that row is ``timeout``. A worker that dies on a row (out of
-    memory, segfault) is replaced and the row is ``unparsable``; ``stats`` counts both.
+    memory, segfault, killed from outside) is replaced and the row is graded once more on the new
+    worker; a row that kills two workers is ``unparsable``. ``stats`` counts kills and crashes.
     """
 
     def __init__(self, workers: int = 2, limits: GradeLimits | None = None, row_deadline_s: float = 10.0,
@@ -210,6 +211,8 @@ class GradingPool:
         while len(self._workers) < n_workers:
             self._workers.append(None)
         next_key = 0
+        retry: list[int] = []  # keys whose worker died on them: graded once more
+        crashes: Counter = Counter()
         busy: dict[int, _Worker] = {}  # worker index -> worker
 
         def finish(key: int, grade: Grade) -> None:
@@ -218,26 +221,30 @@ class GradingPool:
                 on_result(counts[key])
 
         try:
-            while next_key < len(todo) or busy:
+            while next_key < len(todo) or busy or retry:
                 # Dispatch one row to every idle worker.
                 for i in range(n_workers):
-                    if i in busy or next_key >= len(todo):
+                    if i in busy or (not retry and next_key >= len(todo)):
                         continue
                     w = self._workers[i]
                     if w is None or not w.proc.is_alive():
                         if w is not None:
                             w.kill()
                         w = self._workers[i] = self._spawn()
-                    req = todo[next_key]
+                    key = retry[0] if retry else next_key
+                    req = todo[key]
                     try:
-                        w.conn.send((next_key, req.grader, req.response, req.gold))
+                        w.conn.send((key, req.grader, req.response, req.gold))
                     except (OSError, ValueError):  # died while idle: replace and retry the row
                         w.kill()
                         self._workers[i] = None
                         continue
-                    w.key, w.deadline = next_key, time.monotonic() + self.row_deadline_s
+                    w.key, w.deadline = key, time.monotonic() + self.row_deadline_s
                     busy[i] = w
-                    next_key += 1
+                    if retry:
+                        retry.pop(0)
+                    else:
+                        next_key += 1
                 if not busy:
                     continue
                 timeout = max(0.0, min(w.deadline for w in busy.values()) - time.monotonic())
@@ -255,11 +262,16 @@ class GradingPool:
                             raise EOFError
                         key, grade = w.conn.recv()
                     except (EOFError, OSError):
-                        # The worker died on this row (e.g. out of memory): a verdict, then a new worker.
+                        # The worker died on this row: a new worker grades it once more (the death may
+                        # have come from outside); a row that kills two workers is a verdict.
                         self.stats["worker_crashes"] += 1
                         w.kill()
                         self._workers[i] = None
-                        finish(w.key, Grade(0.0, None, "unparsable"))
+                        crashes[w.key] += 1
+                        if crashes[w.key] < 2:
+                            retry.append(w.key)
+                        else:
+                            finish(w.key, Grade(0.0, None, "unparsable"))
                         continue
                     finish(key, Grade(*grade))
                 now = time.monotonic()
