@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from tcrlsd.artifacts import ShardedOutput, ShardSpec, fingerprint_files, read_artifact, split_evenly
+from tcrlsd.artifacts import ShardSpec, read_artifact, split_evenly
 from tcrlsd.generation import Completion, SamplingConfig
 from tcrlsd.schemas import SchemaError, schema_for
 
@@ -189,7 +189,7 @@ def evaluation_metrics(table: pa.Table, prompts: pa.Table, params: EvaluateParam
 
 def run_evaluate(params: EvaluateParams, verify_params, prompts_path: str | os.PathLike,
                  policy_path: str | os.PathLike, out: str | os.PathLike, shard: ShardSpec | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, restart: bool = False) -> dict:
     """Evaluate ``policy_path`` on the val prompts into the folder ``out``; returns metrics.
 
     Metrics are computed over the whole artifact when it is complete, else ``{"complete": False}``
@@ -203,9 +203,15 @@ def run_evaluate(params: EvaluateParams, verify_params, prompts_path: str | os.P
     ids = val_prompt_ids(prompts, params.max_prompts, str(prompts_path))
     text_of = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
     parts = split_evenly(len(ids), params.num_parts)
-    fingerprint = {"params": dataclasses.asdict(params), "verify": dataclasses.asdict(verify_params),
-                   "inputs": fingerprint_files([prompts_path, policy_path])}
-    output = ShardedOutput(out, "evaluations", len(parts), fingerprint)
+    from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
+
+    fingerprint = stage_fingerprint(
+        code=("tcrlsd.evaluate", "tcrlsd.generate.backends", "tcrlsd.verify", "tcrlsd.policy"),
+        settings=output_settings(params, ("device", "batch_size", "max_batch_tokens", "tensor_parallel_size",
+                                          "gpu_memory_utilization", "num_threads")),
+        inputs={"prompts": prompts_path, "policy": policy_path}, cache_dir=resume_dir(out),
+        verify=dataclasses.asdict(verify_params))
+    output = ShardedOutput(out, "evaluations", len(parts), fingerprint, restart=restart)
     pending = output.pending(shard or ShardSpec())
     if pending:
         if params.num_threads:
