@@ -113,7 +113,7 @@ def _cell(v) -> str:
 
 def write_table(rows: list[dict], path: str | os.PathLike) -> None:
     """Write the rows as CSV atomically (header: iteration + COLUMNS)."""
-    from tcrlsd.artifacts import _tmp_name
+    from tcrlsd.artifacts import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,9 +123,8 @@ def write_table(rows: list[dict], path: str | os.PathLike) -> None:
     w.writerow(header)
     for r in rows:
         w.writerow([_cell(r.get(c)) for c in header])
-    tmp = _tmp_name(path)
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(buf.getvalue())
 
 
 def read_table(path: str | os.PathLike) -> list[dict]:
