@@ -13,10 +13,10 @@ import typer
 app = typer.Typer(
     name="tcrlsd",
     help=(
-        "RLVR for math, densified by teacher critiques. The training iteration itself runs with "
-        "`dvc repro`; these commands grade answers, switch params.yaml to a preset run, and "
-        "recompute and compare advantages offline from what an iteration stored, and inspect an "
-        "iteration's samples token by token."
+        "RLVR for math, densified by teacher critiques. The training iterations run with "
+        "`dvc repro` (`tcrlsd iterate N` adds N and runs it); these commands grade answers, switch "
+        "params.yaml to a preset run, recompute and compare advantages offline from what an "
+        "iteration stored, inspect an iteration's samples token by token, and write offline reports."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -29,6 +29,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("grade", "grade", "grade"),
     ("advantages", "recompute", "recompute"),
     ("advantages", "compare", "compare"),
+    ("loop", "iterate", "iterate"),
+    ("loop", "report", "report"),
+    ("loop", "experiment", "experiment"),
     ("inspect", "inspect", "inspect"),
 )
 

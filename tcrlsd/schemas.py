@@ -110,6 +110,18 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
         Column("advantages", _F32_LIST, doc="list<float32>  # per-token A_hat_t; len == len(response_token_ids)"),
         Column("estimator", pa.string(), doc="string  # grpo | rlsd | rlsd_add | rlsd_hybrid"),
     ),
+    # One row per held-out prompt x decoding x sample (evaluate stage).
+    "evaluations": (
+        Column("eval_id", pa.string(), doc="string  # '<prompt_id>#greedy' or '<prompt_id>#s<sample_idx>'; unique"),
+        Column("prompt_id", pa.string(), doc="string  # join key into prompts (split == 'val')"),
+        Column("decoding", pa.string(), doc="string  # 'greedy' (temperature 0, one sample) or 'sampled' (avg@k)"),
+        Column("sample_idx", pa.int32(), doc="int32  # 0 for greedy; 0..k-1 for sampled"),
+        Column("response_text", pa.string(), doc="string  # decoded response (special tokens skipped)"),
+        Column("response_length", pa.int32(), doc="int32  # response tokens (EOS excluded)"),
+        Column("finish_reason", pa.string(), doc="string  # 'stop' or 'length'"),
+        Column("reward", pa.float32(), doc="float32  # 1.0 or 0.0 from the verify graders"),
+        Column("reason", pa.string(), doc="string  # correct | incorrect | no_answer | unparsable | timeout"),
+    ),
 }
 # fmt: on
 
@@ -120,6 +132,10 @@ TOKEN_COLUMNS: dict[str, tuple[str, ...]] = {
     "scores": ("student_logprobs", "teacher_logprobs"),
     "advantages": ("advantages",),
 }
+
+
+# The unique key of artifacts without a rollout_id column.
+UNIQUE_KEY: dict[str, str] = {"prompts": "prompt_id", "evaluations": "eval_id"}
 
 
 def schema_for(name: str) -> pa.Schema:
@@ -222,7 +238,7 @@ def validate(table: pa.Table, name: str, source: str | None = None) -> pa.Table:
                     f"{where}{name}: row {row}: len({col.name}) = {a[row].as_py()} but "
                     f"len({col.same_length_as}) = {b[row].as_py()}; they must be equal"
                 )
-    ids = "rollout_id" if "rollout_id" in table.column_names else ("prompt_id" if name == "prompts" else None)
+    ids = "rollout_id" if "rollout_id" in table.column_names else UNIQUE_KEY.get(name)
     if ids and table.num_rows:
         n_unique = pc.count_distinct(table.column(ids)).as_py()
         if n_unique != table.num_rows:

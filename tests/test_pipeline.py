@@ -1,14 +1,19 @@
-"""End to end: `dvc repro` of the real dvc.yaml on the embedded default, offline, in a temp copy.
+"""End to end: two training iterations through `dvc repro` of the real dvc.yaml, offline, in a temp copy.
 
-The copy uses the repository's own dvc.yaml, stages and params.yaml, with a few params shrunk so
-the whole chain runs in about a minute on 2 cores (a short warm start, fewer prompts). It checks
-that every artifact exists, validates against its contract, joins on rollout_id with matching
-token lengths, that a second `dvc repro` has nothing to do, and that changing an advantages param
-re-runs only the advantages stage.
+The copy uses the repository's own dvc.yaml, iterations.yaml, stages and params.yaml, with a few
+params shrunk so the chain runs in a minute or two on 2 cores (a short warm start, few prompts, a
+small evaluation). The first `dvc repro` runs prepare, warmstart, the baseline evaluation and
+iteration 0000 (generate ... update, evaluate); `tcrlsd iterate 1` appends iteration 0001 and runs
+`dvc repro`, which must run only that iteration's stages and the summary. Checks: every artifact of
+both iterations exists and validates and joins on rollout_id; each update changed the weights; the
+table and headline metrics have two iterations; a third `dvc repro` has nothing to do; changing
+advantages.alpha makes `dvc status` name the advantages stages but not generate/verify/critique/score
+of the first iteration; deleted outputs come back from the cache with `dvc checkout`.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -23,7 +28,9 @@ from tcrlsd.artifacts import read_artifact
 from tcrlsd.schemas import check_token_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "stages", "configs", "data/raw"]
+COPY = ["dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw"]
+ITERS = ("0000", "0001")
+ITER_STAGES = ("generate", "verify", "critique", "score", "advantages", "update", "evaluate")
 
 SMALL = {
     "prepare": {"sources": [
@@ -34,20 +41,34 @@ SMALL = {
     ]},
     "warmstart": {"steps": 60, "warmup_steps": 10, "sft_problems": 1500, "tokenizer_problems": 500},
     "generate": {"prompts_per_step": 6, "samples_per_prompt": 4, "num_parts": 2},
+    "evaluate": {"samples": 2, "max_prompts": 8, "num_parts": 1},
+    "update": {"mini_batch_prompts": 3},
 }
 
 
 def _run(cmd, cwd):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    # the stages import the copy's tcrlsd (the one dvc.yaml's deps name), whatever PYTHONPATH says,
+    # and dvc.yaml's `python` is this interpreter
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", PYTHONPATH=str(cwd), PATH=path)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
+def _ran(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def _weights(folder: Path) -> bytes:
+    return (folder / "model.safetensors").read_bytes()
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    if shutil.which("dvc") is None and not (Path(sys.executable).parent / "dvc").exists():
+    bindir = Path(sys.executable).parent
+    if not (bindir / "dvc").exists() and shutil.which("dvc") is None:
         pytest.fail("dvc is not installed; it is a dependency of tcrlsd")
     work = tmp_path_factory.mktemp("pipeline")
     for rel in COPY:
@@ -63,55 +84,103 @@ def repo(tmp_path_factory):
     for section, keys in SMALL.items():
         params[section].update(keys)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc = str(Path(sys.executable).parent / "dvc")
+    dvc = str(bindir / "dvc") if (bindir / "dvc").exists() else "dvc"
+    tcrlsd = str(bindir / "tcrlsd") if (bindir / "tcrlsd").exists() else "tcrlsd"
     _run([dvc, "init", "--no-scm", "-q"], work)
     _run([dvc, "config", "core.analytics", "false"], work)
-    _run([dvc, "repro"], work)
-    return work, dvc
+    first = _run([dvc, "repro"], work).stdout
+    second = _run([tcrlsd, "iterate", "1"], work).stdout
+    return {"work": work, "dvc": dvc, "tcrlsd": tcrlsd, "first": first, "second": second}
 
 
 @pytest.mark.slow
-def test_repro_writes_every_artifact_consistently(repo):
-    work, _ = repo
-    it = work / "data" / "iter-0000"
+def test_adding_an_iteration_runs_only_its_stages(repo):
+    assert {f"{s}@0000" for s in ITER_STAGES} | {"prepare", "warmstart", "baseline", "summarize"} <= _ran(repo["first"])
+    assert _ran(repo["second"]) == {f"{s}@0001" for s in ITER_STAGES} | {"summarize"}, repo["second"]
+    items = yaml.safe_load((repo["work"] / "iterations.yaml").read_text())["iterations"]
+    assert items["0001"] == {"k": 1, "policy": "models/policy-0001", "next_policy": "models/policy-0002"}
+
+
+@pytest.mark.slow
+def test_both_iterations_write_every_artifact_and_the_policy_learns(repo):
+    work = repo["work"]
     prompts = read_artifact(work / "data" / "prompts.parquet", "prompts")
     assert sorted(set(prompts.column("split").to_pylist())) == ["train", "val"]
-    assert (work / "models" / "policy-0000" / "model.safetensors").exists()
-    rollouts = read_artifact(it / "rollouts", "rollouts")
-    assert rollouts.num_rows == 6 * 4
-    verdicts = read_artifact(it / "verdicts.parquet", "verdicts")
-    critiques = read_artifact(it / "critiques", "critiques")
-    scores = read_artifact(it / "scores", "scores")
-    advantages = read_artifact(it / "advantages.parquet", "advantages")
-    for name, table in [("verdicts", verdicts), ("critiques", critiques), ("scores", scores), ("advantages", advantages)]:
-        check_token_lengths(rollouts, table, name)
-    # default run: external (reference) critique of the incorrect rollouts
-    wrong = {r for r, ok in zip(verdicts.column("rollout_id").to_pylist(), verdicts.column("is_correct").to_pylist()) if not ok}
-    with_feedback = {r for r, f in zip(critiques.column("rollout_id").to_pylist(), critiques.column("feedback_text").to_pylist()) if f is not None}
-    assert with_feedback == wrong
-    metrics = {p.stem: json.loads(p.read_text()) for p in (it / "metrics").glob("*.json")}
-    assert {"generate", "verify", "critique", "score", "advantages"} <= set(metrics)
-    assert metrics["advantages"]["estimator"] == "rlsd_hybrid"
+    policies = [work / "models" / f"policy-{i:04d}" for i in range(3)]
+    for p in policies:
+        assert (p / "model.safetensors").exists(), p
+    # each update changed the weights; the second continued from the first one's saved state
+    assert _weights(policies[0]) != _weights(policies[1]) != _weights(policies[2])
+    assert json.loads((work / "models" / "policy-0002-state" / "trainer_state.json").read_text())["iteration"] == 1
+    for key in ITERS:
+        it = work / "data" / f"iter-{key}"
+        rollouts = read_artifact(it / "rollouts", "rollouts")
+        assert rollouts.num_rows == 6 * 4
+        assert set(rollouts.column("iteration").to_pylist()) == {int(key)}
+        for name, path in [("verdicts", it / "verdicts.parquet"), ("critiques", it / "critiques"),
+                           ("scores", it / "scores"), ("advantages", it / "advantages.parquet")]:
+            check_token_lengths(rollouts, read_artifact(path, name), name)
+        evals = read_artifact(it / "evaluations", "evaluations")
+        assert evals.num_rows == 8 * (1 + 2)
+        for stage in ITER_STAGES:
+            assert json.loads((work / "data" / "metrics" / f"iter-{key}" / f"{stage}.json").read_text())
+    assert read_artifact(work / "data" / "baseline" / "evaluations", "evaluations").num_rows == 8 * 3
+    # iteration 1 generated with the policy iteration 0's update wrote
+    gen1 = json.loads((work / "data" / "metrics" / "iter-0001" / "evaluate.json").read_text())
+    assert gen1["policy"] == "models/policy-0002"
 
 
 @pytest.mark.slow
-def test_second_repro_is_a_no_op_and_params_rerun_only_their_stage(repo):
-    work, dvc = repo
-    status = _run([dvc, "status"], work).stdout
-    assert "up to date" in status, status
-    params = yaml.safe_load((work / "params.yaml").read_text())
+def test_table_and_headline_have_two_iterations(repo):
+    work = repo["work"]
+    with open(work / "data" / "summary" / "iterations.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["iteration"] for r in rows] == ["0", "1"]
+    for r in rows:
+        for col in ("reward_mean", "val_greedy", "val_avg_at_k", "critique_coverage", "delta_gap",
+                    "saturated_share", "entropy", "response_length", "pg_clipfrac"):
+            assert r[col] != "", (col, r)
+    head = json.loads((work / "data" / "summary" / "headline.json").read_text())
+    assert head["iterations"] == 2 and head["baseline"]["greedy_mean_at_1"] is not None
+    shown = _run([repo["dvc"], "metrics", "show", "--json"], work).stdout
+    assert "headline.json" in shown and "update.json" not in shown  # details stay out of dvc metrics
+    plots = json.loads(_run([repo["dvc"], "plots", "show", "--json"], work).stdout)["data"]
+    assert {"validation accuracy", "reward and critique coverage", "update"} <= set(plots)
+    # one value per (row, y column): two iterations x [val_greedy, val_avg_at_k]
+    values = plots["validation accuracy"][0]["content"]["data"]["values"]
+    assert sorted({v["iteration"] for v in values}) == ["0", "1"] and len(values) == 2 * 2
+    md = _run([repo["tcrlsd"], "report", "--out", str(work / "reports")], work)
+    assert (work / "reports" / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", md.stdout
+    assert "| iteration |" in (work / "reports" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_no_op_alpha_rerun_and_checkout(repo):
+    work, dvc = repo["work"], repo["dvc"]
+    assert _ran(_run([dvc, "repro"], work).stdout) == set()
+    # a changed advantages.alpha: advantages of every iteration are stale, not what produced their inputs
+    params_text = (work / "params.yaml").read_text()
+    params = yaml.safe_load(params_text)
     params["advantages"]["alpha"] = 0.5
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = _run([dvc, "repro"], work).stdout
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"advantages@0000"}, out
+    status = json.loads(_run([dvc, "status", "--json"], work).stdout)
+    assert {"advantages@0000", "advantages@0001"} <= set(status), status
+    assert not {f"{s}@0000" for s in ("generate", "verify", "critique", "score")} & set(status), status
+    (work / "params.yaml").write_text(params_text)
+    assert json.loads(_run([dvc, "status", "--json"], work).stdout) == {}
+    # an earlier iteration's outputs come back from the cache
+    adv = work / "data" / "iter-0000" / "advantages.parquet"
+    before, policy = adv.read_bytes(), _weights(work / "models" / "policy-0001")
+    adv.unlink()
+    shutil.rmtree(work / "models" / "policy-0001")
+    _run([dvc, "checkout"], work)
+    assert adv.read_bytes() == before and _weights(work / "models" / "policy-0001") == policy
 
 
 @pytest.mark.slow
 def test_compare_on_the_stored_iteration(repo):
-    work, _ = repo
-    tcrlsd = str(Path(sys.executable).parent / "tcrlsd")
-    out = _run([tcrlsd, "compare", str(work / "data" / "iter-0000"), "--format", "csv"], work).stdout
+    work = repo["work"]
+    out = _run([repo["tcrlsd"], "compare", str(work / "data" / "iter-0000"), "--format", "csv"], work).stdout
     header = out.splitlines()[0]
     for est in ("grpo", "rlsd", "rlsd_add", "rlsd_hybrid"):
         assert est in header

@@ -53,3 +53,53 @@ def test_cli_preset(tmp_path):
     assert yaml.safe_load(params.read_text())["critique"]["mode"] == "none"
     r = CliRunner().invoke(app, ["preset", "nope", "--params", str(params), "--presets-dir", str(ROOT / "configs" / "presets")])
     assert r.exit_code == 2 and "known presets" in r.output
+
+
+def _git(args, cwd):
+    import subprocess
+
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def test_git_diff_shows_only_the_preset_keys(tmp_path):
+    """A real `git diff` after `tcrlsd preset`: one -/+ line pair per changed key, nothing else."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    _git(["init", "-q"], tmp_path)
+    _git(["-c", "user.email=t@t", "-c", "user.name=t", "add", "params.yaml"], tmp_path)
+    _git(["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "params"], tmp_path)
+    for name, n_keys in (("grpo", 2), ("tc_rlsd_add", 1)):
+        _git(["checkout", "-q", "params.yaml"], tmp_path)
+        changes = apply_preset(tmp_path / "params.yaml", ROOT / "configs" / "presets" / f"{name}.yaml")
+        assert len(changes) == n_keys
+        numstat = _git(["diff", "--numstat", "params.yaml"], tmp_path).split()
+        assert numstat[:2] == [str(n_keys), str(n_keys)], numstat
+        diff = _git(["diff", "-U0", "params.yaml"], tmp_path)
+        added = [ln for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+        for key, _old, new in changes:
+            leaf = key.split(".")[-1]
+            assert any(ln.lstrip("+ ").startswith(f"{leaf}: {new}") for ln in added), (key, added)
+    # a block list (the data preset's sources) is rewritten item by item, at the old indentation
+    _git(["checkout", "-q", "params.yaml"], tmp_path)
+    apply_preset(tmp_path / "params.yaml", ROOT / "configs" / "data" / "math.yaml")
+    assert _git(["diff", "--numstat", "params.yaml"], tmp_path).split()[:2] == ["2", "2"]
+
+
+def test_surgical_edit_keeps_comment_columns_quotes_and_nulls(tmp_path):
+    params = tmp_path / "params.yaml"
+    original = ("score:\n  teacher: current            # which weights\n  dtype: auto  # dtype\n"
+                "gen:\n  top_p: 1.0\n  stop: null   # none\n  tmpl: 'it''s {x}'  # quoted\n  trailing: 1   \n")
+    params.write_text(original)
+    preset = tmp_path / "p.yaml"
+    preset.write_text("score:\n  teacher: lagged\ngen:\n  tmpl: \"# not a comment\"\n  stop: [a, b]\n")
+    apply_preset(params, preset)
+    lines = params.read_text().splitlines()
+    assert lines[1] == "  teacher: lagged             # which weights"  # comment column kept
+    assert lines[2] == "  dtype: auto  # dtype"
+    assert lines[5] == "  stop: [a, b] # none"
+    assert yaml.safe_load(params.read_text())["gen"]["tmpl"] == "# not a comment"
+    assert lines[7] == "  trailing: 1   "  # untouched lines keep even their trailing spaces
+    assert yaml.safe_load(params.read_text())["gen"]["top_p"] == 1.0

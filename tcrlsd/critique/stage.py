@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -261,13 +260,12 @@ def run_critique(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table, para
     ranges = split_evenly(len(rows), num_parts)
     critic = _make_stage_critic(params, policy_path)
     wrap = _chat_wrap_from(params)
-    from tqdm import tqdm
+    from tcrlsd.progress import progress_bar
 
     total = sum(len(ranges[p]) for p in pending)
     retry_later: list[tuple[str, str]] = []
     unfinished = []
-    with tqdm(total=total, desc=f"critique ({params.mode})", unit="row", file=sys.stderr,
-              dynamic_ncols=True, mininterval=1.0) as bar:
+    with progress_bar(total=total, desc=f"critique ({params.mode})", unit="row", mininterval=1.0) as bar:
         for part in pending:
             part_rows = [rows[i] for i in ranges[part]]
             journal_path = out.journal_path(part)

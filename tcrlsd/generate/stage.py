@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -196,7 +195,6 @@ def _read_parts(output: ShardedOutput, parts: list[int]) -> pa.Table:
 
 
 def _bar(total: int, enabled: bool):
-    from tqdm import tqdm
+    from tcrlsd.progress import progress_bar
 
-    return tqdm(total=total, unit="rollout", desc="generate", file=sys.stderr, disable=not enabled,
-                dynamic_ncols=True)
+    return progress_bar(total=total, unit="rollout", desc="generate", enabled=enabled)

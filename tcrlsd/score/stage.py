@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,9 +106,9 @@ def run_score(
     whether finished parts on disk are still valid (:mod:`tcrlsd.resume`).
     """
     import torch
-    from tqdm import tqdm
 
     from tcrlsd.policy import load_policy, load_tokenizer
+    from tcrlsd.progress import progress_bar
 
     teacher_ckpt = teacher_checkpoint_for(params, policy, teacher_policy)
     device = _resolve_device(params.device)
@@ -160,8 +159,7 @@ def run_score(
         rows = slice(plan[part].start, plan[part].stop)
         nonempty = r_len[rows] > 0
         total += int(((p_len[rows] + r_len[rows]) * nonempty).sum() + (r_len[rows] * has_fb[rows]).sum())
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="score", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=total, unit="tok", unit_scale=True, desc="score", enabled=progress)
     start = time.perf_counter()
     try:
         for part in pending:

@@ -85,9 +85,9 @@ def verify_rollouts(rollouts, prompts, params: VerifyParams, progress: bool = Fa
     requests = [GradeRequest(grader_for_source(s, params), r, g) for r, g, s in zip(responses, golds, sources)]
     bar = None
     if progress:
-        from tqdm import tqdm
+        from tcrlsd.progress import progress_bar
 
-        bar = tqdm(total=len(requests), desc="verify", unit="rollout", dynamic_ncols=True)
+        bar = progress_bar(total=len(requests), desc="verify", unit="rollout")
     try:
         with GradingPool.from_params(params, max_workers=max(1, len(set(requests)))) as pool:
             grades = pool.grade(requests, on_result=bar.update if bar is not None else None)

@@ -18,9 +18,9 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     (less padding); the result is in the input order.
     """
     import torch
-    from tqdm import tqdm
 
     from tcrlsd.policy import encode_prompt
+    from tcrlsd.progress import progress_bar
 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
@@ -28,7 +28,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     pad = tokenizer.pad_token_id
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     with torch.inference_mode():
-        for idx in tqdm(batches, desc="greedy eval", disable=not progress, dynamic_ncols=True):
+        for idx in progress_bar(batches, desc="greedy eval", unit="batch", enabled=progress):
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T) left-padded
             mask = torch.zeros((len(idx), width), dtype=torch.long)  # (B, T)

@@ -93,9 +93,9 @@ def train_policy(params: WarmstartParams, exclude: Iterable[str] = (), progress:
     per pass), right-padded; the loss is :func:`response_loss`.
     """
     import torch
-    from tqdm import tqdm
 
     from tcrlsd.policy import build_tiny_llama
+    from tcrlsd.progress import progress_bar
 
     if params.num_threads > 0:
         torch.set_num_threads(params.num_threads)
@@ -115,7 +115,7 @@ def train_policy(params: WarmstartParams, exclude: Iterable[str] = (), progress:
     tokens = response_tokens = 0
     losses: list[float] = []
     start, start_cpu = time.perf_counter(), time.process_time()
-    bar = tqdm(range(params.steps), desc="warmstart", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(params.steps), desc="warmstart", unit="step", enabled=progress)
     for step in bar:
         if not order:
             order = _length_bucketed_batches(examples, params.batch_size, gen)

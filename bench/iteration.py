@@ -1,0 +1,247 @@
+"""Benchmark: one training iteration through `dvc repro`, stage by stage, against TRL's GRPOTrainer step.
+
+    pip install -e ".[bench]"      # TRL, for the comparison row
+    python bench/iteration.py [--prompts 32] [--samples 8] [--max-new-tokens 96] [--threads 2]
+                              [--warmstart-steps 300] [--workdir DIR] [--no-trl]
+
+In a temporary copy of the project (default params, except a shorter warm start), prepare and
+warmstart run first (not timed); then each stage of iteration 0000 runs with `dvc repro -s
+<stage>@0000`, its command wrapped by bench/stage_timer.py. Per stage:
+
+- dvc: wall time of the `dvc repro -s` call;
+- dvc overhead: dvc minus the stage process's age (DVC start-up, hashing, lock file, caching outputs);
+- start+imports: the stage process's age minus its main() (interpreter start-up, torch/transformers/
+  pyarrow (and deepspeed) imports, the stage module);
+- parquet I/O: reading the stage's input artifacts and writing its outputs once more, timed apart;
+- own work: main() minus parquet I/O.
+
+TRL row: the same workload (the 32 prompts the generate stage picked, 8 samples each, up to 96 new
+tokens, the same warm-started policy, the same math-verify grader as reward, AdamW at the update
+stage's lr, one optimizer step over the 256 completions in 4 micro-batches) through
+``trl.GRPOTrainer``, step 2 timed (step 1 warms up). Ratios compare it with the sum of the stages
+that do the same work (generate, verify, score, advantages, update; critique and evaluate have no
+counterpart in a GRPO step, and score computes a teacher pass TRL does not).
+
+Last, the fixed per-iteration overhead here and an estimate at the GPU preset's scale (DVC hashes
+and copies every output into its cache: the 3B policy and its optimizer state dominate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY = ["dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw", "tcrlsd",
+        "bench/stage_timer.py"]
+STAGES = ("generate", "verify", "critique", "score", "advantages", "update", "evaluate")
+GRPO_EQUIVALENT = ("generate", "verify", "score", "advantages", "update")
+# stage -> (input artifacts, output artifacts), paths relative to the workspace
+IO = {
+    "generate": ([("data/prompts.parquet", "prompts")], [("data/iter-0000/rollouts", "rollouts")]),
+    "verify": ([("data/prompts.parquet", "prompts"), ("data/iter-0000/rollouts", "rollouts")],
+               [("data/iter-0000/verdicts.parquet", "verdicts")]),
+    "critique": ([("data/prompts.parquet", "prompts"), ("data/iter-0000/rollouts", "rollouts"),
+                  ("data/iter-0000/verdicts.parquet", "verdicts")], [("data/iter-0000/critiques", "critiques")]),
+    "score": ([("data/iter-0000/rollouts", "rollouts"), ("data/iter-0000/critiques", "critiques")],
+              [("data/iter-0000/scores", "scores")]),
+    "advantages": ([("data/iter-0000/rollouts", "rollouts"), ("data/iter-0000/verdicts.parquet", "verdicts"),
+                    ("data/iter-0000/scores", "scores"), ("data/iter-0000/critiques", "critiques")],
+                   [("data/iter-0000/advantages.parquet", "advantages")]),
+    "update": ([("data/iter-0000/rollouts", "rollouts"), ("data/iter-0000/scores", "scores"),
+                ("data/iter-0000/advantages.parquet", "advantages")], []),
+    "evaluate": ([("data/prompts.parquet", "prompts")], [("data/iter-0000/evaluations", "evaluations")]),
+}
+# DVC's cost per GB of output (FACTS.md, 2 cores): hashing ~1.8 s, copying into the cache 1-3 s.
+DVC_S_PER_GB = 1.8 + 2.0
+
+
+def _run(cmd, cwd, log=None) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    took = time.perf_counter() - t0
+    if log is not None:
+        log.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return took
+
+
+def _workspace(work: Path, args) -> None:
+    for rel in COPY:
+        src, dst = ROOT / rel, work / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dst)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["warmstart"].update({"steps": args.warmstart_steps, "warmup_steps": min(100, args.warmstart_steps // 5)})
+    params["generate"].update({"prompts_per_step": args.prompts, "samples_per_prompt": args.samples,
+                               "max_new_tokens": args.max_new_tokens, "num_threads": args.threads})
+    params["evaluate"]["num_threads"] = args.threads
+    params["update"]["num_threads"] = args.threads
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = work / "bench-stages.jsonl"
+    text = (work / "dvc.yaml").read_text()
+    text = text.replace("python stages/", f"python bench/stage_timer.py {log} stages/")
+    text = text.replace("update_launcher: python", f"update_launcher: python bench/stage_timer.py {log}")
+    (work / "dvc.yaml").write_text(text)
+
+
+def _bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _parquet_io(work: Path, stage: str) -> float:
+    """Seconds to read the stage's input artifacts and write its outputs (validated, like the stage)."""
+    from tcrlsd.artifacts import read_artifact, write_table
+
+    ins, outs = IO[stage]
+    took = 0.0
+    t0 = time.perf_counter()
+    for rel, name in ins:
+        read_artifact(work / rel, name)
+    took += time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel, name in outs:
+            table = read_artifact(work / rel, name)  # not timed: the stage has it in memory
+            t0 = time.perf_counter()
+            write_table(table, Path(tmp) / f"{name}.parquet", name)
+            took += time.perf_counter() - t0
+    return took
+
+
+def _trl_step(work: Path, args) -> float:
+    import pyarrow.compute as pc
+    import torch
+
+    from tcrlsd.artifacts import read_artifact
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tcrlsd.verify import GradeLimits, grade_math_verify
+
+    rollouts = read_artifact(work / "data/iter-0000/rollouts", "rollouts", columns=["prompt_id"])
+    prompts = read_artifact(work / "data/prompts.parquet", "prompts")
+    chosen = set(pc.unique(rollouts.column("prompt_id")).to_pylist())
+    rows = [r for r in prompts.select(["prompt_id", "prompt", "answer"]).to_pylist() if r["prompt_id"] in chosen]
+    data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+    limits = GradeLimits(3, 3)
+
+    def reward(completions, answer, **_):
+        return [grade_math_verify(c, a, limits).reward for c, a in zip(completions, answer)]
+
+    policy = str(work / "models/policy-0000")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    micro = max(args.samples, (args.prompts * args.samples) // 4)
+    cfg = GRPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=micro,
+                     gradient_accumulation_steps=(args.prompts * args.samples) // micro,
+                     num_generations=args.samples, max_completion_length=args.max_new_tokens, temperature=1.0,
+                     learning_rate=params["update"]["lr"], beta=0.0, epsilon=0.2, max_steps=2, logging_steps=1,
+                     save_strategy="no", report_to="none", use_cpu=True, seed=0, dataloader_num_workers=0)
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy), reward_funcs=reward, args=cfg,
+                          train_dataset=data, processing_class=AutoTokenizer.from_pretrained(policy),
+                          callbacks=[Timer()])
+    trainer.train()
+    return times[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of every stage and of TRL")
+    ap.add_argument("--warmstart-steps", type=int, default=300)
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the workspace here (default: a temp dir)")
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    args = ap.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="tcrlsd-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    _workspace(work, args)
+    bindir = Path(sys.executable).parent
+    dvc = str(bindir / "dvc") if (bindir / "dvc").exists() else "dvc"
+    with open(work / "bench.log", "w") as log:
+        _run([dvc, "init", "--no-scm", "-q"], work, log)
+        _run([dvc, "config", "core.analytics", "false"], work, log)
+        print(f"workspace {work}: prepare + warmstart ({args.warmstart_steps} steps), not timed", flush=True)
+        _run([dvc, "repro", "warmstart"], work, log)
+        (work / "bench-stages.jsonl").unlink(missing_ok=True)
+        walls = {}
+        for stage in STAGES:
+            walls[stage] = _run([dvc, "repro", "-s", f"{stage}@0000"], work, log)
+            print(f"  {stage}: {walls[stage]:.1f} s", flush=True)
+    records = [json.loads(line) for line in (work / "bench-stages.jsonl").read_text().splitlines()]
+    by_stage = {Path(r["script"]).stem: r for r in records}
+    python_start = statistics.median(_run([sys.executable, "-c", "pass"], work) for _ in range(3))
+
+    rows = []
+    for stage in STAGES:
+        r = by_stage[stage]
+        io = _parquet_io(work, stage)
+        own = max(r["main_s"] - io, 0.0)
+        rows.append({"stage": stage, "dvc": walls[stage], "dvc_overhead": walls[stage] - r["process_s"],
+                     "start_imports": r["process_s"] - r["main_s"], "parquet_io": io, "own": own})
+    print()
+    print(f"one iteration: {args.prompts} prompts x {args.samples} samples, <= {args.max_new_tokens} new tokens, "
+          f"{args.threads} torch threads (python start-up alone: {python_start:.2f} s)")
+    print(f"{'stage':<11}{'dvc repro':>10}{'dvc ovh':>9}{'start+imp':>10}{'parquet':>9}{'own work':>10}{'outside':>9}")
+    for r in rows:
+        print(f"{r['stage']:<11}{r['dvc']:>10.2f}{r['dvc_overhead']:>9.2f}{r['start_imports']:>10.2f}"
+              f"{r['parquet_io']:>9.2f}{r['own']:>10.2f}{1 - r['own'] / r['dvc']:>9.1%}")
+    tot = {k: sum(r[k] for r in rows) for k in ("dvc", "dvc_overhead", "start_imports", "parquet_io", "own")}
+    print(f"{'total':<11}{tot['dvc']:>10.2f}{tot['dvc_overhead']:>9.2f}{tot['start_imports']:>10.2f}"
+          f"{tot['parquet_io']:>9.2f}{tot['own']:>10.2f}{1 - tot['own'] / tot['dvc']:>9.1%}")
+    fixed = tot["dvc_overhead"] + tot["start_imports"]
+    out_bytes = sum(_bytes(work / rel) for s in STAGES for rel, _ in IO[s][1])
+    out_bytes += _bytes(work / "models/policy-0001") + _bytes(work / "models/policy-0001-state")
+    print(f"\nfixed overhead per iteration (DVC + process start-up/imports): {fixed:.1f} s "
+          f"({fixed / tot['dvc']:.0%} of {tot['dvc']:.1f} s); outputs cached by DVC: {out_bytes / 1e6:.1f} MB")
+    # GPU preset: 3.2B parameters; policy bf16 (2 B/param) + optimizer state (fp32 master + 2 moments:
+    # 12 B/param); rollouts/scores/advantages/critiques/evaluations ~0.5 GB at 8,192 x ~1,700 tokens.
+    gpu_gb = 3.2 * 2 + 3.2 * 12 + 0.5
+    print(f"at the GPU preset's scale: the same start-up/imports (~{tot['start_imports']:.0f} s, more with vLLM's "
+          f"engine start) plus DVC hashing+caching of ~{gpu_gb:.0f} GB of outputs per iteration at "
+          f"~{DVC_S_PER_GB:.1f} s/GB = ~{gpu_gb * DVC_S_PER_GB:.0f} s (cache.type hardlink/reflink removes the "
+          f"copy: ~{gpu_gb * 1.8:.0f} s)")
+    if args.no_trl:
+        return
+    try:
+        trl_s = _trl_step(work, args)
+    except ImportError as exc:
+        print(f"\nTRL not installed ({exc}); pip install -e '.[bench]'")
+        return
+    same = sum(r["own"] for r in rows if r["stage"] in GRPO_EQUIVALENT)
+    same_wall = sum(r["dvc"] for r in rows if r["stage"] in GRPO_EQUIVALENT)
+    print(f"\nTRL GRPOTrainer step (same workload): {trl_s:.2f} s")
+    print(f"stages' own work ({', '.join(GRPO_EQUIVALENT)}): {same:.2f} s -> ratio {same / trl_s:.2f}x TRL")
+    print(f"the same stages through dvc repro (with all overhead): {same_wall:.2f} s -> ratio {same_wall / trl_s:.2f}x TRL")
+
+
+if __name__ == "__main__":
+    main()

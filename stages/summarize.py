@@ -1,0 +1,37 @@
+"""DVC stage `summarize`: the per-iteration table (DVC plots) and the headline metrics (DVC metrics).
+
+    python stages/summarize.py --metrics-dir data/metrics --table data/summary/iterations.csv \
+        --headline data/summary/headline.json
+
+Reads every stage's detail JSON under --metrics-dir (iter-<id>/<stage>.json, evaluate-baseline.json)
+and writes one CSV row per iteration and one small JSON of headline numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tcrlsd.artifacts import write_json
+from tcrlsd.summarize import collect_rows, headline, write_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--metrics-dir", required=True, help="folder of the stages' detail metrics JSONs")
+    ap.add_argument("--table", required=True, help="output CSV: one row per iteration")
+    ap.add_argument("--headline", required=True, help="output JSON: headline numbers (DVC metrics)")
+    args = ap.parse_args(argv)
+    try:
+        rows = collect_rows(args.metrics_dir)
+        write_table(rows, args.table)
+        write_json(headline(args.metrics_dir, rows), args.headline)
+    except ValueError as exc:
+        print(f"summarize: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"summarize: {len(rows)} iteration(s) -> {args.table}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""`tcrlsd iterate` and `tcrlsd report`: grow the run by N iterations; plot it offline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+
+def iterate(
+    n: int = typer.Argument(1, help="How many iterations to append to iterations.yaml."),
+    iterations: Path = typer.Option(Path("iterations.yaml"), help="The iterations file dvc.yaml reads."),
+    repro: bool = typer.Option(True, "--repro/--no-repro", help="Run `dvc repro` after appending."),
+) -> None:
+    """Append N iterations (each generating with the policy the one before it wrote) and run `dvc repro`.
+
+    Only the new iterations' stages (and the summary) run; earlier ones stay as they are.
+    """
+    from tcrlsd.loop.iterations import IterationsError, append_iterations
+
+    try:
+        new = append_iterations(iterations, n)
+    except IterationsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    for it in new:
+        typer.echo(f"{iterations}: added iteration {it.key} (k={it.k}): {it.policy} -> {it.next_policy}")
+    if repro:
+        dvc = Path(sys.executable).parent / "dvc"
+        cmd = [str(dvc) if dvc.exists() else "dvc", "repro"]
+        typer.echo(f"running: {' '.join(cmd)}")
+        raise typer.Exit(subprocess.call(cmd))
+
+
+def report(
+    table: Path = typer.Option(Path("data/summary/iterations.csv"), help="The summarize stage's table."),
+    baseline: Path = typer.Option(Path("data/metrics/evaluate-baseline.json"),
+                                  help="The baseline evaluation (starting policy)."),
+    out: Path = typer.Option(Path("reports"), help="Folder for report.md and the PNG plots."),
+    title: str = typer.Option("tcrlsd run", help="Title of the Markdown report."),
+) -> None:
+    """Write PNG plots over iterations and a Markdown summary (no network needed to view them)."""
+    from tcrlsd.loop.report import write_report
+
+    if not table.exists():
+        typer.echo(f"error: {table} not found; run `dvc repro` first (the summarize stage writes it)", err=True)
+        raise typer.Exit(2)
+    md = write_report(table, out, baseline=baseline, title=title)
+    typer.echo(f"wrote {md} and {len(list(out.glob('*.png')))} PNG plot(s) in {out}")
+
+
+def experiment(
+    presets: str = typer.Option(..., help="Comma-separated preset names (configs/presets) or YAML paths."),
+    iterations: int = typer.Option(..., help="Training iterations per run."),
+    seeds: int = typer.Option(1, help="Seeds per preset (0..S-1; sets generate/update/critique seeds)."),
+    out: Path = typer.Option(..., help="Folder for the runs' workspaces, the shared DVC cache and the results."),
+    params: Path = typer.Option(Path("params.yaml"), help="Base params every run starts from."),
+    presets_dir: Path = typer.Option(Path("configs/presets"), help="Where named presets live."),
+) -> None:
+    """Run each preset x seed from the same warm start (resumable); write results.csv, results.md, PNGs."""
+    from tcrlsd.loop.experiment import run_experiment
+    from tcrlsd.params import ParamsError
+
+    names = [p.strip() for p in presets.split(",") if p.strip()]
+    if not names or iterations < 1 or seeds < 1:
+        typer.echo("error: give at least one preset, --iterations >= 1 and --seeds >= 1", err=True)
+        raise typer.Exit(2)
+    try:
+        run_experiment(Path.cwd(), params, names, list(range(seeds)), iterations, out, presets_dir, log=typer.echo)
+    except (ParamsError, ValueError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"wrote {out / 'results.csv'}, {out / 'results.md'} and PNG curves")

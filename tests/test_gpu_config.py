@@ -1,0 +1,103 @@
+"""The GPU setting as far as a CPU machine can check it: the preset validates, the launchers parse."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tcrlsd.params import from_mapping
+from tcrlsd.presets import apply_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_PRESET = ROOT / "configs" / "gpu" / "llama3b_qwen3_4b_math.yaml"
+
+# params.yaml section -> its frozen dataclass
+SECTIONS = {
+    "prepare": "tcrlsd.prepare:PrepareParams",
+    "warmstart": "tcrlsd.warmstart:WarmstartParams",
+    "generate": "tcrlsd.generate:GenerateParams",
+    "verify": "tcrlsd.verify:VerifyParams",
+    "critique": "tcrlsd.critique:CritiqueParams",
+    "score": "tcrlsd.score:ScoreParams",
+    "advantages": "tcrlsd.advantages:AdvantagesParams",
+    "update": "tcrlsd.update.params:UpdateParams",
+    "evaluate": "tcrlsd.evaluate:EvaluateParams",
+}
+
+
+def _cls(spec: str):
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _validate_all(params: dict) -> dict:
+    assert set(params) == set(SECTIONS), sorted(params)
+    return {section: from_mapping(_cls(spec), params[section], section) for section, spec in SECTIONS.items()}
+
+
+def test_shipped_params_validate_section_by_section():
+    _validate_all(yaml.safe_load((ROOT / "params.yaml").read_text()))
+
+
+@pytest.mark.parametrize("run", ["grpo", "tc_rlsd_hybrid"])
+def test_gpu_preset_applies_and_validates(tmp_path, run):
+    params = tmp_path / "params.yaml"
+    shutil.copy2(ROOT / "params.yaml", params)
+    apply_preset(params, GPU_PRESET)
+    apply_preset(params, ROOT / "configs" / "presets" / f"{run}.yaml")
+    p = _validate_all(yaml.safe_load(params.read_text()))
+    # the method note's numbers
+    assert (p["generate"].samples_per_prompt, p["generate"].prompts_per_step) == (8, 1024)
+    assert p["generate"].max_new_tokens == p["evaluate"].max_new_tokens == 3072
+    assert (p["update"].lr, p["update"].entropy_coef, p["update"].kl_coef) == (1e-6, 1e-3, 0.0)
+    assert p["update"].mini_batch_prompts == 256 and p["update"].max_tokens_per_micro_batch == 24000
+    assert (p["evaluate"].samples, p["evaluate"].temperature) == (32, 0.6)
+    assert p["critique"].critic == "openai" and p["critique"].chat_template_kwargs == {"enable_thinking": False}
+    assert [s.name for s in p["prepare"].sources] == ["math", "math500"]
+    for s in p["prepare"].sources:
+        assert (ROOT / s.path).exists()
+
+
+def test_launch_scripts_parse():
+    for script in sorted((ROOT / "configs" / "gpu").glob("*.sh")):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_fanout_runs_n_shards_then_the_plain_command(tmp_path):
+    log = tmp_path / "calls.txt"
+    stub = tmp_path / "stage.py"
+    stub.write_text("import os, sys\n"
+                    f"open({str(log)!r}, 'a').write(os.environ.get('CUDA_VISIBLE_DEVICES', '-') + ' ' + "
+                    "' '.join(sys.argv[1:]) + '\\n')\n")
+    env = dict(os.environ, GPU_LIST="4,5,6")
+    subprocess.run(["bash", str(ROOT / "configs" / "gpu" / "fanout.sh"), "3", sys.executable, str(stub), "--x", "1"],
+                   check=True, env=env)
+    calls = log.read_text().splitlines()
+    assert sorted(calls[:3]) == ["4 --x 1 --shard 0/3", "5 --x 1 --shard 1/3", "6 --x 1 --shard 2/3"]
+    assert calls[3].endswith(" --x 1") and "--shard" not in calls[3]
+    # a failing worker fails the whole stage
+    stub.write_text("import sys\nsys.exit(3 if '--shard' in sys.argv and sys.argv[-1] == '1/2' else 0)\n")
+    r = subprocess.run(["bash", str(ROOT / "configs" / "gpu" / "fanout.sh"), "2", sys.executable, str(stub)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "a worker failed" in r.stderr
+
+
+def test_deepspeed_and_torchrun_know_the_documented_flags():
+    bindir = Path(sys.executable).parent
+    ds = bindir / "deepspeed"
+    if not ds.exists():
+        pytest.skip("deepspeed launcher not installed")
+    text = subprocess.run([str(ds), "--help"], capture_output=True, text=True).stdout
+    for flag in ("--hostfile", "--num_nodes", "--num_gpus", "--master_addr", "--master_port"):
+        assert flag in text
+    text = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--help"], capture_output=True,
+                          text=True).stdout
+    for flag in ("--nnodes", "--nproc_per_node", "--rdzv_backend", "--rdzv_endpoint", "--standalone"):
+        assert flag in text

@@ -1,0 +1,152 @@
+"""The loop's pieces without running a pipeline: iterations.yaml, the summary table, reports, experiments."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tcrlsd.loop.experiment import Run, collect_results, summary_table
+from tcrlsd.loop.iterations import IterationsError, append_iterations, read_iterations
+from tcrlsd.loop.report import write_report
+from tcrlsd.summarize import COLUMNS, collect_rows, headline, read_table, write_table
+from tcrlsd.progress import LogLines, progress_bar
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_iterations_file_chains():
+    items = read_iterations(ROOT / "iterations.yaml")
+    assert items[0].k == 0 and items[0].policy == "models/policy-0000"
+    for prev, cur in zip(items, items[1:]):
+        assert cur.policy == prev.next_policy
+
+
+def test_append_keeps_the_file_and_continues_the_chain(tmp_path):
+    path = tmp_path / "iterations.yaml"
+    text = ("# my notes\niterations:\n"
+            '  "0000": {k: 0, policy: models/policy-0000, next_policy: models/policy-0001}  # first\n'
+            "# trailing comment\n")
+    path.write_text(text)
+    new = append_iterations(path, 2)
+    assert [(i.key, i.k, i.policy, i.next_policy) for i in new] == [
+        ("0001", 1, "models/policy-0001", "models/policy-0002"),
+        ("0002", 2, "models/policy-0002", "models/policy-0003")]
+    out = path.read_text()
+    assert out.startswith(text.split("# trailing")[0]) and out.endswith("# trailing comment\n")
+    assert list(yaml.safe_load(out)["iterations"]) == ["0000", "0001", "0002"]
+
+
+def test_broken_chains_are_errors(tmp_path):
+    path = tmp_path / "iterations.yaml"
+    path.write_text('iterations:\n  "0000": {k: 0, policy: a-0, next_policy: a-1}\n'
+                    '  "0001": {k: 1, policy: a-9, next_policy: a-2}\n')
+    with pytest.raises(IterationsError, match="'0001' generates with 'a-9'.*chain is broken"):
+        read_iterations(path)
+    path.write_text('iterations:\n  "0000": {k: 0, policy: a, next_policy: b}\n')
+    with pytest.raises(IterationsError, match="ends without a number"):
+        append_iterations(path, 1)
+    path.write_text('iterations:\n  "0000": {k: 0, policy: a-0}\n')
+    with pytest.raises(IterationsError, match="exactly the keys"):
+        read_iterations(path)
+
+
+def _metrics(folder: Path, reward: float, val: float, with_update: bool = True) -> None:
+    folder.mkdir(parents=True)
+    (folder / "verify.json").write_text(json.dumps({"reward_mean": reward, "by_reason": {"correct": 3}}))
+    (folder / "evaluate.json").write_text(json.dumps({"greedy_mean_at_1": val, "avg_at_k": val / 2}))
+    (folder / "critique.json").write_text(json.dumps({"coverage": 1 - reward}))
+    if with_update:
+        (folder / "update.json").write_text(json.dumps({"entropy": 0.5, "pg_clipfrac": 0.01, "pg_loss": -0.1}))
+
+
+def test_table_rows_headline_and_report(tmp_path):
+    m = tmp_path / "metrics"
+    _metrics(m / "iter-0000", 0.25, 0.40)
+    _metrics(m / "iter-0001", 0.50, 0.35, with_update=False)
+    (m / "evaluate-baseline.json").write_text(json.dumps({"greedy_mean_at_1": 0.3, "avg_at_k": 0.2, "samples": 4,
+                                                          "prompts": 10}))
+    rows = collect_rows(m)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert rows[0]["reward_mean"] == 0.25 and rows[1]["critique_coverage"] == 0.5
+    assert rows[1]["entropy"] is None and rows[0]["delta_gap"] is None  # missing stage / key: empty cell
+    write_table(rows, tmp_path / "t.csv")
+    back = read_table(tmp_path / "t.csv")
+    assert back[0]["val_greedy"] == 0.4 and back[1]["entropy"] is None
+    assert next(csv.reader(io.StringIO((tmp_path / "t.csv").read_text()))) == ["iteration", *COLUMNS]
+    head = headline(m, rows)
+    assert head["iterations"] == 2 and head["best_val_greedy"] == 0.4
+    assert head["baseline"] == {"greedy_mean_at_1": 0.3, "avg_at_k": 0.2}
+    assert head["verify"] == {"reward_mean": 0.5} and head["update"]["entropy"] is None
+    md = write_report(tmp_path / "t.csv", tmp_path / "rep", baseline=m / "evaluate-baseline.json")
+    text = md.read_text()
+    assert "peak 0.4000 after iteration 0" in text and "![Validation accuracy](validation.png)" in text
+    for png in ("validation", "reward", "delta_gap", "update", "response_length"):
+        assert (tmp_path / "rep" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_experiment_summary_mean_and_std_over_seeds(tmp_path):
+    # two seeds of one preset: greedy curves [0.2, 0.5, 0.4] and [0.3, 0.3, 0.6]
+    # peak: 0.5 and 0.6 -> 55.0 ± 7.1 (sample std of {50, 60} = 7.07); final: 0.4 and 0.6 -> 50.0 ± 14.1
+    for seed, curve in ((0, [0.2, 0.5, 0.4]), (1, [0.3, 0.3, 0.6])):
+        m = tmp_path / "runs" / f"grpo-s{seed}" / "data" / "metrics"
+        for i, v in enumerate(curve):
+            _metrics(m / f"iter-{i:04d}", 0.1, v)
+        (m / "evaluate-baseline.json").write_text(json.dumps({"greedy_mean_at_1": 0.9, "avg_at_k": 0.9}))
+        rows = collect_rows(m)
+        write_table(rows, m.parent / "summary" / "iterations.csv")
+    rows = collect_results(tmp_path, [Run("grpo", 0), Run("grpo", 1)])
+    assert len(rows) == 2 * (1 + 3) and {r["iteration"] for r in rows} == {-1, 0, 1, 2}
+    table = summary_table(rows, ["grpo"])
+    # the baseline (iteration -1, 0.9) is not a training result: it never counts as the peak
+    assert "| grpo | 2 | 3 | 55.0 ± 7.1 | 50.0 ± 14.1 | 27.5 ± 3.5 | 25.0 ± 7.1 |" in table
+
+
+def test_progress_lines_in_a_log_file(monkeypatch):
+    monkeypatch.setenv("TCRLSD_PROGRESS_INTERVAL", "0")
+    buf = io.StringIO()
+    bar = progress_bar(total=3, desc="stage", unit="row", file=buf)
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    text = buf.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert lines[-1].startswith("stage: 100%") and all(ln.startswith("stage:") for ln in lines)
+    w = LogLines(buf)
+    assert not w.isatty()
+    # a stage's set_postfix does not force a line in a log (only the interval does)
+    monkeypatch.setenv("TCRLSD_PROGRESS_INTERVAL", "3600")
+    log = io.StringIO()
+    bar = progress_bar(total=100, desc="x", file=log)
+    for i in range(100):
+        bar.update(1)
+        bar.set_postfix(loss=i)
+    bar.close()
+    assert len(log.getvalue().splitlines()) <= 2, log.getvalue()
+
+
+def test_experiment_workspace_applies_preset_seed_iterations_and_shared_cache(tmp_path):
+    from tcrlsd.loop.experiment import prepare_workspace
+
+    ws = prepare_workspace(ROOT, ROOT / "params.yaml", Run("grpo", 3), ROOT / "configs" / "presets",
+                           tmp_path / "runs" / "grpo-s3", tmp_path / "cache", iterations=3)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    assert params["critique"]["mode"] == "none" and params["advantages"]["estimator"] == "grpo"
+    assert params["generate"]["seed"] == params["update"]["seed"] == params["critique"]["seed"] == 3
+    assert params["warmstart"] == yaml.safe_load((ROOT / "params.yaml").read_text())["warmstart"]  # same warm start
+    assert [it.key for it in read_iterations(ws / "iterations.yaml")] == ["0000", "0001", "0002"]
+    assert (ws / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()
+    assert str((tmp_path / "cache").resolve()) in (ws / ".dvc" / "config.local").read_text()
+    assert (ws / "data" / "raw").is_dir() and (ws / "tcrlsd" / "schemas.py").exists()
+    # re-entering (resume) keeps the run's chain; asking for fewer iterations than it has is an error
+    prepare_workspace(ROOT, ROOT / "params.yaml", Run("grpo", 3), ROOT / "configs" / "presets", ws,
+                      tmp_path / "cache", iterations=3)
+    with pytest.raises(ValueError, match="more than --iterations 2"):
+        prepare_workspace(ROOT, ROOT / "params.yaml", Run("grpo", 3), ROOT / "configs" / "presets", ws,
+                          tmp_path / "cache", iterations=2)
