@@ -386,7 +386,8 @@ def test_chat_template_rendering(tmp_path, tiny_policy):
     from tcrlsd.policy import load_tokenizer
 
     tok = load_tokenizer(tiny_policy)
-    assert not tok.chat_template
+    assert tok.chat_template  # the embedded tokenizer has one (tcrlsd.policy.train_tokenizer)
+    tok.chat_template = None  # a tokenizer without one is refused
     plain = tmp_path / "plain_tok"
     tok.save_pretrained(plain)
     source = [{"name": "synthetic", "format": "synthetic", "split": "train", "count": 3}]
