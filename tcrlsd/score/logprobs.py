@@ -6,31 +6,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from tcrlsd.batching import plan_padded_batches
 from tcrlsd.score.params import ScoreError
 
 # ----------------------------------------------------------------------------- batching + forward
 
 
 def plan_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[list[int]]:
-    """Indices of ``lengths`` grouped into batches, longest first, padded size within the budget.
-
-    Sorting by length makes each batch's sequences nearly equal, so right padding wastes little;
-    the tie-break on index keeps the plan (and hence the float results) deterministic.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        n = lengths[i]
-        if current and (len(current) + 1) * max(longest, n) > max_tokens_per_batch:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        batches.append(current)
-    return batches
+    """Indices of ``lengths`` grouped into batches, longest first, padded size within the budget
+    (:func:`tcrlsd.batching.plan_padded_batches`, shared with the update stage's micro-batches)."""
+    return plan_padded_batches(lengths, max_tokens_per_batch)
 
 
 # What a causal LM's forward does to the lm head's output, by config attribute: (name, fn(logits, value)).

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tcrlsd.artifacts import artifact_files
+from tcrlsd.batching import plan_padded_batches
 from tcrlsd.update.params import UpdateError
 
 __all__ = ["TrainSequence", "UpdateInputs", "plan_mini_batches", "split_for_ranks", "plan_micro_batches"]
@@ -178,21 +179,8 @@ def split_for_ranks(lengths: Sequence[int], world_size: int) -> list[list[int]]:
 
 
 def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped into micro-batches, longest first, ``len(batch) * longest <= max_tokens``.
-
-    A sequence longer than the budget runs alone.
+    """Indices grouped into micro-batches, longest first, ``len(batch) * longest <= max_tokens``
+    (:func:`tcrlsd.batching.plan_padded_batches`, the score stage's plan too). A sequence longer
+    than the budget runs alone.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        n = lengths[i]
-        if current and (len(current) + 1) * max(longest, n) > max_tokens:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        batches.append(current)
-    return batches
+    return plan_padded_batches(lengths, max_tokens)
