@@ -75,10 +75,13 @@ def inspect(
                           "percentile of |Δ_t| over the tokens shown).")
     ] = "2",
 ) -> None:
-    """Browse an iteration's samples: the list (filters, sort, pages), one sample with each response
-    token coloured by the teacher's opinion Δ_t = log Q − log P (red: the teacher disagrees, green:
-    it agrees), or one GRPO group side by side. Missing critiques / scores / advantages are shown
-    as missing; model text is shown literally (no markup, escape sequence or HTML is interpreted).
+    """Browse an iteration's samples and see which tokens the teacher disagreed with.
+
+    The list (filters, sort, pages), one sample with each response token
+    coloured by the teacher's opinion Δ_t = log Q − log P (red: the teacher
+    disagrees, green: it agrees), or one GRPO group side by side. Missing
+    critiques / scores / advantages are shown as missing; model text is shown
+    literally (no markup, escape sequence or HTML is interpreted).
     """
     if scale != "auto":
         try:
