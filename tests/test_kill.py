@@ -43,6 +43,10 @@ def _kill_and_resume(stage, d, src, policy, params, ref_out, kills=3):
     if sharded:  # after 0..n-2 parts are visible, plus up to a short while
         n_parts = len([q for q in ref_out.iterdir() if q.name.startswith("part-")])
         points = kill_points(stage, kills, max(1, n_parts - 1), 0.0, 0.15)
+        # In order of progress, the first before any part exists: a tiny policy can write every
+        # remaining part within one kill delay, and a run that finishes first ends the sequence.
+        points = sorted(points)
+        points[0] = (0, points[0][1])
     else:  # at 10-90 % of an uninterrupted run's time (a probe run into another folder)
         probe = d.parent / "probe"
         probe.mkdir()
