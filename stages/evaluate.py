@@ -28,12 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics", default=None, help="detail metrics JSON (written once the artifact is complete)")
     ap.add_argument("--shard", default=None, help="i/N: this worker evaluates parts p with p %% N == i")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--restart", action="store_true",
+                    help="delete finished parts made with other code/inputs/params (refused while another worker runs)")
     args = ap.parse_args(argv)
 
     try:
         params, verify_params = load_params(args.params, args.preset)
         metrics = run_evaluate(params, verify_params, args.prompts, args.policy, args.out,
-                               shard=ShardSpec.parse(args.shard), progress=not args.no_progress)
+                               shard=ShardSpec.parse(args.shard), progress=not args.no_progress,
+                               restart=args.restart)
     except STAGE_ERRORS as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2

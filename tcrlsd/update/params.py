@@ -21,7 +21,7 @@ class UpdateParams:
     """``update:`` section of params.yaml (every key is commented there)."""
 
     # optimiser (AdamW; weight decay on matrices only) and LR schedule
-    lr: float = 3e-4
+    lr: float = 1e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
