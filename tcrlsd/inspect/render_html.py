@@ -15,7 +15,7 @@ import html
 
 from tcrlsd.inspect.palette import DEFAULT_SCALE, delta_rgb, legend_stops, resolve_scale, text_rgb
 from tcrlsd.inspect.safe_text import one_line, visible
-from tcrlsd.inspect.views import RenderOptions, View
+from tcrlsd.inspect.views import RenderOptions, View, format_value, signal_pairs
 
 __all__ = ["render", "render_page"]
 
@@ -43,13 +43,7 @@ def _e(s) -> str:
 
 
 def _n(v, fmt=".3f") -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return format(v, fmt)
-    return html.escape(str(v))
+    return html.escape(format_value(v, fmt))
 
 
 def _rgb(c) -> str:
@@ -140,11 +134,7 @@ def _card(d: dict, i: int, scale: float) -> str:
                      else '<div class="kv">(no feedback: the teacher is the student for this row)</div>')
         section("Teacher context (exact)", c["teacher_prompt"])
     parts.append("<h3>Signals</h3>")
-    parts.append(_kv([("Δ-gap", _n(st["delta_gap"], "+.4f")), ("Δ min", _n(st["delta_min"], "+.3f")),
-                      ("Δ max", _n(st["delta_max"], "+.3f")), ("A", _n(st["group_advantage"], "+.4f")),
-                      ("mean Â", _n(st["adv_mean"], "+.4f")), ("mean |Â|", _n(st["adv_abs_mean"], ".4f")),
-                      ("estimator", _e(a["estimator"]) if a else "–"),
-                      ("teacher", _e(d["score"]["teacher_checkpoint"]) if d["score"] else "–")]))
+    parts.append(_kv([(k, _e(v)) for k, v in signal_pairs(d)]))
     for name in ("scores", "advantages"):
         if name in miss:
             parts.append(f'<div class="missing">{name} missing — {_e(miss[name])}</div>')

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from tcrlsd.inspect.palette import DEFAULT_SCALE, delta_rgb, legend_stops, resolve_scale, text_rgb
 from tcrlsd.inspect.safe_text import one_line, visible
-from tcrlsd.inspect.views import ListResult, RenderOptions, View
+from tcrlsd.inspect.views import ListResult, RenderOptions, View, format_value, signal_pairs
 
 __all__ = ["render", "make_console", "render_list", "render_sample", "render_group", "legend"]
 
@@ -46,14 +46,7 @@ def render(view: View, opts: RenderOptions) -> str:
     return cap.get()
 
 
-def _num(v, fmt: str = ".3f") -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return format(v, fmt)
-    return str(v)
+_num = format_value
 
 
 def _flags(row: dict) -> str:
@@ -178,12 +171,7 @@ def render_sample(console: Console, d: dict, scale: float = DEFAULT_SCALE, token
                       else Text("(no feedback: the teacher is the student for this row)", style="dim"))
         _section(console, "Teacher context (exact)", c["teacher_prompt"])
     console.print(Text("Signals", style="bold cyan"))
-    a = d["advantage"]
-    console.print(_kv([("Δ-gap", _num(st["delta_gap"], "+.4f")), ("Δ min", _num(st["delta_min"], "+.3f")),
-                       ("Δ max", _num(st["delta_max"], "+.3f")), ("A", _num(st["group_advantage"], "+.4f")),
-                       ("mean Â", _num(st["adv_mean"], "+.4f")), ("mean |Â|", _num(st["adv_abs_mean"], ".4f")),
-                       ("estimator", one_line(a["estimator"]) if a else "–"),
-                       ("teacher", one_line(d["score"]["teacher_checkpoint"]) if d["score"] else "–")]))
+    console.print(_kv([(k, one_line(v)) for k, v in signal_pairs(d)]))
     for name in ("scores", "advantages"):
         if name in miss:
             console.print(Text(f"{name} missing — {miss[name]}", style="yellow"))

@@ -81,6 +81,26 @@ class ListResult:
     missing: dict[str, str]  # artifact -> why it is not shown
 
 
+def format_value(v, fmt: str = ".3f") -> str:
+    """A cell's display text, before any escaping: None → '–', bool → yes/no, float by ``fmt``."""
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return format(v, fmt)
+    return str(v)
+
+
+def signal_pairs(d: dict) -> list[tuple[str, str]]:
+    """The "Signals" line of one sample (:func:`details` row) as (label, unescaped text) pairs."""
+    st, a, sc = d["stats"], d["advantage"], d["score"]
+    return [("Δ-gap", format_value(st["delta_gap"], "+.4f")), ("Δ min", format_value(st["delta_min"], "+.3f")),
+            ("Δ max", format_value(st["delta_max"], "+.3f")), ("A", format_value(st["group_advantage"], "+.4f")),
+            ("mean Â", format_value(st["adv_mean"], "+.4f")), ("mean |Â|", format_value(st["adv_abs_mean"], ".4f")),
+            ("estimator", a["estimator"] if a else "–"), ("teacher", sc["teacher_checkpoint"] if sc else "–")]
+
+
 def _require(it: Iteration, what: str, name: str) -> None:
     if not it.has(name):
         raise InspectError(f"{what} needs the {name} artifact, which is missing in {it.root}: {it.missing[name]}")
