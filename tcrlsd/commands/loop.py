@@ -58,8 +58,20 @@ def experiment(
     out: Path = typer.Option(..., help="Folder for the runs' workspaces, the shared DVC cache and the results."),
     params: Path = typer.Option(Path("params.yaml"), help="Base params every run starts from."),
     presets_dir: Path = typer.Option(Path("configs/presets"), help="Where named presets live."),
+    jobs: int = typer.Option(1, help="Runs at a time (after the shared warm start); each stage then gets "
+                                     "cpu_count // jobs torch threads."),
+    doc: Path = typer.Option(None, help="Also write the report here (e.g. docs/RESULTS.md), figures beside it."),
+    title: str = typer.Option("Experiment", help="Title of the report."),
+    intro: Path = typer.Option(None, help="A Markdown file whose text opens the report (the setting, the question)."),
 ) -> None:
-    """Run each preset x seed from the same warm start (resumable); write results.csv, results.md, PNGs."""
+    """Run each preset x seed from the same warm start (resumable); write results.csv, results.md, PNGs.
+
+    Each run is a workspace DIR/runs/PRESET-sSEED sharing one DVC cache; rerunning the same command
+    continues where it stopped. The report has the validation table (peak/final, mean ± std over
+    seeds), the training signals, a comparison paired by seed against grpo, and the curves.
+    """
+    import shlex
+    import sys
     from tcrlsd.loop.experiment import run_experiment
     from tcrlsd.params import ParamsError
 
@@ -68,7 +80,10 @@ def experiment(
         typer.echo("error: give at least one preset, --iterations >= 1 and --seeds >= 1", err=True)
         raise typer.Exit(2)
     try:
-        run_experiment(Path.cwd(), params, names, list(range(seeds)), iterations, out, presets_dir, log=typer.echo)
+        command = "tcrlsd experiment " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else ""
+        text = intro.read_text() if intro else ""
+        run_experiment(Path.cwd(), params, names, list(range(seeds)), iterations, out, presets_dir, log=typer.echo,
+                       jobs=max(1, jobs), command=command, doc=doc, title=title, intro=text)
     except (ParamsError, ValueError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)

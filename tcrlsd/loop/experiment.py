@@ -23,14 +23,17 @@ final validation accuracy, mean +- std over seeds, like the method note's tables
 
 from __future__ import annotations
 
-import csv
+import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from tcrlsd.loop.results import RESULT_COLUMNS, Run, collect_results, summary_table, write_results
 
 __all__ = ["SEED_KEYS", "RESULT_COLUMNS", "Run", "prepare_workspace", "run_experiment", "collect_results",
            "summary_table", "write_results"]
@@ -38,19 +41,7 @@ __all__ = ["SEED_KEYS", "RESULT_COLUMNS", "Run", "prepare_workspace", "run_exper
 # params set to the run's seed: what samples and trains differs between seeds; the data, the warm
 # start and the evaluation's sampling stay the same, so runs differ only by their training.
 SEED_KEYS: tuple[tuple[str, str], ...] = (("generate", "seed"), ("update", "seed"), ("critique", "seed"))
-RESULT_COLUMNS = ("preset", "seed", "iteration", "val_greedy", "val_avg_at_k", "reward_mean", "critique_coverage",
-                  "delta_gap", "saturated_share", "entropy", "response_length", "pg_clipfrac")
 PIPELINE_FILES = ("dvc.yaml", "iterations.yaml", "stages", "configs", "tcrlsd")
-
-
-@dataclass(frozen=True)
-class Run:
-    preset: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.preset}-s{self.seed}"
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -119,108 +110,62 @@ def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: P
     return ws
 
 
-def _num(v: str):
-    return float(v) if v not in ("", None) else None
-
-
-def collect_results(out: Path, runs: list[Run]) -> list[dict]:
-    """One row per run and iteration (iteration -1 = the baseline evaluation of the warm start)."""
-    import json
-
-    rows: list[dict] = []
-    for run in runs:
-        ws = out / "runs" / run.name
-        base = ws / "data" / "metrics" / "evaluate-baseline.json"
-        if base.exists():
-            b = json.loads(base.read_text())
-            rows.append({"preset": run.preset, "seed": run.seed, "iteration": -1,
-                         "val_greedy": b.get("greedy_mean_at_1"), "val_avg_at_k": b.get("avg_at_k")})
-        table = ws / "data" / "summary" / "iterations.csv"
-        if not table.exists():
-            continue
-        with open(table, newline="") as fh:
-            for r in csv.DictReader(fh):
-                row = {"preset": run.preset, "seed": run.seed, "iteration": int(r["iteration"])}
-                row.update({c: _num(r.get(c, "")) for c in RESULT_COLUMNS[3:]})
-                rows.append(row)
-    return rows
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return ""
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
-
-
-def summary_table(rows: list[dict], presets: list[str]) -> str:
-    """Markdown: per preset, peak and final validation accuracy (%), mean ± std over seeds."""
-    lines = ["| run | seeds | iterations | greedy peak | greedy final | avg@k peak | avg@k final |",
-             "|---|---|---|---|---|---|---|"]
-    for preset in presets:
-        per_seed: dict[int, list[dict]] = {}
-        for r in rows:
-            if r["preset"] == preset and r["iteration"] >= 0:
-                per_seed.setdefault(r["seed"], []).append(r)
-        stats = {k: [] for k in ("gp", "gf", "ap", "af")}
-        n_iter = 0
-        for seq in per_seed.values():
-            seq.sort(key=lambda r: r["iteration"])
-            n_iter = max(n_iter, len(seq))
-            g = [r["val_greedy"] for r in seq if r["val_greedy"] is not None]
-            a = [r["val_avg_at_k"] for r in seq if r["val_avg_at_k"] is not None]
-            if g:
-                stats["gp"].append(max(g))
-                stats["gf"].append(g[-1])
-            if a:
-                stats["ap"].append(max(a))
-                stats["af"].append(a[-1])
-        lines.append(f"| {preset} | {len(per_seed)} | {n_iter} | {_mean_std(stats['gp'])} | {_mean_std(stats['gf'])} "
-                     f"| {_mean_std(stats['ap'])} | {_mean_std(stats['af'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_results(out: Path, rows: list[dict], presets: list[str]) -> None:
-    """results.csv, results.md and one PNG of mean validation curves per accuracy."""
-    from tcrlsd.loop.report import plot_curves
-
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(RESULT_COLUMNS), lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in RESULT_COLUMNS})
-    md = ["# Experiment", "", "Validation accuracy in % (mean ± std over seeds; peak over iterations, final = last).",
-          "", summary_table(rows, presets)]
-    for col, title in (("val_greedy", "Validation greedy mean@1"), ("val_avg_at_k", "Validation avg@k")):
-        series = {}
-        for preset in presets:
-            by_iter: dict[int, list[float]] = {}
-            for r in rows:
-                if r["preset"] == preset and r.get(col) is not None:
-                    by_iter.setdefault(r["iteration"] + 1, []).append(r[col])  # x = updates applied
-            xs = sorted(by_iter)
-            series[preset] = (xs, [statistics.mean(by_iter[x]) for x in xs])
-        name = f"{col}.png"
-        plot_curves(series, f"{title} (mean over seeds)", "policy updates applied", out / name)
-        md += [f"![{title}]({name})", ""]
-    (out / "results.md").write_text("\n".join(md))
+def _repro(ws: Path, target: str | None = None, threads: int = 0) -> int:
+    """``dvc repro [target]`` in ``ws``, output appended to ``ws/repro.log``; its wall time is added to
+    ``ws/wall.json`` (kept across resumes). ``threads`` > 0 caps torch's CPU threads per stage process."""
+    env = dict(os.environ)
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+        env["MKL_NUM_THREADS"] = str(threads)
+    start = time.perf_counter()
+    with open(ws / "repro.log", "a") as fh:
+        code = subprocess.call([_dvc(), "repro"] + ([target] if target else []), cwd=ws, stdout=fh,
+                               stderr=subprocess.STDOUT, env=env)
+    wall = ws / "wall.json"
+    spent = json.loads(wall.read_text())["seconds"] if wall.exists() else 0.0
+    tmp = wall.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"seconds": round(spent + time.perf_counter() - start, 1)}))
+    os.replace(tmp, wall)
+    return code
 
 
 def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: list[int], iterations: int,
-                   out: Path, presets_dir: Path, log=print) -> list[dict]:
-    """Run (or resume) every preset x seed for ``iterations`` iterations; returns the result rows."""
+                   out: Path, presets_dir: Path, log=print, jobs: int = 1, command: str = "",
+                   doc: Path | None = None, title: str = "Experiment", intro: str = "") -> list[dict]:
+    """Run (or resume) every preset x seed for ``iterations`` iterations; returns the result rows.
+
+    The first run's prepare and warm start go first, alone (into the shared cache); then ``jobs``
+    runs at a time, each stage process capped at ``cpu_count // jobs`` torch threads when jobs > 1
+    (results then depend on ``jobs`` through float rounding: keep it in the command you publish).
+    """
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     runs = [Run(p, s) for p in presets for s in seeds]
-    for i, run in enumerate(runs, 1):
-        ws = prepare_workspace(project, base_params, run, presets_dir, out / "runs" / run.name, cache, iterations)
-        log(f"[{i}/{len(runs)}] {run.name}: dvc repro in {ws} (log: {ws / 'repro.log'})")
-        with open(ws / "repro.log", "a") as fh:
-            code = subprocess.call([_dvc(), "repro"], cwd=ws, stdout=fh, stderr=subprocess.STDOUT)
-        if code != 0:
-            raise RuntimeError(f"{run.name}: dvc repro failed (exit {code}); see {ws / 'repro.log'}. "
+    spaces = [prepare_workspace(project, base_params, run, presets_dir, out / "runs" / run.name, cache, iterations)
+              for run in runs]
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    failures: list[str] = []
+    lock = threading.Lock()  # one writer of the results files at a time
+    if jobs > 1 and spaces:
+        log(f"{runs[0].name}: prepare and warm start first (shared by every run through the DVC cache)")
+        if _repro(spaces[0], "warmstart") != 0:
+            raise RuntimeError(f"{runs[0].name}: dvc repro warmstart failed; see {spaces[0] / 'repro.log'}. "
                                "Rerun the same command to resume.")
+
+    def one(i: int) -> None:
+        log(f"[{i + 1}/{len(runs)}] {runs[i].name}: dvc repro in {spaces[i]} (log: {spaces[i] / 'repro.log'})")
+        code = _repro(spaces[i], threads=threads)
+        if code != 0:
+            failures.append(f"{runs[i].name}: dvc repro failed (exit {code}); see {spaces[i] / 'repro.log'}")
+        else:
+            log(f"[{i + 1}/{len(runs)}] {runs[i].name}: done")
+        with lock:  # results so far, after every run: a long experiment shows its table as it goes
+            write_results(out, collect_results(out, runs), presets, runs, command, doc, title, intro)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, range(len(runs))))
     rows = collect_results(out, runs)
-    write_results(out, rows, presets)
+    write_results(out, rows, presets, runs, command, doc, title, intro)
+    if failures:
+        raise RuntimeError("; ".join(failures) + ". Rerun the same command to resume.")
     return rows

@@ -34,6 +34,7 @@ COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "critique_coverage": ("critique", ("coverage",)),
     "delta_gap": ("score", ("delta_gap",)),
     "saturated_share": ("advantages", ("saturated_group_share",)),
+    "saturated_nonzero_adv_share": ("advantages", ("saturated_adv_nonzero_token_share",)),
     "adv_abs_mean": ("advantages", ("adv_abs_mean",)),
     "response_length": ("generate", ("mean_response_tokens",)),
     "entropy": ("update", ("entropy",)),

@@ -166,6 +166,40 @@ def wrong_attempt(problem: Problem, rng: random.Random) -> str:
     raise AssertionError("unreachable")
 
 
+def needs_carry(a: int, op: str, b: int) -> bool:
+    """Whether ``a op b`` carries (``+``: the units overflow) or borrows (``-``: the units underflow)."""
+    if op == "+":
+        return a % 10 + b % 10 >= 10
+    if op == "-":
+        return a >= 0 and a % 10 < b % 10
+    return False
+
+
+def demonstrator_solution(problem: Problem, rng: random.Random, slip_rate: float) -> str:
+    """The worked solution as an imperfect demonstrator writes it: each step that carries or borrows
+    is written without the carry (a sum 10 too small, a difference 10 too large) with probability
+    ``slip_rate``, and the wrong value is carried through the steps after it (computed right from it,
+    slipping again at their own carries). ``slip_rate`` 0 gives the gold solution (no draw is made).
+
+    A policy imitating it to convergence keeps the slip rate at every carry: above 0.5 its greedy
+    answer drops every carry (so its greedy accuracy is the share of problems with no carry, a
+    property of the task mix), while sampling still finds the right value with 1 - slip_rate.
+    """
+    from tcrlsd.synthetic import solution_steps
+
+    if slip_rate <= 0:
+        return problem.solution
+    out, value = [], None
+    for a, op, b, _ in problem.steps:
+        a = a if value is None else value
+        result = a + b if op == "+" else a - b if op == "-" else a * b
+        if needs_carry(a, op, b) and rng.random() < slip_rate:
+            result += -10 if op == "+" else 10
+        out.append((a, op, b, result))
+        value = result
+    return solution_steps(out, value)
+
+
 def teacher_context(prompt_template: str, problem: Problem, attempt: str, template=None) -> tuple[str, str]:
     """``(teacher_prompt, feedback)`` for a wrong ``attempt`` at ``problem``, as the critique stage makes them.
 
@@ -187,18 +221,22 @@ def sft_examples(tokenizer, params: WarmstartParams, problems: Sequence[Problem]
     """The SFT sequences: the correct solution after the student prompt or, for a seeded
     ``teacher_context_fraction`` of the problems, after a teacher context (problem + reference critique
     of a synthetic wrong attempt), so the policy can play the teacher of the critique/score stages.
-    Either way the loss is on the solution tokens only.
+    Either way the loss is on the solution tokens only. The student-context solutions come from the
+    imperfect demonstrator (:func:`demonstrator_solution`, ``carry_slip_rate``); the teacher-context
+    ones are always the gold solution: the feedback names the slip, and the teacher writes it right.
     """
     rng = random.Random(params.seed + 3)
+    slips = random.Random(params.seed + 4)  # its own stream: slip_rate 0 leaves the other draws as they were
     template = None
     out = []
     for p in problems:
-        response = params.response_prefix + p.solution
         if params.teacher_context_fraction > 0 and rng.random() < params.teacher_context_fraction:
             if template is None:
                 template = load_template(default_templates_dir(), "teacher-critique")
             prompt, _ = teacher_context(params.prompt_template, p, wrong_attempt(p, rng), template)
+            response = params.response_prefix + p.solution
             out.append(dataclasses.replace(sft_example(tokenizer, prompt, response), teacher_context=True))
         else:
+            response = params.response_prefix + demonstrator_solution(p, slips, params.carry_slip_rate)
             out.append(sft_example(tokenizer, render_prompt(params.prompt_template, p.problem), response))
     return out

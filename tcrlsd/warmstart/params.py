@@ -27,6 +27,8 @@ class WarmstartParams:
     tokenizer_problems: int = 4000
     # share of SFT problems shown in a teacher context (problem + critique of a wrong attempt)
     teacher_context_fraction: float = 0.25
+    # share of the carry/borrow steps the demonstrator of the student-context examples gets wrong
+    carry_slip_rate: float = 0.0
     # model shape (a LlamaConfig); its vocab_size is the trained tokenizer's, set above
     model: TinyLlamaConfig = TinyLlamaConfig()
     # optimisation
@@ -52,6 +54,8 @@ class WarmstartParams:
         for name in ("steps", "batch_size", "sft_problems", "vocab_size", "eval_max_new_tokens", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not 0 <= self.carry_slip_rate <= 1:
+            raise ValueError(f"carry_slip_rate must be in [0, 1]; got {self.carry_slip_rate}")
         if not 0 <= self.teacher_context_fraction <= 1:
             raise ValueError(f"teacher_context_fraction must be in [0, 1]; got {self.teacher_context_fraction}")
         if not 0 <= self.warmup_steps <= self.steps:
