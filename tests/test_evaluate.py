@@ -117,3 +117,10 @@ def test_stage_cli_writes_a_valid_resumable_artifact(tmp_path, tiny_policy):
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
     assert json.loads(metrics.read_text())["parts_evaluated_now"] == 1
     assert (out / "part-00000.parquet").read_bytes() == first
+    # other params with finished parts on disk: a clear error naming --restart, no traceback, nothing deleted
+    (out / "part-00000.parquet").unlink()
+    params.write_text(params.read_text().replace("max_new_tokens: 8", "max_new_tokens: 9"))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("evaluate: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr and "--restart" in proc.stderr
+    assert (out / "part-00001.parquet").exists()

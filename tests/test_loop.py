@@ -150,3 +150,56 @@ def test_experiment_workspace_applies_preset_seed_iterations_and_shared_cache(tm
     with pytest.raises(ValueError, match="more than --iterations 2"):
         prepare_workspace(ROOT, ROOT / "params.yaml", Run("grpo", 3), ROOT / "configs" / "presets", ws,
                           tmp_path / "cache", iterations=2)
+
+
+def _rows(preset, seed, greedy, **extra):
+    return [{"preset": preset, "seed": seed, "iteration": i, "val_greedy": v, "val_avg_at_k": v / 2,
+             **{k: vals[i] for k, vals in extra.items()}} for i, v in enumerate(greedy)]
+
+
+def test_paired_comparison_by_seed_and_its_verdict():
+    from tcrlsd.loop.results import paired_table
+
+    rows = []
+    # b beats a by 10, 12, 8 points at the final iteration (mean 10, sd 2 -> t = 8.66 > 4.303)
+    for seed, (a, b) in enumerate(((0.50, 0.60), (0.40, 0.52), (0.45, 0.53))):
+        rows += _rows("a", seed, [0.3, a]) + _rows("b", seed, [0.3, b])
+    # c differs by +5, -5, +2: within seed noise
+    for seed, d in enumerate((0.05, -0.05, 0.02)):
+        rows += _rows("c", seed, [0.3, (0.50, 0.40, 0.45)[seed] + d])
+    table = paired_table(rows, ["a", "b", "c"], "a")
+    line_b = next(ln for ln in table.splitlines() if ln.startswith("| b |"))
+    assert "+10.0 (2.0)" in line_b and "+8.66" in line_b and "differs (peak and final)" in line_b
+    line_c = next(ln for ln in table.splitlines() if ln.startswith("| c |"))
+    assert "within seed noise" in line_c
+
+
+def test_signals_table_and_report_with_command_and_doc(tmp_path):
+    from tcrlsd.loop.results import Run, signals_table, write_results
+
+    rows = []
+    for seed in (0, 1):
+        rows += _rows("grpo", seed, [0.5, 0.6], critique_coverage=[0.0, 0.0], saturated_share=[0.2, 0.4 + 0.2 * seed],
+                      delta_gap=[None, None])
+        rows += _rows("tc", seed, [0.5, 0.7], critique_coverage=[0.5, 0.3], saturated_share=[0.2, 0.2],
+                      delta_gap=[0.1, 0.3])
+    walls = {"grpo": [60.0, 120.0], "tc": [180.0, 180.0]}
+    table = signals_table(rows, ["grpo", "tc"], walls)
+    # saturated share: seed means 0.3 and 0.4 -> 35.0 ± 7.1; wall 1 and 2 min -> 1.5 ± 0.7
+    assert "| grpo | 0.0 ± 0.0 |  | 35.0 ± 7.1 |" in table and table.splitlines()[2].endswith("| 1.5 ± 0.7 |")
+    assert "| tc | 40.0 ± 0.0 | 0.200 ± 0.000 | 20.0 ± 0.0 |" in table
+    out = tmp_path / "exp"
+    out.mkdir()
+    for run in (Run("grpo", 0), Run("tc", 0)):
+        (out / "runs" / run.name).mkdir(parents=True)
+        (out / "runs" / run.name / "wall.json").write_text(json.dumps({"seconds": 90.0}))
+    doc = tmp_path / "docs" / "RESULTS.md"
+    path = write_results(out, rows, ["grpo", "tc"], [Run("grpo", 0), Run("tc", 0)], command="tcrlsd experiment --x 1",
+                         doc=doc, title="T", intro="Why.")
+    text = doc.read_text()
+    assert path == doc and text.startswith("# T\n\nWhy.") and "tcrlsd experiment --x 1" in text
+    assert "![Validation greedy mean@1](RESULTS-figures/val_greedy.png)" in text and "## Paired by seed" in text
+    assert (tmp_path / "docs" / "RESULTS-figures" / "val_greedy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](val_greedy.png)" in (out / "results.md").read_text()
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("preset,seed,iteration,val_greedy") and "saturated_nonzero_adv_share" in header

@@ -39,7 +39,7 @@ SMALL = {
         {"name": "synthetic", "format": "synthetic", "split": "val", "path": None, "count": 16,
          "levels": [1, 2, 3, 4], "max_operand": 20},
     ]},
-    "warmstart": {"steps": 60, "warmup_steps": 10, "sft_problems": 1500, "tokenizer_problems": 500},
+    "warmstart": {"steps": 60, "warmup_steps": 10, "sft_problems": 1500, "tokenizer_problems": 500, "batch_size": 8},
     "generate": {"prompts_per_step": 6, "samples_per_prompt": 4, "num_parts": 2},
     "evaluate": {"samples": 2, "max_prompts": 8, "num_parts": 1},
     "update": {"mini_batch_prompts": 3},
@@ -184,3 +184,35 @@ def test_compare_on_the_stored_iteration(repo):
     header = out.splitlines()[0]
     for est in ("grpo", "rlsd", "rlsd_add", "rlsd_hybrid"):
         assert est in header
+
+
+@pytest.mark.slow
+def test_experiment_runs_presets_by_seeds_in_parallel_and_resumes(repo, tmp_path):
+    """`tcrlsd experiment` end to end on the small params: 2 presets x 2 seeds, 2 runs at a time."""
+    work, out = repo["work"], tmp_path / "exp"
+    cmd = [repo["tcrlsd"], "experiment", "--presets", "grpo,tc_rlsd_hybrid", "--iterations", "1", "--seeds", "2",
+           "--jobs", "2", "--out", str(out), "--doc", str(tmp_path / "docs" / "R.md"), "--title", "Small"]
+    _run(cmd, work)
+    names = ["grpo-s0", "grpo-s1", "tc_rlsd_hybrid-s0", "tc_rlsd_hybrid-s1"]
+    # every run trained from the same warm start (restored from the shared cache), and trained its own way
+    starts = {_weights(out / "runs" / n / "models" / "policy-0000") for n in names}
+    assert len(starts) == 1
+    assert len({_weights(out / "runs" / n / "models" / "policy-0001") for n in names}) == 4
+    logs = {n: (out / "runs" / n / "repro.log").read_text() for n in names}
+    assert sum("Running stage 'warmstart'" in t for t in logs.values()) == 1
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["preset"], r["seed"], r["iteration"]) for r in rows) == sorted(
+        (p, s, i) for p in ("grpo", "tc_rlsd_hybrid") for s in ("0", "1") for i in ("-1", "0"))
+    hybrid = [r for r in rows if r["preset"] == "tc_rlsd_hybrid" and r["iteration"] == "0"]
+    assert all(float(r["critique_coverage"]) > 0 for r in hybrid)
+    assert all(float(r["critique_coverage"]) == 0 for r in rows if r["preset"] == "grpo" and r["iteration"] == "0")
+    doc = (tmp_path / "docs" / "R.md").read_text()
+    assert doc.startswith("# Small") and "| grpo | 2 | 1 |" in doc and "| tc_rlsd_hybrid | 2 | 1 |" in doc
+    assert "tcrlsd experiment --presets grpo,tc_rlsd_hybrid" in doc
+    for n in names:
+        assert json.loads((out / "runs" / n / "wall.json").read_text())["seconds"] > 0
+    # the same command again: nothing left to run
+    _run(cmd, work)
+    for n in names:
+        assert (out / "runs" / n / "repro.log").read_text().count("Running stage") == logs[n].count("Running stage")

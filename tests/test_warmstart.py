@@ -192,7 +192,7 @@ def test_short_run_is_deterministic_and_depends_on_the_seed():
     assert stats["steps"] == 20 and stats["train_response_tokens"] > 0
 
 
-def _greedy_accuracy_independent(path: Path, prompts: list[str], answers: list[str]) -> float:
+def _greedy_correct_independent(path: Path, prompts: list[str], answers: list[str]) -> list[bool]:
     """Greedy accuracy with plain transformers calls: the saved tokenizer pads (left) on its own."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -204,15 +204,15 @@ def _greedy_accuracy_independent(path: Path, prompts: list[str], answers: list[s
     assert None not in (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3
     boxed = re.compile(r"\\boxed\{([^{}]*)\}")
-    correct = 0
+    correct: list[bool] = []
     with torch.inference_mode():
         for lo in range(0, len(prompts), 50):
             enc = tok(prompts[lo: lo + 50], return_tensors="pt", padding=True)
             out = model.generate(**enc, do_sample=False, max_new_tokens=96, pad_token_id=tok.pad_token_id)
             for row, answer in zip(out[:, enc["input_ids"].shape[1]:], answers[lo: lo + 50]):
                 found = boxed.findall(tok.decode(row, skip_special_tokens=True))
-                correct += bool(found) and found[-1].strip() == answer
-    return correct / len(prompts)
+                correct.append(bool(found) and found[-1].strip() == answer)
+    return correct
 
 
 @pytest.mark.slow
@@ -232,9 +232,60 @@ def test_default_warmstart_lands_in_the_accuracy_band(tmp_path):
 
     table = read_artifact(prompts_path, "prompts").to_pylist()
     val = [r for r in table if r["split"] == "val"]
-    acc = _greedy_accuracy_independent(out, [r["prompt"] for r in val], [r["answer"] for r in val])
+    per_row = _greedy_correct_independent(out, [r["prompt"] for r in val], [r["answer"] for r in val])
+    acc = sum(per_row) / len(per_row)
     metrics = json.loads(metrics_path.read_text())
-    assert 0.2 <= acc <= 0.8, f"greedy val accuracy {acc:.3f} is outside the band [0.2, 0.8]"
+    # At its plateau the policy imitates the demonstrator (carry_slip_rate 0.7): its greedy answer
+    # drops the carries, so it solves the problems without one and few with one; the overall accuracy
+    # is then set by the task mix (51% of the default val problems have no carry), not by the CPU.
+    from tcrlsd.reference_critic import parse_steps
+    from tcrlsd.warmstart.data import needs_carry
+
+    carry = [any(needs_carry(s.left, s.op, s.right) for s in parse_steps(r["solution"])) for r in val]
+    no_carry_acc = sum(ok for ok, c in zip(per_row, carry) if not c) / max(1, carry.count(False))
+    carry_acc = sum(ok for ok, c in zip(per_row, carry) if c) / max(1, carry.count(True))
+    assert no_carry_acc >= 0.85 and carry_acc <= 0.3, (no_carry_acc, carry_acc)
+    assert 0.4 <= acc <= 0.65, f"greedy val accuracy {acc:.3f} is outside the band [0.4, 0.65]"
     # Same greedy decoding, batched differently: at most a few prompts may flip on float noise.
     assert abs(acc - metrics["accuracy"]) <= 0.03
     assert metrics["n"] == len(val) and set(metrics["accuracy_by_level"]) == {"1", "2", "3", "4"}
+
+
+def test_needs_carry():
+    from tcrlsd.warmstart.data import needs_carry
+
+    assert needs_carry(18, "+", 15) and not needs_carry(17, "+", 12) and needs_carry(5, "+", 5)
+    assert needs_carry(32, "-", 15) and not needs_carry(35, "-", 12) and not needs_carry(30, "-", 10)
+    assert not needs_carry(45, "*", 2)
+
+
+def test_demonstrator_drops_carries_at_its_rate_and_carries_the_slip_through():
+    import random
+
+    from tcrlsd.reference_critic import parse_steps
+    from tcrlsd.synthetic import make_problems
+    from tcrlsd.warmstart.data import demonstrator_solution, needs_carry
+
+    problems = make_problems(3000, seed=7, levels=(1, 2, 3, 4), max_operand=20)
+    rng = random.Random(0)
+    assert all(demonstrator_solution(p, rng, 0.0) == p.solution for p in problems[:200])
+    dropped = carries = 0
+    for p in problems:
+        text = demonstrator_solution(p, rng, 0.7)
+        steps = parse_steps(text)
+        assert len(steps) == p.level and last_boxed(text) == str(steps[-1].result)
+        assert steps[0].left == p.steps[0][0]
+        for prev, s in zip(steps, steps[1:]):
+            assert s.left == prev.result  # every step continues from the written result
+        for s in steps:
+            true = s.left + s.right if s.op == "+" else s.left - s.right if s.op == "-" else s.left * s.right
+            if needs_carry(s.left, s.op, s.right):
+                carries += 1
+                dropped += s.result != true
+                assert s.result in (true, true + (-10 if s.op == "+" else 10))
+            else:
+                assert s.result == true
+    assert carries > 1000 and abs(dropped / carries - 0.7) < 0.03
+    every = demonstrator_solution(problems[0], rng, 1.0)
+    assert all(s.result != (s.left + s.right if s.op == "+" else s.left - s.right)
+               for s in parse_steps(every) if needs_carry(s.left, s.op, s.right))

@@ -57,6 +57,8 @@ def experiment(
     seeds: int = typer.Option(1, help="Seeds per preset (0..S-1; sets generate/update/critique seeds)."),
     out: Path = typer.Option(..., help="Folder for the runs' workspaces, the shared DVC cache and the results."),
     params: Path = typer.Option(Path("params.yaml"), help="Base params every run starts from."),
+    setting: Path = typer.Option(None, help="A params-shaped YAML applied to every run before its preset "
+                                            "(e.g. configs/experiments/saturated.yaml: another task mix)."),
     presets_dir: Path = typer.Option(Path("configs/presets"), help="Where named presets live."),
     jobs: int = typer.Option(1, help="Runs at a time (after the shared warm start); each stage then gets "
                                      "cpu_count // jobs torch threads."),
@@ -83,7 +85,8 @@ def experiment(
         command = "tcrlsd experiment " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else ""
         text = intro.read_text() if intro else ""
         run_experiment(Path.cwd(), params, names, list(range(seeds)), iterations, out, presets_dir, log=typer.echo,
-                       jobs=max(1, jobs), command=command, doc=doc, title=title, intro=text)
+                       jobs=max(1, jobs), command=command, doc=doc, title=title, intro=text,
+                       setting=setting)
     except (ParamsError, ValueError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)

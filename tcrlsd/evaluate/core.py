@@ -89,11 +89,13 @@ def load_params(params_path: str | os.PathLike, preset: str | os.PathLike | None
 
 
 def _stage_errors() -> tuple[type[BaseException], ...]:
+    from tcrlsd.artifacts import STAGE_ERRORS as COMMON
     from tcrlsd.params import ParamsError
     from tcrlsd.verify.params import VerifyError
     from tcrlsd.verify.pool import WorkerStartError
 
-    return (ParamsError, SchemaError, FileNotFoundError, VerifyError, WorkerStartError, ValueError)
+    # COMMON holds StaleOutputError (finished parts of another policy or params: rerun with --restart)
+    return (ParamsError, SchemaError, FileNotFoundError, VerifyError, WorkerStartError) + COMMON
 
 
 # The errors the stage reports as "evaluate: error: ..." (bad params, inputs, graders), not as tracebacks.

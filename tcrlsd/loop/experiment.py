@@ -74,8 +74,12 @@ def _dvc() -> str:
 
 
 def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: Path, ws: Path, cache: Path,
-                      iterations: int) -> Path:
-    """Create (or refresh) the run's workspace; returns it. Existing outputs are kept (resume)."""
+                      iterations: int, setting: Path | None = None) -> Path:
+    """Create (or refresh) the run's workspace; returns it. Existing outputs are kept (resume).
+
+    params.yaml = ``base_params``, then ``setting`` (a params-shaped YAML shared by every run of the
+    experiment, e.g. another task mix), then the run's preset, then its seed keys.
+    """
     import yaml
 
     from tcrlsd.loop.iterations import append_iterations, read_iterations
@@ -89,6 +93,8 @@ def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: P
     if (project / "data" / "raw").is_dir():
         _link_tree(project / "data" / "raw", ws / "data" / "raw")
     _copy(base_params, ws / "params.yaml")
+    if setting is not None:
+        apply_preset(ws / "params.yaml", setting)
     apply_preset(ws / "params.yaml", preset_path(run.preset, presets_dir))
     seeds = {}
     for section, key in SEED_KEYS:
@@ -131,7 +137,8 @@ def _repro(ws: Path, target: str | None = None, threads: int = 0) -> int:
 
 def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: list[int], iterations: int,
                    out: Path, presets_dir: Path, log=print, jobs: int = 1, command: str = "",
-                   doc: Path | None = None, title: str = "Experiment", intro: str = "") -> list[dict]:
+                   doc: Path | None = None, title: str = "Experiment", intro: str = "",
+                   setting: Path | None = None) -> list[dict]:
     """Run (or resume) every preset x seed for ``iterations`` iterations; returns the result rows.
 
     The first run's prepare and warm start go first, alone (into the shared cache); then ``jobs``
@@ -141,8 +148,8 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     runs = [Run(p, s) for p in presets for s in seeds]
-    spaces = [prepare_workspace(project, base_params, run, presets_dir, out / "runs" / run.name, cache, iterations)
-              for run in runs]
+    spaces = [prepare_workspace(project, base_params, run, presets_dir, out / "runs" / run.name, cache, iterations,
+                                setting) for run in runs]
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
     failures: list[str] = []
     lock = threading.Lock()  # one writer of the results files at a time

@@ -25,17 +25,22 @@ that GRPO groups mix right and wrong answers. This module builds one from nothin
 The SFT problems come from their own seed, and any problem whose text appears in the prompts
 artifact (train or val) is dropped, so the val accuracy is measured on problems never trained on.
 
-Why the defaults (measured on 2 CPU cores, greedy accuracy on held-out levels 1-4): at equal
-tokens, many small batches beat few large ones by far (8 x 4000 steps at lr 2e-3: 80%; 16 x 2000:
-26%; 32 x 600 never learned to copy the operands). At 8 x 2500 steps, lr 1e-3 gave 35%, 1.5e-3
-24%, 3e-3 11% (the higher rates learn to look the operands up later and less reliably; 1e-2
-diverged). On prepare's default val set, 8 x 2500 / 2750 / 3000 steps at 1e-3 gave 31.5% / 28% /
-67%: the step count changes the whole cosine schedule, so nearby counts are not ordered; 3000
-(the default) is the one whose curve had settled (final loss 0.04 against 0.10).
-With teacher_context_fraction 0.25 (same seed, lr, batch): 3000 steps gave 58.5% (L1-L4 74 / 72 / 48 /
-40%), 2750 gave 40.5%, about 190 s of training for 2750 steps on 2 idle cores (teacher contexts are
-about twice as long as student prompts); on the default pipeline the Delta-gap went from -6.0 to
--0.04 nats/token, with Delta clearly negative on the digits of the step the critique names.
+The student-context solutions come from an imperfect demonstrator (``carry_slip_rate``, default
+0.7): each step needing a carry (sum) or borrow (difference) is written without it with that
+probability and the wrong value carried through (``data.demonstrator_solution``); teacher-context
+solutions stay right. This is the embedded task's difficulty dial.
+
+Why the defaults (2 CPU cores, greedy accuracy on prepare's default 200 val problems). The earlier
+default (gold solutions, 8 x 3000 steps at lr 1e-3) stopped on a slope: 58.5% on one machine and 35%
+on another, 40.5% at 2750 steps. Now the policy is trained to the plateau of the demonstrator's
+distribution: 32 x 2500 steps at lr 2e-3 (2 passes over the 40,000 SFT problems, ~420 s; the
+tokens-per-second rate does not depend on the batch size on this CPU). Along the way (one seed):
+greedy 17% after 1000 steps, 37.5% after 1500, 53.5% after 1750, then 56.5 / 54.5 / 51.5% at
+2000 / 2250 / 2500 while the greedy answer settles on dropping the carries: at 2500 it drops 124 of
+the 132 carries of its val answers and makes 9 other slips in ~500 steps, so its greedy accuracy
+is the share of val problems without a carry (50.8% of the level 1-4 mix), whatever the CPU.
+8 x 3000 / 32 x 2000 stop before that (30 of 133 carries still right at 32 x 2000).
+bench/warmstart_spread.py measures the spread over seeds.
 
 Everything is a function of the params: a fixed step count (never a wall-clock budget), seeded
 data order and initialisation, and a fixed thread count, so the same params give the same weights
