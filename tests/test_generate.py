@@ -294,6 +294,27 @@ def test_stage_cli_writes_rollouts_and_reruns_identically(stage_inputs, tiny_pol
     assert read_artifact(out2, "rollouts").num_rows == 18
 
 
+def test_fanout_script_runs_the_real_stage_as_parallel_shards(stage_inputs, tiny_policy, tmp_path):
+    """configs/gpu/fanout.sh (dvc.yaml's gpu_fanout) with the real generate stage, 2 workers at once on
+    this CPU: together they write the single worker's bytes, then the plain run writes the metrics."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    single = tmp_path / "one" / "rollouts"
+    assert _stage_main()(_args(stage_inputs, tiny_policy, single)) == 0
+    out, metrics = tmp_path / "two" / "rollouts", tmp_path / "two" / "generate.json"
+    cmd = ["bash", str(ROOT / "configs" / "gpu" / "fanout.sh"), "2", sys.executable, str(STAGE),
+           *_args(stage_inputs, tiny_policy, out, "--metrics", str(metrics))]
+    env = {k: v for k, v in os.environ.items() if k != "GPU_LIST"}  # workers get CUDA_VISIBLE_DEVICES 0 and 1
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _part_bytes(out) == _part_bytes(single)
+    assert json.loads(metrics.read_text())["complete"]
+
+
 def test_stage_rejects_bad_shard(stage_inputs, tiny_policy, tmp_path, capsys):
     assert _stage_main()(_args(stage_inputs, tiny_policy, tmp_path / "r", "--shard", "2/2")) == 2
     assert "--shard must look like i/N" in capsys.readouterr().err

@@ -1,0 +1,130 @@
+"""Why a policy does or does not learn from its groups: where its wrong answers go wrong, from stored signals.
+
+    python bench/diagnose_errors.py ITER_DIR [ITER_DIR ...] [--prompts data/prompts.parquet]
+
+For each iteration folder (rollouts, verdicts, scores as the pipeline wrote them; the synthetic task
+only) and each wrong rollout, the first wrong step of its worked solution (the reference critic's
+step parser, each step recomputed from the value the rollout wrote before it) is classified:
+
+- carry: a sum written 10 too small or a difference 10 too large at a step that needs a carry/borrow;
+- slip: any other wrong result (another digit, a wrong operand);
+- no step wrong: the steps are right but the boxed answer or the format is not.
+
+Printed per folder: the shares of those classes; how many distinct facts (a op b) the first errors
+fall on (few facts shared by many rollouts = one skill the group signal can push on every
+iteration; as many facts as errors = each fact is seen about once); and the student's own
+probability of the token it sampled at the first wrong digit (from the score stage's
+student_logprobs): near 1 = a confident error, which sampling rarely avoids, so GRPO groups
+seldom contain the right alternative; near 0.5 or below = the right digit is in reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def first_error(text: str, start: int):
+    """(kind, step index, (a, op, b), written result, true result) of the first wrong step, or None."""
+    from tcrlsd.reference_critic import parse_steps
+    from tcrlsd.warmstart.data import needs_carry
+
+    steps = parse_steps(text, limit=16)
+    value = start
+    for i, s in enumerate(steps):
+        a = s.left
+        true = _apply(a, s.op, s.right)
+        if s.result != true:
+            carry = needs_carry(a, s.op, s.right) and s.result == true + (-10 if s.op == "+" else 10)
+            return ("carry" if carry else "slip"), i, (a, s.op, s.right), s.result, true
+        value = s.result
+    return None
+
+
+def digit_token_prob(tokenizer, response_ids: list[int], logprobs: list[float], text: str, step: int, written: int):
+    """Probability the student gave the first token of the written result of line ``step``.
+
+    Located by decoding the response token by token (the response text is the decoded ids)."""
+    target_line = [ln for ln in text.splitlines() if "=" in ln]
+    if step >= len(target_line):
+        return None
+    line = target_line[step]
+    offset = text.find(line) + line.rfind("=") + 1
+    while offset < len(text) and text[offset] == " ":
+        offset += 1
+    pos = 0
+    for k, tid in enumerate(response_ids):
+        piece = tokenizer.decode([tid], skip_special_tokens=True)
+        if pos + len(piece) > offset:
+            return math.exp(logprobs[k])
+        pos += len(piece)
+    return None
+
+
+def diagnose(folder: Path, prompts_path: Path, policy: Path | None = None) -> dict:
+    from tcrlsd.artifacts import read_artifact
+    from tcrlsd.policy import load_tokenizer
+
+    rollouts = read_artifact(folder / "rollouts", "rollouts").to_pylist()
+    verdicts = {r["rollout_id"]: r for r in read_artifact(folder / "verdicts.parquet", "verdicts").to_pylist()}
+    scores = {r["rollout_id"]: r for r in read_artifact(folder / "scores", "scores").to_pylist()}
+    prompts = {r["prompt_id"]: r for r in read_artifact(prompts_path, "prompts").to_pylist()}
+    key = folder.name.split("-", 1)[1]
+    policy = policy or folder.parents[1] / "models" / f"policy-{key}"  # the default layout's checkpoint
+    tokenizer = load_tokenizer(policy) if Path(policy).exists() else None
+    kinds: Counter = Counter()
+    facts: Counter = Counter()
+    probs: list[float] = []
+    for r in rollouts:
+        if verdicts[r["rollout_id"]]["reward"] > 0:
+            continue
+        problem = prompts[r["prompt_id"]]["problem"]
+        start = int(problem.split("Start with ", 1)[1].split(".", 1)[0])
+        err = first_error(r["response_text"], start)
+        if err is None:
+            kinds["no step wrong"] += 1
+            continue
+        kind, step, fact, written, _ = err
+        kinds[kind] += 1
+        facts[fact] += 1
+        if tokenizer is not None:
+            p = digit_token_prob(tokenizer, r["response_token_ids"], scores[r["rollout_id"]]["student_logprobs"],
+                                 r["response_text"], step, written)
+            if p is not None:
+                probs.append(p)
+    wrong = sum(kinds.values())
+    return {"rollouts": len(rollouts), "wrong": wrong, "kinds": kinds, "facts": len(facts),
+            "errors_with_a_step": sum(facts.values()), "probs": probs}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", type=Path, help="iteration folders, e.g. data/iter-0000")
+    ap.add_argument("--prompts", type=Path, default=None, help="prompts artifact (default: <folder>/../prompts.parquet)")
+    ap.add_argument("--policy", type=Path, default=None,
+                    help="the checkpoint that generated them, for its tokenizer (default: models/policy-<key>)")
+    args = ap.parse_args()
+    for folder in args.folders:
+        d = diagnose(folder, args.prompts or folder.parent / "prompts.parquet", args.policy)
+        w = max(1, d["wrong"])
+        print(f"{folder}: {d['wrong']} wrong of {d['rollouts']} rollouts")
+        print("  first error: " + ", ".join(f"{k} {v / w:.0%}" for k, v in d["kinds"].most_common()))
+        print(f"  distinct facts (a op b) under the {d['errors_with_a_step']} first wrong steps: {d['facts']}")
+        if d["probs"]:
+            ps = sorted(d["probs"])
+            print(f"  student p(sampled token) at the first wrong digit: median {statistics.median(ps):.2f}, "
+                  f"share > 0.9: {sum(p > 0.9 for p in ps) / len(ps):.0%}, share < 0.5: "
+                  f"{sum(p < 0.5 for p in ps) / len(ps):.0%} (n = {len(ps)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
