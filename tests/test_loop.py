@@ -185,8 +185,8 @@ def test_signals_table_and_report_with_command_and_doc(tmp_path):
                       delta_gap=[0.1, 0.3])
     walls = {"grpo": [60.0, 120.0], "tc": [180.0, 180.0]}
     table = signals_table(rows, ["grpo", "tc"], walls)
-    # saturated share: seed means 0.3 and 0.4 -> 35.0 ± 7.1; wall 1 and 2 min -> 1.5 ± 0.7
-    assert "| grpo | 0.0 ± 0.0 |  | 35.0 ± 7.1 |" in table and table.splitlines()[2].endswith("| 1.5 ± 0.7 |")
+    # saturated share: seed means 0.3 and 0.4 -> 35.0 ± 7.1; wall 1 and 2 min -> median 1.5
+    assert "| grpo | 0.0 ± 0.0 |  | 35.0 ± 7.1 |" in table and table.splitlines()[2].endswith("| 1.5 |")
     assert "| tc | 40.0 ± 0.0 | 0.200 ± 0.000 | 20.0 ± 0.0 |" in table
     out = tmp_path / "exp"
     out.mkdir()
@@ -203,3 +203,13 @@ def test_signals_table_and_report_with_command_and_doc(tmp_path):
     assert "](val_greedy.png)" in (out / "results.md").read_text()
     header = (out / "results.csv").read_text().splitlines()[0]
     assert header.startswith("preset,seed,iteration,val_greedy") and "saturated_nonzero_adv_share" in header
+
+
+def test_hypothesis_line_reports_met_or_not():
+    from tcrlsd.loop.results import hypothesis_lines
+
+    rows = _rows("grpo", 0, [0.5, 0.60]) + _rows("tc_rlsd_hybrid", 0, [0.5, 0.61])
+    assert "**not met** (difference +1.0 points" in hypothesis_lines(rows, ["grpo", "tc_rlsd_hybrid"])[0]
+    rows = _rows("grpo", 0, [0.5, 0.60]) + _rows("tc_rlsd_hybrid", 0, [0.5, 0.63])
+    assert "**met** (difference +3.0 points" in hypothesis_lines(rows, ["grpo", "tc_rlsd_hybrid"])[0]
+    assert hypothesis_lines(rows, ["grpo"]) == []

@@ -65,6 +65,8 @@ def experiment(
     doc: Path = typer.Option(None, help="Also write the report here (e.g. docs/RESULTS.md), figures beside it."),
     title: str = typer.Option("Experiment", help="Title of the report."),
     intro: Path = typer.Option(None, help="A Markdown file whose text opens the report (the setting, the question)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Run nothing: rewrite the results and the report "
+                                     "from the workspaces as they are (the recorded command omits this flag)."),
 ) -> None:
     """Run each preset x seed from the same warm start (resumable); write results.csv, results.md, PNGs.
 
@@ -82,11 +84,12 @@ def experiment(
         typer.echo("error: give at least one preset, --iterations >= 1 and --seeds >= 1", err=True)
         raise typer.Exit(2)
     try:
-        command = "tcrlsd experiment " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else ""
+        argv = [a for a in sys.argv[2:] if a != "--report-only"]
+        command = "tcrlsd experiment " + shlex.join(argv) if len(sys.argv) > 1 else ""
         text = intro.read_text() if intro else ""
         run_experiment(Path.cwd(), params, names, list(range(seeds)), iterations, out, presets_dir, log=typer.echo,
                        jobs=max(1, jobs), command=command, doc=doc, title=title, intro=text,
-                       setting=setting)
+                       setting=setting, report_only=report_only)
     except (ParamsError, ValueError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)

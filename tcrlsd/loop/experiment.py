@@ -138,7 +138,7 @@ def _repro(ws: Path, target: str | None = None, threads: int = 0) -> int:
 def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: list[int], iterations: int,
                    out: Path, presets_dir: Path, log=print, jobs: int = 1, command: str = "",
                    doc: Path | None = None, title: str = "Experiment", intro: str = "",
-                   setting: Path | None = None) -> list[dict]:
+                   setting: Path | None = None, report_only: bool = False) -> list[dict]:
     """Run (or resume) every preset x seed for ``iterations`` iterations; returns the result rows.
 
     The first run's prepare and warm start go first, alone (into the shared cache); then ``jobs``
@@ -148,6 +148,11 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     runs = [Run(p, s) for p in presets for s in seeds]
+    if report_only:  # the workspaces as they are: nothing copied, nothing run
+        rows = collect_results(out, runs)
+        write_results(out, rows, presets, runs, command, doc, title, intro)
+        return rows
+    started = time.perf_counter()
     spaces = [prepare_workspace(project, base_params, run, presets_dir, out / "runs" / run.name, cache, iterations,
                                 setting) for run in runs]
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
@@ -171,6 +176,9 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, range(len(runs))))
+    total = out / "experiment-wall.json"  # every invocation's wall time, added up (resumes included)
+    spent = json.loads(total.read_text())["seconds"] if total.exists() else 0.0
+    total.write_text(json.dumps({"seconds": round(spent + time.perf_counter() - started, 1)}))
     rows = collect_results(out, runs)
     write_results(out, rows, presets, runs, command, doc, title, intro)
     if failures:

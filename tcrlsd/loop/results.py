@@ -108,7 +108,7 @@ def summary_table(rows: list[dict], presets: list[str], walls: dict[str, list[fl
 
 def signals_table(rows: list[dict], presets: list[str], walls: dict[str, list[float]]) -> str:
     """Markdown: per preset, the training signals (mean over iterations, then mean ± std over seeds)."""
-    head = "| run | " + " | ".join(h for _, h, _ in SIGNALS) + " | wall time per run (min) |"
+    head = "| run | " + " | ".join(h for _, h, _ in SIGNALS) + " | wall time per run (min, median) |"
     lines = [head, "|" + "---|" * (len(SIGNALS) + 2)]
     for preset in presets:
         cells = []
@@ -116,7 +116,7 @@ def signals_table(rows: list[dict], presets: list[str], walls: dict[str, list[fl
             per_seed = [statistics.mean(v for _, v in c) for c in _curves(rows, preset, col).values() if c]
             cells.append(_mean_std(per_seed, 100.0 if pct else 1.0, 1 if pct else 3))
         w = [x / 60 for x in walls.get(preset, []) if x is not None]
-        cells.append(_mean_std(w, 1.0, 1))
+        cells.append(f"{statistics.median(w):.1f}" if w else "")
         lines.append(f"| {preset} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -153,6 +153,21 @@ def paired_table(rows: list[dict], presets: list[str], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def hypothesis_lines(rows: list[dict], presets: list[str], margin: float = 2.0) -> list[str]:
+    """The method note's aim, checked on the final greedy accuracy: tc_rlsd_hybrid >= grpo + 2 points
+    (mean of seeds). Empty unless both presets ran."""
+    if not {"grpo", "tc_rlsd_hybrid"} <= set(presets):
+        return []
+    final = {p: [c[-1][1] for c in _curves(rows, p, "val_greedy").values() if c] for p in ("grpo", "tc_rlsd_hybrid")}
+    if not all(final.values()):
+        return []
+    diff = 100 * (statistics.mean(final["tc_rlsd_hybrid"]) - statistics.mean(final["grpo"]))
+    met = "met" if diff >= margin else "not met"
+    return [f"The method note's aim, tc_rlsd_hybrid ≥ grpo + {margin:.0f} points of final greedy accuracy (mean of "
+            f"{len(final['grpo'])} / {len(final['tc_rlsd_hybrid'])} seeds): **{met}** (difference {diff:+.1f} "
+            "points; see the paired test above for whether it exceeds the seed spread).", ""]
+
+
 FIGURES = (("val_greedy", "Validation greedy mean@1"), ("val_avg_at_k", "Validation avg@k"),
            ("reward_mean", "Training reward"), ("saturated_share", "Saturated-group share"),
            ("delta_gap", "Teacher Δ-gap (feedback rows)"))
@@ -185,13 +200,18 @@ def write_results(out: Path, rows: list[dict], presets: list[str], runs: list[Ru
     if base:
         md += [f"Starting policy (the warm start, iteration -1): greedy {100 * statistics.mean(base):.1f}%, "
                f"avg@k {100 * statistics.mean(base_k):.1f}% on the validation prompts." if base_k else "", ""]
+    total = out / "experiment-wall.json"
+    if total.exists():
+        md += [f"Wall time of the whole experiment on this machine: {json.loads(total.read_text())['seconds'] / 60:.0f} min "
+               "(every invocation added up).", ""]
     md += ["## Validation accuracy", "",
            "In %, mean ± std over seeds; peak = best iteration of a run, final = its last iteration.", "",
            summary_table(rows, presets), "## Training signals", "",
            "Mean over a run's iterations, then mean ± std over seeds. Coverage = share of rollouts with feedback; "
            "Δ-gap = mean of teacher − student log-prob on feedback rollouts (nats/token); saturated groups = share of "
            "prompt groups with one reward for every sample (A = 0); non-zero Â = share of response tokens in those "
-           "groups whose advantage is not 0. Wall time: the runs' `dvc repro` calls added up.", "",
+           "groups whose advantage is not 0. Wall time: a run's `dvc repro` calls added up, median over seeds (the first
+run of an experiment also carries the shared prepare and warm start; with --jobs > 1 runs share the CPU).", "",
            signals_table(rows, presets, walls)]
     reference = "grpo" if "grpo" in presets else presets[0]
     if len(presets) > 1:
@@ -200,6 +220,7 @@ def write_results(out: Path, rows: list[dict], presets: list[str], runs: list[Ru
                f"of greedy accuracy. Verdict: |t| above the 95% two-sided critical value for n − 1 degrees of freedom "
                f"({', '.join(f'n={k + 1}: {v}' for k, v in list(T_CRIT_95.items())[:3])}).", "",
                paired_table(rows, presets, reference)]
+        md += hypothesis_lines(rows, presets)
     for col, fig_title in FIGURES:
         series = {}
         for preset in presets:
