@@ -210,8 +210,8 @@ def write_results(out: Path, rows: list[dict], presets: list[str], runs: list[Ru
            "Mean over a run's iterations, then mean ± std over seeds. Coverage = share of rollouts with feedback; "
            "Δ-gap = mean of teacher − student log-prob on feedback rollouts (nats/token); saturated groups = share of "
            "prompt groups with one reward for every sample (A = 0); non-zero Â = share of response tokens in those "
-           "groups whose advantage is not 0. Wall time: a run's `dvc repro` calls added up, median over seeds (the first
-run of an experiment also carries the shared prepare and warm start; with --jobs > 1 runs share the CPU).", "",
+           "groups whose advantage is not 0. Wall time: a run's `dvc repro` calls added up, median over seeds (the first "
+           "run of an experiment also carries the shared prepare and warm start; with --jobs > 1 runs share the CPU).", "",
            signals_table(rows, presets, walls)]
     reference = "grpo" if "grpo" in presets else presets[0]
     if len(presets) > 1:
