@@ -152,6 +152,23 @@ def test_experiment_workspace_applies_preset_seed_iterations_and_shared_cache(tm
                           tmp_path / "cache", iterations=2)
 
 
+def test_experiment_setting_applies_to_every_run_before_its_preset(tmp_path):
+    from tcrlsd.loop.experiment import prepare_workspace
+
+    setting = ROOT / "configs" / "experiments" / "saturated.yaml"
+    ws = prepare_workspace(ROOT, ROOT / "params.yaml", Run("tc_rlsd_add", 1), ROOT / "configs" / "presets",
+                           tmp_path / "runs" / "tc_rlsd_add-s1", tmp_path / "cache", iterations=1, setting=setting)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    train, val = params["prepare"]["sources"]
+    assert train["levels"] == [1] and val == base["prepare"]["sources"][1]  # same validation problems
+    assert params["advantages"]["estimator"] == "rlsd_add" and params["generate"]["seed"] == 1
+    # only the setting's, the preset's and the seed's keys differ from the base params
+    changed = {(sec, k) for sec in base for k in base[sec] if params[sec][k] != base[sec][k]}
+    assert changed == {("prepare", "sources"), ("advantages", "estimator"), ("generate", "seed"),
+                       ("update", "seed"), ("critique", "seed")}
+
+
 def _rows(preset, seed, greedy, **extra):
     return [{"preset": preset, "seed": seed, "iteration": i, "val_greedy": v, "val_avg_at_k": v / 2,
              **{k: vals[i] for k, vals in extra.items()}} for i, v in enumerate(greedy)]
