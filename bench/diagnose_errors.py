@@ -15,7 +15,9 @@ fall on (few facts shared by many rollouts = one skill the group signal can push
 iteration; as many facts as errors = each fact is seen about once); and the student's own
 probability of the token it sampled at the first wrong digit (from the score stage's
 student_logprobs): near 1 = a confident error, which sampling rarely avoids, so GRPO groups
-seldom contain the right alternative; near 0.5 or below = the right digit is in reach.
+seldom contain the right alternative; near 0.5 or below = the right digit is in reach. Where the
+teacher saw feedback, Δ = teacher − student log-prob at that token against every other token: how
+precisely the teacher's signal lands on the mistake.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def first_error(text: str, start: int):
     return None
 
 
-def digit_token_prob(tokenizer, response_ids: list[int], logprobs: list[float], text: str, step: int, written: int):
-    """Probability the student gave the first token of the written result of line ``step``.
+def digit_token_index(tokenizer, response_ids: list[int], text: str, step: int):
+    """Index of the first token of the written result of line ``step`` (None if not found).
 
     Located by decoding the response token by token (the response text is the decoded ids)."""
     target_line = [ln for ln in text.splitlines() if "=" in ln]
@@ -64,7 +66,7 @@ def digit_token_prob(tokenizer, response_ids: list[int], logprobs: list[float], 
     for k, tid in enumerate(response_ids):
         piece = tokenizer.decode([tid], skip_special_tokens=True)
         if pos + len(piece) > offset:
-            return math.exp(logprobs[k])
+            return k
         pos += len(piece)
     return None
 
@@ -83,6 +85,8 @@ def diagnose(folder: Path, prompts_path: Path, policy: Path | None = None) -> di
     kinds: Counter = Counter()
     facts: Counter = Counter()
     probs: list[float] = []
+    delta_at: list[float] = []  # teacher - student log-prob at the first wrong digit (feedback rows)
+    delta_else: list[float] = []  # ... at every other token of those rows
     for r in rollouts:
         if verdicts[r["rollout_id"]]["reward"] > 0:
             continue
@@ -96,13 +100,18 @@ def diagnose(folder: Path, prompts_path: Path, policy: Path | None = None) -> di
         kinds[kind] += 1
         facts[fact] += 1
         if tokenizer is not None:
-            p = digit_token_prob(tokenizer, r["response_token_ids"], scores[r["rollout_id"]]["student_logprobs"],
-                                 r["response_text"], step, written)
-            if p is not None:
-                probs.append(p)
+            k = digit_token_index(tokenizer, r["response_token_ids"], r["response_text"], step)
+            if k is not None:
+                sc = scores[r["rollout_id"]]
+                probs.append(math.exp(sc["student_logprobs"][k]))
+                delta = [t - u for t, u in zip(sc["teacher_logprobs"], sc["student_logprobs"])]
+                if any(abs(d) > 0 for d in delta):  # the teacher saw feedback
+                    delta_at.append(delta[k])
+                    delta_else += delta[:k] + delta[k + 1:]
     wrong = sum(kinds.values())
     return {"rollouts": len(rollouts), "wrong": wrong, "kinds": kinds, "facts": len(facts),
-            "errors_with_a_step": sum(facts.values()), "probs": probs}
+            "errors_with_a_step": sum(facts.values()), "probs": probs, "delta_at": delta_at,
+            "delta_else": delta_else}
 
 
 def main() -> int:
@@ -123,6 +132,10 @@ def main() -> int:
             print(f"  student p(sampled token) at the first wrong digit: median {statistics.median(ps):.2f}, "
                   f"share > 0.9: {sum(p > 0.9 for p in ps) / len(ps):.0%}, share < 0.5: "
                   f"{sum(p < 0.5 for p in ps) / len(ps):.0%} (n = {len(ps)})")
+        if d["delta_at"]:
+            print(f"  teacher - student log-prob (feedback rows): at the first wrong digit mean "
+                  f"{statistics.mean(d['delta_at']):+.2f} (n = {len(d['delta_at'])}), at every other token mean "
+                  f"{statistics.mean(d['delta_else']):+.3f} (n = {len(d['delta_else'])})")
     return 0
 
 
