@@ -230,3 +230,12 @@ def test_hypothesis_line_reports_met_or_not():
     rows = _rows("grpo", 0, [0.5, 0.60]) + _rows("tc_rlsd_hybrid", 0, [0.5, 0.63])
     assert "**met** (difference +3.0 points" in hypothesis_lines(rows, ["grpo", "tc_rlsd_hybrid"])[0]
     assert hypothesis_lines(rows, ["grpo"]) == []
+
+
+def test_a_run_without_any_feedback_is_called_out():
+    from tcrlsd.loop.results import no_feedback_lines
+
+    rows = _rows("rlsd_self", 0, [0.5, 0.6], critique_coverage=[0.0, 0.0])
+    rows += _rows("tc", 0, [0.5, 0.6], critique_coverage=[0.0, 0.1]) + _rows("grpo", 0, [0.5], critique_coverage=[0.0])
+    lines = no_feedback_lines(rows, ["grpo", "rlsd_self", "tc"])
+    assert len([ln for ln in lines if ln]) == 1 and lines[0].startswith("rlsd_self: no rollout got feedback")

@@ -168,6 +168,19 @@ def hypothesis_lines(rows: list[dict], presets: list[str], margin: float = 2.0) 
             "points; see the paired test above for whether it exceeds the seed spread).", ""]
 
 
+def no_feedback_lines(rows: list[dict], presets: list[str]) -> list[str]:
+    """A note for each non-grpo preset whose rollouts never got feedback: its teacher was the student."""
+    out = []
+    for preset in presets:
+        cov = [r["critique_coverage"] for r in rows if r["preset"] == preset and r["iteration"] >= 0
+               and r.get("critique_coverage") is not None]
+        if preset != "grpo" and cov and max(cov) == 0:
+            out += [f"{preset}: no rollout got feedback in any iteration (critique coverage 0; the critique stage's "
+                    "metrics give each row's reason), so its teacher scored exactly like the student (Δ = 0) and it "
+                    "trained as GRPO.", ""]
+    return out
+
+
 FIGURES = (("val_greedy", "Validation greedy mean@1"), ("val_avg_at_k", "Validation avg@k"),
            ("reward_mean", "Training reward"), ("saturated_share", "Saturated-group share"),
            ("delta_gap", "Teacher Δ-gap (feedback rows)"))
@@ -221,6 +234,7 @@ def write_results(out: Path, rows: list[dict], presets: list[str], runs: list[Ru
                f"({', '.join(f'n={k + 1}: {v}' for k, v in list(T_CRIT_95.items())[:3])}).", "",
                paired_table(rows, presets, reference)]
         md += hypothesis_lines(rows, presets)
+    md += no_feedback_lines(rows, presets)
     for col, fig_title in FIGURES:
         series = {}
         for preset in presets:
