@@ -60,6 +60,8 @@ def experiment(
     setting: Path = typer.Option(None, help="A params-shaped YAML applied to every run before its preset "
                                             "(e.g. configs/experiments/saturated.yaml: another task mix)."),
     presets_dir: Path = typer.Option(Path("configs/presets"), help="Where named presets live."),
+    cache: Path = typer.Option(None, help="DVC cache folder (default: OUT/cache). Another experiment's cache "
+                                          "lets DVC restore its identical prepare and warm start instead of rerunning them."),
     jobs: int = typer.Option(1, help="Runs at a time (after the shared warm start); each stage then gets "
                                      "cpu_count // jobs torch threads."),
     doc: Path = typer.Option(None, help="Also write the report here (e.g. docs/RESULTS.md), figures beside it."),
@@ -89,7 +91,8 @@ def experiment(
         text = intro.read_text() if intro else ""
         run_experiment(Path.cwd(), params, names, list(range(seeds)), iterations, out, presets_dir, log=typer.echo,
                        jobs=max(1, jobs), command=command, doc=doc, title=title, intro=text,
-                       setting=setting, report_only=report_only)
+                       setting=setting, report_only=report_only,
+                       cache=cache)
     except (ParamsError, ValueError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)

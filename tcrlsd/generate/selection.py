@@ -12,12 +12,17 @@ from tcrlsd.schemas import SchemaError
 # prompt selection
 
 
-def train_prompt_ids(prompts: pa.Table, source: str | None = None) -> list[str]:
-    """The ids of the rows with split == "train", sorted (selection must not depend on row order)."""
-    ids = [pid for pid, split in zip(prompts.column("prompt_id").to_pylist(), prompts.column("split").to_pylist())
-           if split == "train"]
+def train_prompt_ids(prompts: pa.Table, source: str | None = None, levels: Sequence[int] = ()) -> list[str]:
+    """The ids of the rows with split == "train" (and, if ``levels`` is not empty, a level in it),
+    sorted (selection must not depend on row order)."""
+    split = prompts.column("split").to_pylist()
+    level = prompts.column("level").to_pylist() if levels else [None] * len(split)
+    ids = [pid for pid, s, lv in zip(prompts.column("prompt_id").to_pylist(), split, level)
+           if s == "train" and (not levels or lv in levels)]
     if not ids:
-        raise SchemaError(f"{source or 'prompts'}: no rows with split == 'train'; generate samples train prompts only")
+        where = f" and a level in {list(levels)} (generate.train_levels)" if levels else ""
+        raise SchemaError(f"{source or 'prompts'}: no rows with split == 'train'{where}; generate samples train "
+                          "prompts only")
     return sorted(ids)
 
 

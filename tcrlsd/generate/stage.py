@@ -45,8 +45,10 @@ class GenerateParams:
     num_threads: int = 0
     max_model_len: int = 0
     engine_args: dict = field(default_factory=dict)
+    train_levels: tuple[int, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "train_levels", tuple(self.train_levels or ()))
         if self.backend not in BACKENDS:
             raise ValueError(f"generate.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "num_parts", "batch_size",
@@ -138,7 +140,8 @@ def run_generate(
     from tcrlsd.policy import encode_prompt, load_tokenizer
 
     prompts = read_artifact(prompts_path, "prompts")
-    chosen = select_prompts(train_prompt_ids(prompts, str(prompts_path)), params.prompts_per_step, params.seed,
+    chosen = select_prompts(train_prompt_ids(prompts, str(prompts_path), params.train_levels), params.prompts_per_step,
+                            params.seed,
                             iteration)
     text_of = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
     parts = split_evenly(len(chosen), params.num_parts)

@@ -138,7 +138,8 @@ def _repro(ws: Path, target: str | None = None, threads: int = 0) -> int:
 def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: list[int], iterations: int,
                    out: Path, presets_dir: Path, log=print, jobs: int = 1, command: str = "",
                    doc: Path | None = None, title: str = "Experiment", intro: str = "",
-                   setting: Path | None = None, report_only: bool = False) -> list[dict]:
+                   setting: Path | None = None, report_only: bool = False,
+                   cache: Path | None = None) -> list[dict]:
     """Run (or resume) every preset x seed for ``iterations`` iterations; returns the result rows.
 
     The first run's prepare and warm start go first, alone (into the shared cache); then ``jobs``
@@ -146,7 +147,7 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
     (results then depend on ``jobs`` through float rounding: keep it in the command you publish).
     """
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "cache"
+    cache = cache or out / "cache"
     runs = [Run(p, s) for p in presets for s in seeds]
     if report_only:  # the workspaces as they are: nothing copied, nothing run
         rows = collect_results(out, runs)
