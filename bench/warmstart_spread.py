@@ -36,6 +36,7 @@ def _set(params: dict, assignment: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only", default=None, help="comma-separated seed indices to run (default: all of 0..S-1)")
     ap.add_argument("--jobs", type=int, default=1, help="warm starts at a time (each keeps its num_threads)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the checkpoints here (default: a temp dir)")
     ap.add_argument("--set", action="append", default=[], help="override, e.g. warmstart.steps=3000")
@@ -66,8 +67,9 @@ def main() -> int:
                             "--no-progress"], check=True, cwd=ROOT)
         return json.loads(metrics.read_text())
 
+    indices = [int(x) for x in args.only.split(",")] if args.only else list(range(args.seeds))
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(one, range(args.seeds)))
+        results = list(pool.map(one, indices))
 
     from tcrlsd.artifacts import read_artifact
     from tcrlsd.policy import load_policy
@@ -84,7 +86,7 @@ def main() -> int:
     header = ["seed", "steps", "train s", "greedy"] + [f"L{k}" for k in levels] + ["no-carry", "carry"]
     print(" | ".join(header))
     cols: dict[str, list[float]] = {h: [] for h in header[3:]}
-    for i, m in enumerate(results):
+    for i, m in zip(indices, results):
         model, tok = load_policy(work / f"policy-{i}")
         texts = greedy_answers(model, tok, [r["prompt"] for r in val], 96, 100)
         ok = [last_boxed(t) == str(r["answer"]).strip() for t, r in zip(texts, val)]
