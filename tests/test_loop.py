@@ -160,12 +160,12 @@ def test_experiment_setting_applies_to_every_run_before_its_preset(tmp_path):
                            tmp_path / "runs" / "tc_rlsd_add-s1", tmp_path / "cache", iterations=1, setting=setting)
     params = yaml.safe_load((ws / "params.yaml").read_text())
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    train, val = params["prepare"]["sources"]
-    assert train["levels"] == [1] and val == base["prepare"]["sources"][1]  # same validation problems
+    assert params["generate"]["train_levels"] == [1]
     assert params["advantages"]["estimator"] == "rlsd_add" and params["generate"]["seed"] == 1
-    # only the setting's, the preset's and the seed's keys differ from the base params
+    # only the setting's, the preset's and the seed's keys differ from the base params: the prompts
+    # file and the warm start (prepare, warmstart sections) are the base's
     changed = {(sec, k) for sec in base for k in base[sec] if params[sec][k] != base[sec][k]}
-    assert changed == {("prepare", "sources"), ("advantages", "estimator"), ("generate", "seed"),
+    assert changed == {("generate", "train_levels"), ("advantages", "estimator"), ("generate", "seed"),
                        ("update", "seed"), ("critique", "seed")}
 
 
