@@ -319,3 +319,16 @@ def test_stage_rejects_bad_shard(stage_inputs, tiny_policy, tmp_path, capsys):
     assert _stage_main()(_args(stage_inputs, tiny_policy, tmp_path / "r", "--shard", "2/2")) == 2
     assert "--shard must look like i/N" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "r" / "part-00000.parquet")
+
+
+def test_train_levels_restrict_the_prompts_a_step_samples():
+    from tcrlsd.generate.selection import train_prompt_ids
+
+    table = _prompts_table(40, 8)
+    level = dict(zip(table.column("prompt_id").to_pylist(), table.column("level").to_pylist()))
+    every = train_prompt_ids(table)
+    ones = train_prompt_ids(table, levels=(1,))
+    assert ones and set(ones) < set(every) and all(level[p] == 1 for p in ones)
+    assert sorted(p for p in every if level[p] == 1) == ones
+    with pytest.raises(SchemaError, match="generate.train_levels"):
+        train_prompt_ids(table, levels=(9,))
