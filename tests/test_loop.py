@@ -239,3 +239,22 @@ def test_a_run_without_any_feedback_is_called_out():
     rows += _rows("tc", 0, [0.5, 0.6], critique_coverage=[0.0, 0.1]) + _rows("grpo", 0, [0.5], critique_coverage=[0.0])
     lines = no_feedback_lines(rows, ["grpo", "rlsd_self", "tc"])
     assert len([ln for ln in lines if ln]) == 1 and lines[0].startswith("rlsd_self: no rollout got feedback")
+
+
+def test_a_fresh_experiment_workspace_starts_at_the_first_iteration(tmp_path):
+    """A project that already ran 3 iterations: a new run still has exactly --iterations items."""
+    import shutil
+
+    from tcrlsd.loop.experiment import prepare_workspace
+    from tcrlsd.loop.iterations import append_iterations
+
+    project = tmp_path / "project"
+    project.mkdir()
+    for rel in ("dvc.yaml", "iterations.yaml", "params.yaml", "configs", "stages", "tcrlsd"):
+        src = ROOT / rel
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, project / rel)
+    append_iterations(project / "iterations.yaml", 2)
+    ws = prepare_workspace(project, project / "params.yaml", Run("grpo", 0), project / "configs" / "presets",
+                           tmp_path / "runs" / "grpo-s0", tmp_path / "cache", iterations=1)
+    assert [it.key for it in read_iterations(ws / "iterations.yaml")] == ["0000"]
+    assert "# The training iterations" in (ws / "iterations.yaml").read_text()  # comments kept

@@ -82,10 +82,11 @@ def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: P
     """
     import yaml
 
-    from tcrlsd.loop.iterations import append_iterations, read_iterations
+    from tcrlsd.loop.iterations import append_iterations, read_iterations, truncate_iterations
     from tcrlsd.presets import apply_preset, preset_path
 
     ws.mkdir(parents=True, exist_ok=True)
+    fresh = not (ws / "iterations.yaml").exists()
     for rel in PIPELINE_FILES:
         if rel == "iterations.yaml" and (ws / rel).exists():
             continue  # keep the run's own (possibly longer) chain
@@ -107,6 +108,8 @@ def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: P
         subprocess.run([_dvc(), "init", "--no-scm", "-q"], cwd=ws, check=True)
         subprocess.run([_dvc(), "config", "core.analytics", "false"], cwd=ws, check=True)
     subprocess.run([_dvc(), "config", "--local", "cache.dir", str(cache.resolve())], cwd=ws, check=True)
+    if fresh:  # a run starts at the project's first iteration, whatever the project has run since
+        truncate_iterations(ws / "iterations.yaml", 1)
     have = len(read_iterations(ws / "iterations.yaml"))
     if have < iterations:
         append_iterations(ws / "iterations.yaml", iterations - have)

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Iteration", "IterationsError", "read_iterations", "next_items", "append_iterations"]
+__all__ = ["Iteration", "IterationsError", "read_iterations", "next_items", "append_iterations", "truncate_iterations"]
 
 
 class IterationsError(ValueError):
@@ -113,3 +113,26 @@ def append_iterations(path: str | os.PathLike, n: int) -> list[Iteration]:
     os.replace(tmp, path)
     read_iterations(path)
     return new
+
+
+def truncate_iterations(path: str | os.PathLike, n: int) -> None:
+    """Keep only the first ``n`` items of the iterations file (atomically), comments and all.
+
+    Each later item must be written on one line (as ``append_iterations`` writes them)."""
+    import yaml
+
+    path = Path(path)
+    items = read_iterations(path)
+    if len(items) <= n:
+        return
+    drop = {it.key for it in items[n:]}
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines
+            if not any(re.match(rf"""\s*["']?{re.escape(k)}["']?\s*:""", ln) for k in drop)]
+    new_text = "".join(kept)
+    if [str(k) for k in yaml.safe_load(new_text)["iterations"]] != [it.key for it in items[:n]]:
+        raise IterationsError(f"{path}: could not drop the items after the first {n}; edit it by hand")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(new_text)
+    os.replace(tmp, path)
