@@ -1,6 +1,6 @@
 """Why a policy does or does not learn from its groups: where its wrong answers go wrong, from stored signals.
 
-    python bench/diagnose_errors.py ITER_DIR [ITER_DIR ...] [--prompts data/prompts.parquet]
+    python bench/diagnose_errors.py ITER_DIR [ITER_DIR ...] [--policy CHECKPOINT]
 
 For each iteration folder (rollouts, verdicts, scores as the pipeline wrote them; the synthetic task
 only) and each wrong rollout, the first wrong step of its worked solution (the reference critic's
@@ -34,20 +34,18 @@ def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def first_error(text: str, start: int):
+def first_error(text: str):
     """(kind, step index, (a, op, b), written result, true result) of the first wrong step, or None."""
     from tcrlsd.reference_critic import parse_steps
     from tcrlsd.warmstart.data import needs_carry
 
     steps = parse_steps(text, limit=16)
-    value = start
     for i, s in enumerate(steps):
         a = s.left
         true = _apply(a, s.op, s.right)
         if s.result != true:
             carry = needs_carry(a, s.op, s.right) and s.result == true + (-10 if s.op == "+" else 10)
             return ("carry" if carry else "slip"), i, (a, s.op, s.right), s.result, true
-        value = s.result
     return None
 
 
@@ -71,14 +69,13 @@ def digit_token_index(tokenizer, response_ids: list[int], text: str, step: int):
     return None
 
 
-def diagnose(folder: Path, prompts_path: Path, policy: Path | None = None) -> dict:
+def diagnose(folder: Path, policy: Path | None = None) -> dict:
     from tcrlsd.artifacts import read_artifact
     from tcrlsd.policy import load_tokenizer
 
     rollouts = read_artifact(folder / "rollouts", "rollouts").to_pylist()
     verdicts = {r["rollout_id"]: r for r in read_artifact(folder / "verdicts.parquet", "verdicts").to_pylist()}
     scores = {r["rollout_id"]: r for r in read_artifact(folder / "scores", "scores").to_pylist()}
-    prompts = {r["prompt_id"]: r for r in read_artifact(prompts_path, "prompts").to_pylist()}
     key = folder.name.split("-", 1)[1]
     policy = policy or folder.parents[1] / "models" / f"policy-{key}"  # the default layout's checkpoint
     tokenizer = load_tokenizer(policy) if Path(policy).exists() else None
@@ -90,9 +87,7 @@ def diagnose(folder: Path, prompts_path: Path, policy: Path | None = None) -> di
     for r in rollouts:
         if verdicts[r["rollout_id"]]["reward"] > 0:
             continue
-        problem = prompts[r["prompt_id"]]["problem"]
-        start = int(problem.split("Start with ", 1)[1].split(".", 1)[0])
-        err = first_error(r["response_text"], start)
+        err = first_error(r["response_text"])
         if err is None:
             kinds["no step wrong"] += 1
             continue
@@ -117,12 +112,11 @@ def diagnose(folder: Path, prompts_path: Path, policy: Path | None = None) -> di
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", type=Path, help="iteration folders, e.g. data/iter-0000")
-    ap.add_argument("--prompts", type=Path, default=None, help="prompts artifact (default: <folder>/../prompts.parquet)")
     ap.add_argument("--policy", type=Path, default=None,
                     help="the checkpoint that generated them, for its tokenizer (default: models/policy-<key>)")
     args = ap.parse_args()
     for folder in args.folders:
-        d = diagnose(folder, args.prompts or folder.parent / "prompts.parquet", args.policy)
+        d = diagnose(folder, args.policy)
         w = max(1, d["wrong"])
         print(f"{folder}: {d['wrong']} wrong of {d['rollouts']} rollouts")
         print("  first error: " + ", ".join(f"{k} {v / w:.0%}" for k, v in d["kinds"].most_common()))

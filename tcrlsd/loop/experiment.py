@@ -119,6 +119,14 @@ def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: P
     return ws
 
 
+def _add_seconds(path: Path, seconds: float) -> None:
+    """Add ``seconds`` to the ``{"seconds": ...}`` counter in ``path`` (written atomically)."""
+    from tcrlsd.artifacts import write_json
+
+    spent = json.loads(path.read_text())["seconds"] if path.exists() else 0.0
+    write_json({"seconds": round(spent + seconds, 1)}, path)
+
+
 def _repro(ws: Path, target: str | None = None, threads: int = 0) -> int:
     """``dvc repro [target]`` in ``ws``, output appended to ``ws/repro.log``; its wall time is added to
     ``ws/wall.json`` (kept across resumes). ``threads`` > 0 caps torch's CPU threads per stage process."""
@@ -130,11 +138,7 @@ def _repro(ws: Path, target: str | None = None, threads: int = 0) -> int:
     with open(ws / "repro.log", "a") as fh:
         code = subprocess.call([_dvc(), "repro"] + ([target] if target else []), cwd=ws, stdout=fh,
                                stderr=subprocess.STDOUT, env=env)
-    wall = ws / "wall.json"
-    spent = json.loads(wall.read_text())["seconds"] if wall.exists() else 0.0
-    tmp = wall.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"seconds": round(spent + time.perf_counter() - start, 1)}))
-    os.replace(tmp, wall)
+    _add_seconds(ws / "wall.json", time.perf_counter() - start)
     return code
 
 
@@ -180,9 +184,7 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, range(len(runs))))
-    total = out / "experiment-wall.json"  # every invocation's wall time, added up (resumes included)
-    spent = json.loads(total.read_text())["seconds"] if total.exists() else 0.0
-    total.write_text(json.dumps({"seconds": round(spent + time.perf_counter() - started, 1)}))
+    _add_seconds(out / "experiment-wall.json", time.perf_counter() - started)  # every invocation, resumes included
     rows = collect_results(out, runs)
     write_results(out, rows, presets, runs, command, doc, title, intro)
     if failures:

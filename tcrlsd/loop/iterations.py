@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,10 +106,9 @@ def append_iterations(path: str | os.PathLike, n: int) -> list[Iteration]:
     check = yaml.safe_load(new_text)["iterations"]
     if list(map(str, check))[-n:] != [it.key for it in new]:
         raise IterationsError(f"{path}: appending items did not give the expected file; append them by hand")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(new_text)
-    os.replace(tmp, path)
+    from tcrlsd.artifacts import write_text
+
+    write_text(new_text, path)
     read_iterations(path)
     return new
 
@@ -132,7 +130,6 @@ def truncate_iterations(path: str | os.PathLike, n: int) -> None:
     new_text = "".join(kept)
     if [str(k) for k in yaml.safe_load(new_text)["iterations"]] != [it.key for it in items[:n]]:
         raise IterationsError(f"{path}: could not drop the items after the first {n}; edit it by hand")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(new_text)
-    os.replace(tmp, path)
+    from tcrlsd.artifacts import write_text
+
+    write_text(new_text, path)
