@@ -32,18 +32,7 @@ COPY = ["dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data
 ITERS = ("0000", "0001")
 ITER_STAGES = ("generate", "verify", "critique", "score", "advantages", "update", "evaluate")
 
-SMALL = {
-    "prepare": {"sources": [
-        {"name": "synthetic", "format": "synthetic", "split": "train", "path": None, "count": 64,
-         "levels": [1, 2, 3, 4], "max_operand": 20},
-        {"name": "synthetic", "format": "synthetic", "split": "val", "path": None, "count": 16,
-         "levels": [1, 2, 3, 4], "max_operand": 20},
-    ]},
-    "warmstart": {"steps": 60, "warmup_steps": 10, "sft_problems": 1500, "tokenizer_problems": 500, "batch_size": 8},
-    "generate": {"prompts_per_step": 6, "samples_per_prompt": 4, "num_parts": 2},
-    "evaluate": {"samples": 2, "max_prompts": 8, "num_parts": 1},
-    "update": {"mini_batch_prompts": 3},
-}
+SMALL = yaml.safe_load((ROOT / "tests" / "data" / "small-pipeline.yaml").read_text())
 
 
 def _run(cmd, cwd):
