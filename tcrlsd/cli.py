@@ -10,6 +10,8 @@ import importlib
 
 import typer
 
+from tcrlsd.commands.defaults import InForceCommand
+
 app = typer.Typer(
     name="tcrlsd",
     help=(
@@ -36,7 +38,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 )
 
 for _module, _func, _name in COMMANDS:
-    app.command(_name)(getattr(importlib.import_module(f"tcrlsd.commands.{_module}"), _func))
+    app.command(_name, cls=InForceCommand)(getattr(importlib.import_module(f"tcrlsd.commands.{_module}"), _func))
 
 
 def main() -> None:

@@ -4,12 +4,18 @@ Each library module that a stage drives defines its own frozen dataclass (``Gene
 ``tcrlsd.generate``, ...); this module turns a YAML mapping into one, rejecting unknown keys with an
 error that names the valid ones, and checking each value's type. Presets in ``configs/`` are
 mappings of the same shape, deep-merged over ``params.yaml`` -- not a second config system.
+
+params.yaml is the only place a default lives. A command run by hand inside a project (a folder
+holding ``params.yaml`` and ``dvc.yaml``, found by walking up from the working directory) reads
+that project's params.yaml (:func:`params_in_force`) and says so on stderr; the dataclasses'
+own defaults serve only outside any project, and a test keeps them equal to params.yaml's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -17,7 +23,11 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ParamsError", "from_mapping", "load_section", "load_yaml", "merge"]
+__all__ = ["ParamsError", "PROJECT_FILES", "find_project", "from_mapping", "load_section", "load_yaml", "merge",
+           "params_in_force", "section_in_force", "value_in_force"]
+
+# What makes a folder a project: its params and its pipeline.
+PROJECT_FILES = ("params.yaml", "dvc.yaml")
 
 T = TypeVar("T")
 
@@ -134,3 +144,74 @@ def load_section(path: str | os.PathLike, section: str, cls: type[T], preset: st
     if section not in data:
         raise ParamsError(f"{path}: no section {section!r}; sections found: {', '.join(data) or '(none)'}")
     return from_mapping(cls, data[section], section)
+
+
+# --------------------------------------------------------------------------------------------------
+# Which params file is in force
+
+
+def find_project(start: str | os.PathLike | None = None) -> Path | None:
+    """The nearest folder at or above ``start`` (default: the working directory) holding
+    ``params.yaml`` and ``dvc.yaml``; None outside any project."""
+    here = Path(start if start is not None else Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if all((folder / name).is_file() for name in PROJECT_FILES):
+            return folder
+    return None
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (``./params.yaml``)."""
+    try:
+        return "./" + path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def params_in_force(explicit: str | os.PathLike | None = None, *, announce: str | None = None) -> Path | None:
+    """The params file a command reads: ``explicit`` when given, else the project's params.yaml,
+    else None (no project: the code defaults, which equal params.yaml's).
+
+    ``announce``: a command name; one line on stderr then says which file it read (or that it read
+    none), so a reader of the output knows which defaults were used.
+    """
+    if explicit is not None:
+        path = Path(explicit)
+    else:
+        root = find_project()
+        path = root / "params.yaml" if root is not None else None
+    if announce:
+        where = _shown(path) if path is not None else "none (no params.yaml + dvc.yaml here or above: code defaults)"
+        print(f"{announce}: params: {where}", file=sys.stderr)
+    return path
+
+
+def section_in_force(section: str, cls: type[T], explicit: str | os.PathLike | None = None, *,
+                     announce: str | None = None) -> T:
+    """Section ``section`` of the params file in force (:func:`params_in_force`) as ``cls``."""
+    path = params_in_force(explicit, announce=announce)
+    return load_section(path, section, cls) if path is not None else cls()
+
+
+def _show_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def value_in_force(section: str, key: str, cls: type) -> str:
+    """``"default: VALUE from FILE"`` for help texts: what a user gets by omitting the flag.
+
+    Reads the project's params.yaml (announcing nothing); outside a project, the code default of
+    ``cls`` (the section's dataclass), which equals params.yaml's.
+    """
+    root = find_project()
+    if root is None:
+        return f"default: {_show_value(getattr(cls(), key))}, built in (no project here)"
+    path = root / "params.yaml"
+    try:
+        return f"default: {_show_value(getattr(load_section(path, section, cls), key))} from {_shown(path)}"
+    except ParamsError as exc:
+        return f"default: unreadable ({exc})"

@@ -176,8 +176,8 @@ def test_group_advantage_saturated_non_binary_rewards_are_exactly_zero():
 def test_lam_schedule_hand_values():
     # λ(k) = 0.5 · max(0, 1 − k/50): k=0 -> .5, k=10 -> .4, k=25 -> .25, k=50 -> 0, k=80 -> 0
     assert [lam_schedule(0.5, 50, k) for k in (0, 10, 25, 50, 80)] == pytest.approx([0.5, 0.4, 0.25, 0.0, 0.0])
-    p = AdvantagesParams()
-    assert settings_for(p, 10).lam == pytest.approx(0.4)
+    p = AdvantagesParams()  # params.yaml's lam0 0.5, lam_decay_steps 12: k=3 -> 0.5 · (1 − 3/12) = .375
+    assert settings_for(p, 3).lam == pytest.approx(0.375)
     assert settings_for(p, 10, lam=0.9).lam == 0.9  # --lam sets λ directly
 
 
@@ -510,17 +510,20 @@ def test_bad_inputs_give_clear_errors(tmp_path, params_file, capsys, case, match
 # recompute and compare through the tcrlsd CLI
 
 
-def test_recompute_cli(tmp_path, params_file):
+def test_recompute_cli(tmp_path, params_file, monkeypatch):
     from tcrlsd.cli import app
 
-    folder = make_iteration(tmp_path / "it", _hand_rows(), iteration=25)
+    monkeypatch.chdir(tmp_path)  # outside any project: the built-in defaults (= params.yaml's)
+    folder = make_iteration(tmp_path / "it", _hand_rows(), iteration=3)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
     out = tmp_path / "re" / "adv.parquet"
     runner = CliRunner()
     res = runner.invoke(app, ["recompute", str(folder), "--estimator", "rlsd", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)
-    assert m["estimator"] == "rlsd" and m["lam"] == pytest.approx(0.25) and m["lam_source"] == "schedule"
+    # λ(3) = 0.5 · (1 − 3/12) = .375 (lam0, lam_decay_steps of params.yaml)
+    assert m["estimator"] == "rlsd" and m["lam"] == pytest.approx(0.375) and m["lam_source"] == "schedule"
+    assert "recompute: params: none" in res.stderr
     assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before  # touched nothing
     t = read_artifact(out, "advantages")
     assert t.num_rows == 6 and set(t.column("estimator").to_pylist()) == {"rlsd"}

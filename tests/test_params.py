@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,3 +63,132 @@ def test_merge_is_deep_and_pure():
     base = {"a": {"x": 1, "y": 2}, "b": 1}
     out = merge(base, {"a": {"y": 3}})
     assert out == {"a": {"x": 1, "y": 3}, "b": 1} and base["a"]["y"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# params.yaml is the only place a default lives
+
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _section_classes() -> dict:
+    from tcrlsd.advantages import AdvantagesParams
+    from tcrlsd.critique import CritiqueParams
+    from tcrlsd.evaluate import EvaluateParams
+    from tcrlsd.generate import GenerateParams
+    from tcrlsd.prepare import PrepareParams
+    from tcrlsd.score import ScoreParams
+    from tcrlsd.update.params import UpdateParams
+    from tcrlsd.verify import VerifyParams
+    from tcrlsd.warmstart import WarmstartParams
+
+    return {"prepare": PrepareParams, "warmstart": WarmstartParams, "generate": GenerateParams,
+            "verify": VerifyParams, "critique": CritiqueParams, "score": ScoreParams,
+            "advantages": AdvantagesParams, "update": UpdateParams, "evaluate": EvaluateParams}
+
+
+def _keys(cls, prefix: str = "") -> set[str]:
+    """Every key of ``cls`` as a dotted path (nested params dataclasses included)."""
+    out = set()
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        out |= _keys(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else {prefix + f.name}
+    return out
+
+
+def _yaml_keys(cls, data: dict, prefix: str = "") -> set[str]:
+    """The keys of a params.yaml section, dotted where ``cls`` nests a params dataclass."""
+    hints = typing.get_type_hints(cls)
+    out = set()
+    for k, v in data.items():
+        tp = hints.get(k)
+        nested = tp is not None and dataclasses.is_dataclass(tp) and isinstance(v, dict)
+        out |= _yaml_keys(tp, v, f"{prefix}{k}.") if nested else {prefix + k}
+    return out
+
+
+def test_code_defaults_equal_params_yaml_section_by_section():
+    # The code defaults serve only outside a project (tcrlsd.params.params_in_force); they must be
+    # params.yaml's. Drift this test found and fixed (params.yaml's value kept, the code's changed):
+    # advantages.lam_decay_steps 50 -> 12; warmstart.carry_slip_rate 0.0 -> 0.7, steps 3000 -> 2500,
+    # batch_size 8 -> 32, lr 1e-3 -> 2e-3; critique.max_new_tokens 512 -> 96.
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    classes = _section_classes()
+    assert set(shipped) == set(classes)
+    for section, cls in classes.items():
+        # every key a dataclass has is written in params.yaml (no default only the code knows) ...
+        # (warmstart.model.vocab_size is not a key: WarmstartParams.model_config() sets it from
+        # warmstart.vocab_size, the trained tokenizer's size)
+        assert _keys(cls) - {"model.vocab_size"} == _yaml_keys(cls, shipped[section]), section
+        # ... and the code's default is params.yaml's value, nested dataclasses included
+        loaded, built_in = from_mapping(cls, shipped[section], section), cls()
+        for f in dataclasses.fields(cls):
+            assert getattr(loaded, f.name) == getattr(built_in, f.name), f"{section}.{f.name}"
+
+
+def test_find_project_walks_up_for_params_and_dvc_yaml(tmp_path, monkeypatch):
+    from tcrlsd.params import find_project, params_in_force
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "params.yaml").write_text("{}\n")  # params.yaml without dvc.yaml: not a project
+    assert find_project(tmp_path / "a" / "b") is None
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    assert find_project(tmp_path / "a" / "b") == tmp_path.resolve()
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    assert params_in_force() == tmp_path.resolve() / "params.yaml"
+    assert params_in_force("other.yaml") == Path("other.yaml")  # an explicit file wins
+
+
+def test_help_prints_the_value_in_force(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tcrlsd.cli import app
+
+    runner = CliRunner()
+    monkeypatch.setenv("COLUMNS", "250")  # one help line per option: no wrapping inside the phrase
+    monkeypatch.setenv("TERMINAL_WIDTH", "250")
+    monkeypatch.chdir(ROOT)  # the project itself: params.yaml's 12
+    res = runner.invoke(app, ["recompute", "--help"])
+    assert res.exit_code == 0 and "default: 12 from ./params.yaml" in res.stdout, res.stdout
+    (tmp_path / "params.yaml").write_text("advantages:\n  lam_decay_steps: 7\n")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["compare", "--help"])
+    assert "default: 7 from ./params.yaml" in res.stdout and "default: 0.7 from ./params.yaml" in res.stdout
+    (tmp_path / "dvc.yaml").unlink()  # no project: the built-in value, said to be built in
+    res = runner.invoke(app, ["recompute", "--help"])
+    assert "default: 12, built in" in res.stdout
+
+
+def test_recompute_inside_a_project_gives_the_stored_advantages(tmp_path, tiny_policy, monkeypatch):
+    # The bug of issue 21: inside a project, `tcrlsd recompute ITER_DIR` without --params took the
+    # code defaults (lam_decay_steps 50) instead of the project's params.yaml, and its advantages
+    # differed from the stored ones. Here the project's advantages section differs from every code
+    # default that matters at iteration 0 (λ = lam0 there), so only the project's values reproduce
+    # the stored bytes.
+    import pyarrow.parquet as pq
+    from harness import build_iteration, write_params
+    from typer.testing import CliRunner
+
+    from tcrlsd.cli import app
+
+    project = tmp_path / "project"
+    project.mkdir()
+    params = write_params(project, advantages={"estimator": "rlsd_hybrid", "lam0": 0.3, "alpha": 0.6, "beta": 0.4,
+                                               "eps_w": 0.1})
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    it = build_iteration(project / "data" / "iter-0000", tiny_policy, params)
+    monkeypatch.chdir(project / "data")  # anywhere inside the project
+    out = tmp_path / "recomputed.parquet"
+    res = CliRunner().invoke(app, ["recompute", str(it), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert f"recompute: params: {project.resolve() / 'params.yaml'}" in res.stderr
+    stored = pq.read_table(it / "advantages.parquet")
+    again = pq.read_table(out)
+    assert again.column("advantages").to_pylist() == stored.column("advantages").to_pylist()
+    assert json.loads(res.stdout)["lam"] == pytest.approx(0.3)

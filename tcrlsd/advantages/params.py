@@ -22,7 +22,7 @@ class AdvantagesParams:
     alpha: float = 0.7  # rlsd_hybrid: weight of A·m_t
     beta: float = 0.3  # rlsd_hybrid: weight of Δ_t
     lam0: float = 0.5  # λ_0, teacher weight at iteration 0
-    lam_decay_steps: int = 50  # λ reaches 0 at this iteration
+    lam_decay_steps: int = 12  # λ reaches 0 at this iteration
     eps_w: float = 0.2  # clip of w_t to [1 − ε_w, 1 + ε_w]
     norm_by_std: bool = True  # A divided by the group std (+1e-6); false → A = r − mean
     delta_clip: float | None = None  # clip Δ_t to [−c, c] in the additive term; None = off

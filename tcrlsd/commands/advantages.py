@@ -16,25 +16,33 @@ from typing import Annotated, Optional
 
 import typer
 
-# Setting flags shared by both commands; None = take the value from --params (or the defaults).
+# Setting flags shared by both commands; None = the value of the params file in force: --params, else
+# the project's params.yaml (found from the working directory), else the built-in defaults (equal to
+# params.yaml's). The help shows the value in force ({default:...}: tcrlsd.commands.defaults).
 IterDir = Annotated[Path, typer.Argument(help="Iteration folder holding rollouts, verdicts, scores (and critiques).")]
 ParamsOpt = Annotated[
-    Optional[Path], typer.Option("--params", help="params.yaml whose 'advantages' section gives the defaults.")
+    Optional[Path], typer.Option("--params", help="params.yaml whose 'advantages' section gives the defaults "
+                                 "(default: the project's params.yaml, found from the working directory).")
 ]
-Alpha = Annotated[Optional[float], typer.Option("--alpha", help="rlsd_hybrid weight of A·m_t (default 0.7).")]
-Beta = Annotated[Optional[float], typer.Option("--beta", help="rlsd_hybrid weight of Δ_t (default 0.3).")]
+Alpha = Annotated[Optional[float], typer.Option("--alpha", help="rlsd_hybrid weight of A·m_t "
+                                                "({default:advantages.alpha}).")]
+Beta = Annotated[Optional[float], typer.Option("--beta", help="rlsd_hybrid weight of Δ_t ({default:advantages.beta}).")]
 Lam = Annotated[Optional[float], typer.Option("--lam", help="Set λ directly (else the schedule at the iteration).")]
-Lam0 = Annotated[Optional[float], typer.Option("--lam0", help="λ_0 of the schedule (default 0.5).")]
+Lam0 = Annotated[Optional[float], typer.Option("--lam0", help="λ_0 of the schedule ({default:advantages.lam0}).")]
 LamDecay = Annotated[
-    Optional[int], typer.Option("--lam-decay-steps", help="Iterations for λ to decay to 0 (default 50).")
+    Optional[int], typer.Option("--lam-decay-steps",
+                                help="Iterations for λ to decay to 0 ({default:advantages.lam_decay_steps}).")
 ]
-EpsW = Annotated[Optional[float], typer.Option("--eps-w", help="Clip of w_t to [1−ε_w, 1+ε_w] (default 0.2).")]
+EpsW = Annotated[Optional[float], typer.Option("--eps-w", help="Clip of w_t to [1−ε_w, 1+ε_w] "
+                                               "({default:advantages.eps_w}).")]
 NormByStd = Annotated[
     Optional[bool],
-    typer.Option("--norm-by-std/--no-norm-by-std", help="Divide A by the group std (default: divide)."),
+    typer.Option("--norm-by-std/--no-norm-by-std", help="Divide A by the group std "
+                 "({default:advantages.norm_by_std})."),
 ]
 DeltaClip = Annotated[
-    Optional[float], typer.Option("--delta-clip", help="Clip Δ_t to [−C, C] in the additive term; 0 = off.")
+    Optional[float], typer.Option("--delta-clip", help="Clip Δ_t to [−C, C] in the additive term; 0 = off "
+                                  "({default:advantages.delta_clip}).")
 ]
 Iteration = Annotated[
     Optional[int], typer.Option("--iteration", help="Iteration k for the λ schedule (default: the rollouts').")
@@ -48,11 +56,11 @@ _SHARED_ROWS = (
 _ESTIMATOR_ROWS = ("adv_abs_mean", "adv_mean", "adv_nonzero_token_share", "saturated_adv_nonzero_token_share")
 
 
-def _params(params_path, **overrides):
+def _params(params_path, command: str, **overrides):
     from tcrlsd.advantages import AdvantagesParams
-    from tcrlsd.params import load_section
+    from tcrlsd.params import section_in_force
 
-    base = load_section(params_path, "advantages", AdvantagesParams) if params_path else AdvantagesParams()
+    base = section_in_force("advantages", AdvantagesParams, params_path, announce=command)
     given = {k: v for k, v in overrides.items() if v is not None}
     if given.get("delta_clip") == 0:
         given["delta_clip"] = None
@@ -110,8 +118,8 @@ def recompute(
     from tcrlsd.schemas import SchemaError
 
     try:
-        p = _params(params, estimator=estimator, alpha=alpha, beta=beta, lam0=lam0, lam_decay_steps=lam_decay_steps,
-                    eps_w=eps_w, norm_by_std=norm_by_std, delta_clip=delta_clip)
+        p = _params(params, "recompute", estimator=estimator, alpha=alpha, beta=beta, lam0=lam0,
+                    lam_decay_steps=lam_decay_steps, eps_w=eps_w, norm_by_std=norm_by_std, delta_clip=delta_clip)
         metrics = compute_advantages(IterationInputs.find(iter_dir), p, out, iteration=iteration, lam=lam)
     except (ParamsError, SchemaError, FileNotFoundError, ValueError) as exc:
         raise _fail(exc) from None
@@ -156,7 +164,7 @@ def compare(
     if fmt not in ("table", "markdown", "csv"):
         raise _fail(ValueError(f"--format must be table, markdown or csv, got {fmt!r}"))
     try:
-        p = _params(params, alpha=alpha, beta=beta, lam0=lam0, lam_decay_steps=lam_decay_steps,
+        p = _params(params, "compare", alpha=alpha, beta=beta, lam0=lam0, lam_decay_steps=lam_decay_steps,
                     eps_w=eps_w, norm_by_std=norm_by_std, delta_clip=delta_clip)
         shared, per = compare_estimators(IterationInputs.find(iter_dir), p, iteration=iteration, lam=lam)
     except (ParamsError, SchemaError, FileNotFoundError, ValueError) as exc:

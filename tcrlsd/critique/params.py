@@ -30,7 +30,7 @@ class CritiqueParams:
     rows_per_part: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
-    max_new_tokens: int = 512
+    max_new_tokens: int = 96
     seed: int = 0
     self_backend: Literal["transformers", "vllm"] = "transformers"
     device: str = "cpu"

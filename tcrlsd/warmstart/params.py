@@ -28,13 +28,13 @@ class WarmstartParams:
     # share of SFT problems shown in a teacher context (problem + critique of a wrong attempt)
     teacher_context_fraction: float = 0.25
     # share of the carry/borrow steps the demonstrator of the student-context examples gets wrong
-    carry_slip_rate: float = 0.0
+    carry_slip_rate: float = 0.7
     # model shape (a LlamaConfig); its vocab_size is the trained tokenizer's, set above
     model: TinyLlamaConfig = TinyLlamaConfig()
     # optimisation
-    steps: int = 3000
-    batch_size: int = 8
-    lr: float = 1e-3
+    steps: int = 2500
+    batch_size: int = 32
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
