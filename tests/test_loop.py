@@ -258,3 +258,23 @@ def test_a_fresh_experiment_workspace_starts_at_the_first_iteration(tmp_path):
                            tmp_path / "runs" / "grpo-s0", tmp_path / "cache", iterations=1)
     assert [it.key for it in read_iterations(ws / "iterations.yaml")] == ["0000"]
     assert "# The training iterations" in (ws / "iterations.yaml").read_text()  # comments kept
+
+
+def test_experiment_cli_uses_the_project_found_from_the_working_directory(tmp_path, monkeypatch):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from tcrlsd.cli import app
+
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    args = ["experiment", "--presets", "grpo", "--iterations", "1", "--out", str(tmp_path / "exp"), "--report-only"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert f"experiment: params: {tmp_path.resolve() / 'params.yaml'}" in r.stderr
+    (tmp_path / "dvc.yaml").unlink()
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "no params.yaml + dvc.yaml" in r.stderr

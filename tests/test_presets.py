@@ -55,6 +55,24 @@ def test_cli_preset(tmp_path):
     assert r.exit_code == 2 and "known presets" in r.output
 
 
+def test_cli_preset_inside_a_project_edits_its_params(tmp_path, monkeypatch):
+    # no --params / --presets-dir: the project's, found by walking up from the working directory
+    import shutil
+
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    shutil.copytree(ROOT / "configs" / "presets", tmp_path / "configs" / "presets")
+    (tmp_path / "data" / "iter-0000").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "data" / "iter-0000")
+    r = CliRunner().invoke(app, ["preset", "grpo"])
+    assert r.exit_code == 0, r.output
+    assert f"preset: params: {tmp_path.resolve() / 'params.yaml'}" in r.stderr
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["critique"]["mode"] == "none"
+    (tmp_path / "dvc.yaml").unlink()  # not a project any more: nothing to edit
+    r = CliRunner().invoke(app, ["preset", "grpo"])
+    assert r.exit_code == 2 and "no params.yaml + dvc.yaml" in r.stderr
+
+
 def _git(args, cwd):
     import subprocess
 

@@ -18,15 +18,17 @@ def grade(
         str | None,
         typer.Option("--gold", help="Gold answer (a bare answer, or a solution whose final \\boxed{} answer is used)."),
     ] = None,
-    grader: Annotated[str, typer.Option("--grader", help="Grader name: math_verify | string.")] = "math_verify",
+    grader: Annotated[
+        str | None, typer.Option("--grader", help="Grader name: math_verify | string ({default:verify.default_grader}).")
+    ] = None,
     jsonl: Annotated[
         Path | None,
         typer.Option("--jsonl", help='File of lines {"response": ..., "gold": ...[, "grader": ...]}; "-" = stdin.'),
     ] = None,
     params: Annotated[
         Path | None,
-        typer.Option("--params", help="params.yaml whose 'verify' section sets workers, timeouts and the deadline "
-                     "(default: the built-in defaults)."),
+        typer.Option("--params", help="params.yaml whose 'verify' section sets the default grader, workers, timeouts "
+                     "and the deadline (default: the project's params.yaml, found from the working directory)."),
     ] = None,
 ) -> None:
     """Print {reward, extracted_answer, reason, grader} as JSON, one object per response.
@@ -36,7 +38,7 @@ def grade(
     import json
     import sys
 
-    from tcrlsd.params import ParamsError, load_section
+    from tcrlsd.params import ParamsError, section_in_force
     from tcrlsd.verify import (
         GRADERS,
         GradeRequest,
@@ -46,10 +48,11 @@ def grade(
     )
 
     try:
-        vp = load_section(params, "verify", VerifyParams) if params else VerifyParams()
+        vp = section_in_force("verify", VerifyParams, params, announce="grade")
     except ParamsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
+    grader = grader or vp.default_grader
     known = ", ".join(GRADERS)
 
     if jsonl is None:

@@ -56,10 +56,11 @@ def experiment(
     iterations: int = typer.Option(..., help="Training iterations per run."),
     seeds: int = typer.Option(1, help="Seeds per preset (0..S-1; sets generate/update/critique seeds)."),
     out: Path = typer.Option(..., help="Folder for the runs' workspaces, the shared DVC cache and the results."),
-    params: Path = typer.Option(Path("params.yaml"), help="Base params every run starts from."),
+    params: Path = typer.Option(None, help="Base params every run starts from (default: the project's "
+                                           "params.yaml, found from the working directory)."),
     setting: Path = typer.Option(None, help="A params-shaped YAML applied to every run before its preset "
                                             "(e.g. configs/experiments/saturated.yaml: another task mix)."),
-    presets_dir: Path = typer.Option(Path("configs/presets"), help="Where named presets live."),
+    presets_dir: Path = typer.Option(None, help="Where named presets live (default: the project's configs/presets)."),
     cache: Path = typer.Option(None, help="DVC cache folder (default: OUT/cache). Another experiment's cache "
                                           "lets DVC restore its identical prepare and warm start instead of rerunning them."),
     jobs: int = typer.Option(1, help="Runs at a time (after the shared warm start); each stage then gets "
@@ -79,17 +80,24 @@ def experiment(
     import shlex
     import sys
     from tcrlsd.loop.experiment import run_experiment
-    from tcrlsd.params import ParamsError
+    from tcrlsd.params import ParamsError, find_project, params_in_force
 
     names = [p.strip() for p in presets.split(",") if p.strip()]
     if not names or iterations < 1 or seeds < 1:
         typer.echo("error: give at least one preset, --iterations >= 1 and --seeds >= 1", err=True)
         raise typer.Exit(2)
+    root = find_project()
+    if root is None:
+        typer.echo("error: no params.yaml + dvc.yaml here or above; run `tcrlsd experiment` inside the project",
+                   err=True)
+        raise typer.Exit(2)
+    params = params_in_force(params, announce="experiment")
+    presets_dir = presets_dir or root / "configs" / "presets"
     try:
         argv = [a for a in sys.argv[2:] if a != "--report-only"]
         command = "tcrlsd experiment " + shlex.join(argv) if len(sys.argv) > 1 else ""
         text = intro.read_text() if intro else ""
-        run_experiment(Path.cwd(), params, names, list(range(seeds)), iterations, out, presets_dir, log=typer.echo,
+        run_experiment(root, params, names, list(range(seeds)), iterations, out, presets_dir, log=typer.echo,
                        jobs=max(1, jobs), command=command, doc=doc, title=title, intro=text,
                        setting=setting, report_only=report_only,
                        cache=cache)
