@@ -127,7 +127,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/score.py: --device cuda but no CUDA device is visible")
     torch.set_num_threads(args.threads)
-    dtype = torch_dtype(args.dtype)
+    dtype = torch_dtype(args.dtype, args.device)
     budget = args.max_tokens_per_batch or ScoreParams().max_tokens_per_batch
     chunk = ScoreParams().logits_chunk_tokens
     cfg = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=4096, tie_word_embeddings=True)

@@ -17,14 +17,21 @@ The stop-token contract (every backend keeps it; :func:`check_completions` enfor
   the last id is not a stop id.
 - ``text`` is the decoded ids WITHOUT the trailing stop id, special tokens skipped (what verify and
   the critic read).
+
+The params every model-running section shares (generate, evaluate, and critique's transformers /
+vllm critics and self mode) are two nested dataclasses, one definition each: ``SECTION.sampling``
+(:class:`SamplingParams`) and ``SECTION.engine`` (:class:`EngineParams`: device, dtype and the
+backends' load and batching options). The backend name and the seed stay in the section: the
+seed also drives what the section samples from, and critique picks its backend by ``critic``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-__all__ = ["PROMPT_TOO_LONG", "SamplingConfig", "Completion", "GenerationBackend", "check_completions"]
+__all__ = ["PROMPT_TOO_LONG", "SamplingConfig", "SamplingParams", "EngineParams", "Completion", "GenerationBackend",
+           "check_completions"]
 
 # finish_reason of a row whose prompt alone fills the model's context (vllm backend): no ids, no text.
 PROMPT_TOO_LONG = "prompt_too_long"
@@ -36,6 +43,73 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 128
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """``SECTION.sampling`` of params.yaml (generate, evaluate, critique): how responses are sampled.
+
+    Each section's default is its own params.yaml value (a field default such as
+    ``SamplingParams(temperature=0.6)``); a partial mapping keeps the section's other values.
+    """
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept; 1.0 = off
+    max_new_tokens: int = 96  # response cap in tokens
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def config(self, seed: int) -> SamplingConfig:
+        """What a backend's ``generate`` takes, with this call's seed."""
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                              seed=seed)
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    """``SECTION.engine`` of params.yaml (generate, evaluate, critique): how a generation backend
+    (``tcrlsd.generate.backends.BACKENDS``) loads and runs the model. Every backend gets the whole
+    set and takes the options its factory knows (``make_backend``)."""
+
+    device: str = "cpu"  # transformers: cpu | cuda | cuda:N (vllm places the model itself)
+    dtype: str = "auto"  # auto (tcrlsd.policy.resolve_dtype: float32 on CPU, bfloat16 on CUDA) | float32 | ...
+    trust_remote_code: bool = False  # allow model code shipped with a checkpoint
+    batch_size: int = 256  # transformers: most sequences per batch
+    max_batch_tokens: int = 65536  # transformers: most sequences x (longest prompt + max_new_tokens) per batch
+    tensor_parallel_size: int = 1  # vllm: GPUs per model replica
+    gpu_memory_utilization: float = 0.9  # vllm: share of GPU memory the engine may take
+    max_model_len: int = 0  # vllm: context positions; 0 = the model's own
+    engine_args: dict = field(default_factory=dict)  # vllm: further vllm.LLM arguments, passed as is
+
+    def __post_init__(self) -> None:
+        if not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"engine.device must be cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("batch_size", "max_batch_tokens", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len < 0:
+            raise ValueError(f"engine.max_model_len must be >= 0 (0 = the model's own), got {self.max_model_len}")
+        if not isinstance(self.engine_args, dict):
+            raise ValueError(f"engine.engine_args must be a mapping of vllm.LLM arguments, got {self.engine_args!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def options(self, seed: int | None = None) -> dict:
+        """The backend options (``make_backend(name, path, **options)``); ``seed``: vllm's engine seed."""
+        out = {"device": self.device, "dtype": self.dtype, "trust_remote_code": self.trust_remote_code,
+               "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens,
+               "tensor_parallel_size": self.tensor_parallel_size,
+               "gpu_memory_utilization": self.gpu_memory_utilization, "max_model_len": self.max_model_len,
+               "engine_args": dict(self.engine_args)}
+        if seed is not None:
+            out["seed"] = seed
+        return out
 
 
 @dataclass(frozen=True)

@@ -108,8 +108,20 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise ParamsError(f"{where}: expected a string, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
-        return from_mapping(tp, value, where)
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
+        return from_mapping(tp, value, where.removeprefix("params "))
     return value
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def from_mapping(cls: type[T], data: dict | None, section: str) -> T:
@@ -123,6 +135,12 @@ def from_mapping(cls: type[T], data: dict | None, section: str) -> T:
             f"valid keys: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
+    for k, v in data.items():
+        default = _default(fields[k])
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and isinstance(default, hints[k]):
+            # a nested params mapping (generate.sampling, ...) keeps the section's defaults for the
+            # keys it omits: a field default such as SamplingParams(temperature=0.6) is this section's
+            data[k] = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)} | v
     kwargs = {k: _check_type(v, hints[k], f"params {section}.{k}") for k, v in data.items()}
     missing = [
         n for n, f in fields.items()

@@ -24,6 +24,7 @@ __all__ = [
     "load_tokenizer",
     "load_generation_config",
     "encode_prompt",
+    "resolve_dtype",
     "torch_dtype",
 ]
 
@@ -137,17 +138,32 @@ def save_policy(model, tokenizer, path: str | os.PathLike) -> Path:
     return path
 
 
-def torch_dtype(name: str):
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """The one dtype rule of every stage that loads a model (generate, score, evaluate, critique, update).
+
+    ``auto`` follows the device the model actually runs on: float32 on CPU (bfloat16 matmuls there
+    are slow and lose precision), bfloat16 on CUDA. Whether a GPU merely exists does not matter, so
+    ``device: cpu`` on a GPU machine is float32. Aliases (fp32, bf16, fp16) keep their meaning.
+    """
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
+    if device == "cpu":
+        return "float32"
+    if device == "cuda" or device.startswith("cuda:"):
+        return "bfloat16"
+    raise ValueError(f"dtype auto needs a resolved device (cpu, cuda or cuda:N), got {device!r}")
+
+
+def torch_dtype(name: str, device: str):
+    """The torch dtype of :func:`resolve_dtype`."""
     import torch
 
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    try:
-        return table[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(table)}") from None
+    return getattr(torch, resolve_dtype(name, device))
 
 
 def _check_vocab_fits(tokenizer, path: Path) -> None:
@@ -200,7 +216,7 @@ def load_policy(
             f"{p}: no *.safetensors weights; tcrlsd loads safetensors only (convert pickle .bin files first)"
         )
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+        str(path), dtype=torch_dtype(dtype, device), use_safetensors=True, trust_remote_code=trust_remote_code
     )
     model.to(device)
     model.eval()

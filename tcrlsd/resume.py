@@ -127,14 +127,19 @@ def code_digest(modules: Sequence[str]) -> dict[str, str]:
 def output_settings(params, ignore: Iterable[str] = ()) -> dict:
     """The fields of a params dataclass that change a stage's output: all but ``ignore``.
 
-    ``ignore`` names performance/placement settings (threads, device, batch sizes, addresses);
-    naming a field that does not exist is an error, so a renamed field cannot slip in unnoticed.
+    ``ignore`` names performance/placement settings (threads, device, batch sizes, addresses),
+    dotted for a nested params dataclass (``engine.device``); naming a field that does not exist is
+    an error, so a renamed field cannot slip in unnoticed.
     """
     values = dataclasses.asdict(params)
     for key in ignore:
-        if key not in values:
+        *outer, last = key.split(".")
+        where = values
+        for part in outer:
+            where = where.get(part) if isinstance(where, dict) else None
+        if not isinstance(where, dict) or last not in where:
             raise KeyError(f"{type(params).__name__} has no field {key!r} (listed as not changing the output)")
-        del values[key]
+        del where[last]
     return values
 
 

@@ -33,7 +33,7 @@ from tcrlsd.critique import (
     render_teacher_prompt,
     split_student_prompt,
 )
-from tcrlsd.generation import SamplingConfig
+from tcrlsd.generation import SamplingConfig, SamplingParams
 from tcrlsd.reference_critic import reference_critique
 from tcrlsd.synthetic import make_problems, solution_steps
 
@@ -538,7 +538,8 @@ def test_self_mode_sends_chat_rendered_critic_prompts_and_stores_the_replies(tmp
     tok.chat_template = CHAT
     tok.save_pretrained(policy)
     paths = make_iteration(tmp_path, n_prompts=2, samples=3)
-    params = write_params(tmp_path, mode="self", max_new_tokens=12, temperature=1.0, seed=3, chunk_rows=2)
+    params = write_params(tmp_path, mode="self", sampling={"max_new_tokens": 12, "temperature": 1.0}, seed=3,
+                          chunk_rows=2)
     outs = []
     for k in range(2):
         out = tmp_path / f"self{k}"
@@ -602,7 +603,8 @@ def test_transformers_critic_with_tiny_model(tiny_policy, recorded):
     from tcrlsd.critique import CritiqueRequest, clean_feedback, make_critic
     from tcrlsd.policy import encode_prompt, load_tokenizer
 
-    params = CritiqueParams(critic="transformers", max_new_tokens=8, temperature=1.0, seed=1, chunk_rows=2)
+    params = CritiqueParams(critic="transformers", sampling=SamplingParams(temperature=1.0, max_new_tokens=8), seed=1,
+                            chunk_rows=2)
     critic = make_critic("transformers", params, str(tiny_policy))
     assert critic.label == f"transformers:{tiny_policy}" and critic.journaled
     reqs = [CritiqueRequest(f"r{i}", f"Problem {i}: 2 + {i} = ?", "p", "y", None, "1", False, None) for i in range(3)]

@@ -83,8 +83,8 @@ def test_metrics_by_hand_through_the_real_graders():
 
 def test_params_validate():
     with pytest.raises(ParamsError, match="temperature"):
-        from_mapping(EvaluateParams, {"samples": 4, "temperature": 0.0}, "evaluate")
-    from_mapping(EvaluateParams, {"samples": 0, "temperature": 0.0}, "evaluate")  # greedy only is fine
+        from_mapping(EvaluateParams, {"samples": 4, "sampling": {"temperature": 0.0}}, "evaluate")
+    from_mapping(EvaluateParams, {"samples": 0, "sampling": {"temperature": 0.0}}, "evaluate")  # greedy only is fine
     with pytest.raises(ParamsError, match="unknown key"):
         from_mapping(EvaluateParams, {"n": 32}, "evaluate")
 
@@ -99,7 +99,7 @@ def test_stage_cli_writes_a_valid_resumable_artifact(tmp_path, tiny_policy):
     prompts = tmp_path / "prompts.parquet"
     write_artifact(_prompts(2, 4), prompts, "prompts")
     params = tmp_path / "params.yaml"
-    params.write_text("evaluate:\n  samples: 2\n  max_new_tokens: 8\n  num_parts: 2\n  num_threads: 1\n"
+    params.write_text("evaluate:\n  samples: 2\n  sampling: {max_new_tokens: 8}\n  num_parts: 2\n  num_threads: 1\n"
                       "verify:\n  workers: 1\n")
     out, metrics = tmp_path / "evals", tmp_path / "evaluate.json"
     cmd = [sys.executable, str(ROOT / "stages" / "evaluate.py"), "--params", str(params), "--prompts", str(prompts),

@@ -18,7 +18,7 @@ from tcrlsd.generate import (
     select_prompts,
     train_prompt_ids,
 )
-from tcrlsd.generation import SamplingConfig, check_completions
+from tcrlsd.generation import EngineParams, SamplingConfig, SamplingParams, check_completions
 from tcrlsd.schemas import SchemaError, schema_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,12 +53,10 @@ generate:
   backend: transformers
   prompts_per_step: 6
   samples_per_prompt: 3
-  temperature: 1.0
-  top_p: 1.0
-  max_new_tokens: 12
+  sampling: {temperature: 1.0, top_p: 1.0, max_new_tokens: 12}
   seed: 5
   num_parts: 3
-  batch_size: 8
+  engine: {batch_size: 8}
 """
 
 
@@ -233,8 +231,8 @@ def test_stage_cli_writes_rollouts_and_reruns_identically(stage_inputs, tiny_pol
                           check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     table = read_artifact(out1, "rollouts")
-    params = GenerateParams(prompts_per_step=6, samples_per_prompt=3, max_new_tokens=12, seed=5, num_parts=3,
-                            batch_size=8)
+    params = GenerateParams(prompts_per_step=6, samples_per_prompt=3, sampling=SamplingParams(max_new_tokens=12),
+                            seed=5, num_parts=3, engine=EngineParams(batch_size=8))
     prompts = read_artifact(stage_inputs / "prompts.parquet", "prompts")
     chosen = select_prompts(train_prompt_ids(prompts), 6, seed=5, iteration=3)
     assert table.num_rows == 18 and len(_part_bytes(out1)) == 3
@@ -249,7 +247,7 @@ def test_stage_cli_writes_rollouts_and_reruns_identically(stage_inputs, tiny_pol
         ids, stop = row["response_token_ids"], row["finish_reason"] == "stop"
         assert row["response_text"] == tok.decode(ids[:-1] if stop else ids, skip_special_tokens=True)
         assert stop == (ids[-1] == tok.eos_token_id) and tok.eos_token_id not in ids[:-1]
-        assert stop or len(ids) == params.max_new_tokens
+        assert stop or len(ids) == params.sampling.max_new_tokens
     import json
 
     m = json.loads(metrics.read_text())

@@ -55,10 +55,12 @@ def test_gpu_preset_applies_and_validates(tmp_path, run):
     p = _validate_all(yaml.safe_load(params.read_text()))
     # the method note's numbers
     assert (p["generate"].samples_per_prompt, p["generate"].prompts_per_step) == (8, 1024)
-    assert p["generate"].max_new_tokens == p["evaluate"].max_new_tokens == 3072
+    assert p["generate"].sampling.max_new_tokens == p["evaluate"].sampling.max_new_tokens == 3072
+    assert p["generate"].engine.dtype == p["evaluate"].engine.dtype == "bfloat16"
+    assert p["critique"].sampling.max_new_tokens == 1024
     assert (p["update"].lr, p["update"].entropy_coef, p["update"].kl_coef) == (1e-6, 1e-3, 0.0)
     assert p["update"].mini_batch_prompts == 256 and p["update"].max_tokens_per_micro_batch == 24000
-    assert (p["evaluate"].samples, p["evaluate"].temperature) == (32, 0.6)
+    assert (p["evaluate"].samples, p["evaluate"].sampling.temperature) == (32, 0.6)
     assert p["critique"].critic == "openai" and p["critique"].chat_template_kwargs == {"enable_thinking": False}
     assert [s.name for s in p["prepare"].sources] == ["math", "math500"]
     for s in p["prepare"].sources:

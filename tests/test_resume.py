@@ -159,10 +159,13 @@ def test_code_digest_follows_the_source(tmp_path, monkeypatch):
 def test_output_settings_drops_only_named_performance_fields():
     from tcrlsd.generate import GenerateParams
 
-    s = output_settings(GenerateParams(), ignore=("num_threads", "device"))
-    assert "num_threads" not in s and "device" not in s and s["temperature"] == 1.0
+    s = output_settings(GenerateParams(), ignore=("num_threads", "engine.device"))
+    assert "num_threads" not in s and "device" not in s["engine"] and s["engine"]["dtype"] == "auto"
+    assert s["sampling"]["temperature"] == 1.0
     with pytest.raises(KeyError, match="no field 'threads'"):
         output_settings(GenerateParams(), ignore=("threads",))
+    with pytest.raises(KeyError, match="no field 'engine.threads'"):
+        output_settings(GenerateParams(), ignore=("engine.threads",))
 
 
 # ----------------------------------------------------------------------------- sharded outputs

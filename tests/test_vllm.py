@@ -28,7 +28,13 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from tcrlsd.artifacts import ShardSpec, write_artifact  # noqa: E402
-from tcrlsd.generation import PROMPT_TOO_LONG, Completion, SamplingConfig  # noqa: E402
+from tcrlsd.generation import (  # noqa: E402
+    PROMPT_TOO_LONG,
+    Completion,
+    EngineParams,
+    SamplingConfig,
+    SamplingParams,
+)
 from tcrlsd.schemas import schema_for  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -237,9 +243,9 @@ def test_generate_stage_on_vllm_shards_equal_one_worker(policy, vllm_backend, to
 
     prompts = tmp_path / "prompts.parquet"
     write_artifact(_prompts_table(12), prompts, "prompts")
-    params = GenerateParams(backend="vllm", prompts_per_step=8, samples_per_prompt=4, temperature=1.0,
-                            max_new_tokens=16, seed=0, num_parts=4, max_model_len=MAX_MODEL_LEN,
-                            engine_args=ENGINE_ARGS)
+    params = GenerateParams(backend="vllm", prompts_per_step=8, samples_per_prompt=4,
+                            sampling=SamplingParams(temperature=1.0, max_new_tokens=16), seed=0, num_parts=4,
+                            engine=EngineParams(max_model_len=MAX_MODEL_LEN, engine_args=ENGINE_ARGS))
 
     def parts(folder: Path) -> list[bytes]:
         return [p.read_bytes() for p in sorted(folder.glob("part-*.parquet"))]
@@ -311,8 +317,9 @@ def _stage_inputs(n: int, long_first: bool = True) -> tuple[pa.Table, pa.Table, 
 def _critic_params(templates_dir, **kw):
     from tcrlsd.critique.params import CritiqueParams
 
-    base = dict(mode="critique", critic="vllm", templates_dir=str(templates_dir), temperature=1.0, max_new_tokens=12,
-                seed=3, backend_options={"max_model_len": MAX_MODEL_LEN, "engine_args": ENGINE_ARGS})
+    base = dict(mode="critique", critic="vllm", templates_dir=str(templates_dir),
+                sampling=SamplingParams(temperature=1.0, max_new_tokens=12), seed=3,
+                engine=EngineParams(max_model_len=MAX_MODEL_LEN, engine_args=ENGINE_ARGS))
     return CritiqueParams(**{**base, **kw})
 
 
@@ -375,7 +382,7 @@ def test_vllm_critic_one_call_journalled_and_resumed_exactly(policy, templates_d
             for r in rows]
     assert sent[1] == encode_prompt(tok, render_critic_prompt(templates["critic-incorrect"], rows[1], 6000))
     seeds = [derive_seed(params.seed, r["rollout_id"]) & 0x7FFFFFFF for r in rows]
-    direct = dict(real_stream(vllm_backend, sent, 1, params.sampling(), seeds=seeds))
+    direct = dict(real_stream(vllm_backend, sent, 1, params.sampling_config(), seeds=seeds))
     got = reference.to_pylist()
     assert len(sent[0]) >= MAX_MODEL_LEN  # row 0's long rollout does not fit the critic's context
     assert got[0]["feedback_text"] is None and got[0]["error"].startswith("critic prompt too long")
@@ -414,7 +421,8 @@ def test_self_mode_through_vllm(policy, templates_dir, vllm_backend, tok, tmp_pa
     from tcrlsd.templates import load_template, render_critic_prompt
 
     prompts, rollouts, verdicts = _stage_inputs(6)
-    params = _critic_params(templates_dir, mode="self", self_backend="vllm", critic="reference", temperature=0.0)
+    params = _critic_params(templates_dir, mode="self", self_backend="vllm", critic="reference",
+                            sampling=SamplingParams(temperature=0.0, max_new_tokens=12))
     assert run_critique(rollouts, verdicts, prompts, params, tmp_path / "critiques", policy_path=str(policy))
     table = pq.read_table(sorted((tmp_path / "critiques").glob("part-*.parquet"))).to_pylist()
     assert [r["critic"] for r in table] == [f"self:vllm:{policy}"] * 6
@@ -425,7 +433,7 @@ def test_self_mode_through_vllm(policy, templates_dir, vllm_backend, tok, tmp_pa
     tpl = load_template(templates_dir, "self-incorrect")
     sent = [encode_prompt(tok, render_chat(tok, render_critic_prompt(tpl, r, 6000))) for r in rows[1:]]
     seeds = [derive_seed(params.seed, r["rollout_id"]) & 0x7FFFFFFF for r in rows[1:]]
-    direct = dict(vllm_backend.stream(sent, 1, params.sampling(), seeds=seeds))
+    direct = dict(vllm_backend.stream(sent, 1, params.sampling_config(), seeds=seeds))
     for i, r in enumerate(table[1:]):
         want = clean_feedback(direct[i][0].text, params.max_feedback_chars)
         assert (r["feedback_text"], r["error"]) == (want.text, want.error), i

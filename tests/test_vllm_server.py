@@ -122,9 +122,10 @@ def server(models, port, tmp_path_factory):
 
 def _params(templates_dir, url: str, **kw):
     from tcrlsd.critique.params import CritiqueParams
+    from tcrlsd.generation import SamplingParams
 
     base = dict(mode="critique", critic="openai", critic_model=SERVED, templates_dir=str(templates_dir),
-                base_url=url, temperature=1.0, max_new_tokens=12, seed=7, max_concurrency=2, max_attempts=2,
+                base_url=url, sampling=SamplingParams(temperature=1.0, max_new_tokens=12), seed=7, max_concurrency=2, max_attempts=2,
                 backoff_initial_s=0.05, backoff_max_s=0.2, request_timeout_s=60.0, abort_after_failures=3)
     return CritiqueParams(**{**base, **kw})
 
@@ -138,7 +139,7 @@ def test_chat_and_completions_endpoints_give_the_same_critiques(server, template
                 for i in range(6)]
 
     def ask(endpoint: str) -> list:
-        critic = OpenAICritic(server.url, SERVED, "TCRLSD_NO_KEY", params.sampling(), 4000, max_concurrency=3,
+        critic = OpenAICritic(server.url, SERVED, "TCRLSD_NO_KEY", params.sampling_config(), 4000, max_concurrency=3,
                               endpoint=endpoint)
         replies = [None] * len(requests)
         critic.critique(requests, lambda i, r: replies.__setitem__(i, r))

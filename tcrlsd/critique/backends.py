@@ -131,16 +131,13 @@ class GenerationCritic:
                 on_reply(start + j, self._reply(group[0], len(chunk[j]), backend))
 
 
-def _generation_options(params: "CritiqueParams") -> dict:
-    return {"device": params.device, "dtype": params.dtype, "trust_remote_code": params.trust_remote_code,
-            **dict(params.backend_options)}
 
 
 def _make_generation(backend: str):
     def factory(params: "CritiqueParams", model: str) -> Critic:
         if not model:
             raise ValueError(f"critic {backend!r} needs a model: set critique.critic_model to a model path")
-        return GenerationCritic(backend, model, _generation_options(params), params.sampling(),
+        return GenerationCritic(backend, model, params.engine.options(), params.sampling_config(),
                                 params.max_feedback_chars, params.chunk_rows, params.chat_template_kwargs)
 
     return factory

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tcrlsd.generation import SamplingConfig
+from tcrlsd.generation import EngineParams, SamplingConfig, SamplingParams
 
 MODES = ("critique", "critique_gold", "gold", "self", "none")
 
@@ -28,15 +28,11 @@ class CritiqueParams:
     mask_text: str = "[answer withheld]"
     policy_chat_template_tokenizer: str | None = None
     rows_per_part: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 96
+    # model critics (transformers, vllm, openai) and self mode
+    sampling: SamplingParams = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=96)
     seed: int = 0
     self_backend: Literal["transformers", "vllm"] = "transformers"
-    device: str = "cpu"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    backend_options: dict = field(default_factory=dict)
+    engine: EngineParams = field(default_factory=EngineParams)  # transformers / vllm critics and self mode
     chunk_rows: int = 64
     chat_template_kwargs: dict = field(default_factory=dict)
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -50,8 +46,8 @@ class CritiqueParams:
     abort_after_failures: int = 32
 
     def __post_init__(self):
-        for name in ("max_response_chars", "max_feedback_chars", "rows_per_part", "max_new_tokens",
-                     "chunk_rows", "max_concurrency", "max_attempts"):
+        for name in ("max_response_chars", "max_feedback_chars", "rows_per_part", "chunk_rows", "max_concurrency",
+                     "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.backoff_initial_s < 0 or self.backoff_max_s < 0:
@@ -61,8 +57,8 @@ class CritiqueParams:
         if self.abort_after_failures < 0:
             raise ValueError(f"abort_after_failures must be >= 0 (0 = never), got {self.abort_after_failures}")
 
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.temperature, self.top_p, self.max_new_tokens, self.seed)
+    def sampling_config(self) -> SamplingConfig:
+        return self.sampling.config(self.seed)
 
     def effective_which(self) -> str:
         if self.which != "auto":

@@ -190,9 +190,8 @@ def _make_stage_critic(params: CritiqueParams, policy_path: str | None):
     if params.mode == "self":
         if not policy_path:
             raise CritiqueError("mode 'self' needs the policy checkpoint (--policy)")
-        options = {"device": params.device, "dtype": params.dtype, "trust_remote_code": params.trust_remote_code,
-                   **dict(params.backend_options)}
-        return GenerationCritic(params.self_backend, str(policy_path), options, params.sampling(),
+        return GenerationCritic(params.self_backend, str(policy_path), params.engine.options(),
+                                params.sampling_config(),
                                 params.max_feedback_chars, params.chunk_rows, params.chat_template_kwargs,
                                 label=f"self:{params.self_backend}:{policy_path}")
     return make_critic(params.critic, params, params.critic_model)
@@ -203,7 +202,7 @@ def _chat_wrap_from(params: CritiqueParams) -> tuple[str, str] | None:
         return None
     from tcrlsd.policy import load_tokenizer
 
-    tok = load_tokenizer(params.policy_chat_template_tokenizer, params.trust_remote_code)
+    tok = load_tokenizer(params.policy_chat_template_tokenizer, params.engine.trust_remote_code)
     if not getattr(tok, "chat_template", None):
         raise CritiqueError(f"policy_chat_template_tokenizer {params.policy_chat_template_tokenizer!r} "
                             "has no chat template")
@@ -214,7 +213,8 @@ def _chat_wrap_from(params: CritiqueParams) -> tuple[str, str] | None:
 # it (the rest pace the work or say where things are; files found by path go in by content).
 CODE_MODULES = ("tcrlsd.critique", "tcrlsd.templates", "tcrlsd.answers", "tcrlsd.reference_critic",
                 "tcrlsd.generation")
-NOT_OUTPUT = ("templates_dir", "policy_chat_template_tokenizer", "device", "backend_options", "chunk_rows",
+NOT_OUTPUT = ("templates_dir", "policy_chat_template_tokenizer", "engine.device", "engine.batch_size",
+              "engine.max_batch_tokens", "engine.tensor_parallel_size", "engine.gpu_memory_utilization", "chunk_rows",
               "base_url", "api_key_env", "max_concurrency", "request_timeout_s", "max_attempts",
               "backoff_initial_s", "backoff_max_s", "abort_after_failures")
 

@@ -20,12 +20,12 @@ import dataclasses
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from tcrlsd.artifacts import ShardSpec, read_artifact, split_evenly
-from tcrlsd.generation import Completion, SamplingConfig
+from tcrlsd.generation import Completion, EngineParams, SamplingConfig, SamplingParams
 from tcrlsd.schemas import SchemaError, schema_for
 
 __all__ = ["EvaluateParams", "STAGE_ERRORS", "load_params", "val_prompt_ids", "evaluation_rows",
@@ -38,20 +38,13 @@ class EvaluateParams:
 
     max_prompts: int | None = None
     samples: int = 4
-    temperature: float = 0.6
-    top_p: float = 1.0
-    max_new_tokens: int = 96
     seed: int = 0
     num_parts: int = 2
     backend: str = "transformers"
-    device: str = "cpu"
-    dtype: str = "auto"
-    batch_size: int = 256
-    max_batch_tokens: int = 65536
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    trust_remote_code: bool = False
     num_threads: int = 0
+    # the avg@k samples' sampling; the greedy answer uses its max_new_tokens
+    sampling: SamplingParams = SamplingParams(temperature=0.6, top_p=1.0, max_new_tokens=96)
+    engine: EngineParams = field(default_factory=EngineParams)
 
     def __post_init__(self):
         from tcrlsd.generate.backends import BACKENDS
@@ -62,21 +55,16 @@ class EvaluateParams:
             raise ValueError(f"evaluate.max_prompts must be >= 1 or null (all val prompts), got {self.max_prompts}")
         if self.samples < 0:
             raise ValueError(f"evaluate.samples must be >= 0 (0 = greedy only), got {self.samples}")
-        if self.samples and not self.temperature > 0:
-            raise ValueError(f"evaluate.temperature must be > 0 for sampled avg@k, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"evaluate.top_p must be in (0, 1], got {self.top_p}")
-        for name in ("max_new_tokens", "num_parts", "batch_size", "max_batch_tokens", "tensor_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"evaluate.{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples and not self.sampling.temperature > 0:
+            raise ValueError(f"evaluate.sampling.temperature must be > 0 for sampled avg@k, got "
+                             f"{self.sampling.temperature}")
+        if self.num_parts < 1:
+            raise ValueError(f"evaluate.num_parts must be >= 1, got {self.num_parts}")
         if self.num_threads < 0:
             raise ValueError(f"evaluate.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}")
 
     def backend_options(self) -> dict:
-        return {"device": self.device, "dtype": self.dtype, "trust_remote_code": self.trust_remote_code,
-                "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens,
-                "tensor_parallel_size": self.tensor_parallel_size,
-                "gpu_memory_utilization": self.gpu_memory_utilization, "seed": self.seed}
+        return self.engine.options(seed=self.seed)
 
 
 def load_params(params_path: str | os.PathLike, preset: str | os.PathLike | None = None):
@@ -180,7 +168,7 @@ def evaluation_metrics(table: pa.Table, prompts: pa.Table, params: EvaluateParam
     return {
         **_accuracy(rows),
         "samples": params.samples,
-        "temperature": params.temperature,
+        "temperature": params.sampling.temperature,
         "mean_response_tokens": sum(r["response_length"] for r in rows) / n if n else 0.0,
         "share_finish_length": sum(r["finish_reason"] == "length" for r in rows) / n if n else 0.0,
         "by_source": {k: _accuracy(v) for k, v in sorted(by_source.items())},
@@ -209,8 +197,9 @@ def run_evaluate(params: EvaluateParams, verify_params, prompts_path: str | os.P
 
     fingerprint = stage_fingerprint(
         code=("tcrlsd.evaluate", "tcrlsd.generate.backends", "tcrlsd.verify", "tcrlsd.policy"),
-        settings=output_settings(params, ("device", "batch_size", "max_batch_tokens", "tensor_parallel_size",
-                                          "gpu_memory_utilization", "num_threads")),
+        settings=output_settings(params, ("engine.device", "engine.batch_size", "engine.max_batch_tokens",
+                                          "engine.tensor_parallel_size", "engine.gpu_memory_utilization",
+                                          "num_threads")),
         inputs={"prompts": prompts_path, "policy": policy_path}, cache_dir=resume_dir(out),
         verify=dataclasses.asdict(verify_params))
     output = ShardedOutput(out, "evaluations", len(parts), fingerprint, restart=restart)
@@ -220,7 +209,7 @@ def run_evaluate(params: EvaluateParams, verify_params, prompts_path: str | os.P
             import torch
 
             torch.set_num_threads(params.num_threads)
-        tokenizer = load_tokenizer(policy_path, params.trust_remote_code)
+        tokenizer = load_tokenizer(policy_path, params.engine.trust_remote_code)
         backend = make_backend(params.backend, str(policy_path), **params.backend_options())
         bar = progress_bar(sum(len(parts[p]) for p in pending) * (1 + params.samples), desc="evaluate",
                            unit="response", enabled=progress)
@@ -228,12 +217,13 @@ def run_evaluate(params: EvaluateParams, verify_params, prompts_path: str | os.P
             chunk = [ids[i] for i in parts[p]]
             ptoks = [encode_prompt(tokenizer, text_of[pid]) for pid in chunk]
             greedy = [g[0] for g in backend.generate(
-                ptoks, 1, SamplingConfig(0.0, 1.0, params.max_new_tokens, derive_seed(params.seed, "eval-greedy", p)))]
+                ptoks, 1, SamplingConfig(0.0, 1.0, params.sampling.max_new_tokens,
+                                         derive_seed(params.seed, "eval-greedy", p)))]
             bar.update(len(chunk))
             sampled: list[list[Completion]] = []
             if params.samples:
-                sampled = backend.generate(ptoks, params.samples, SamplingConfig(
-                    params.temperature, params.top_p, params.max_new_tokens, derive_seed(params.seed, "eval", p)))
+                sampled = backend.generate(ptoks, params.samples,
+                                           params.sampling.config(derive_seed(params.seed, "eval", p)))
                 bar.update(len(chunk) * params.samples)
             cols = evaluation_rows(chunk, greedy, sampled)
             _grade(cols, prompts, verify_params, str(prompts_path))

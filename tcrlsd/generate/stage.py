@@ -12,15 +12,15 @@ from tcrlsd.artifacts import ShardSpec, read_artifact, split_evenly
 from tcrlsd.generate.backend_base import derive_seed
 from tcrlsd.generate.backends import BACKENDS
 from tcrlsd.generate.selection import select_prompts, train_prompt_ids
-from tcrlsd.generation import PROMPT_TOO_LONG, SamplingConfig, check_completions
+from tcrlsd.generation import PROMPT_TOO_LONG, EngineParams, SamplingConfig, SamplingParams, check_completions
 from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.schemas import schema_for
 
 # The resume fingerprint (tcrlsd.resume): the code that computes a part and the params that change it;
 # the others only place or pace the work.
 CODE_MODULES = ("tcrlsd.generate", "tcrlsd.generation", "tcrlsd.policy")
-NOT_OUTPUT = ("device", "batch_size", "max_batch_tokens", "tensor_parallel_size", "gpu_memory_utilization",
-              "num_threads")
+NOT_OUTPUT = ("engine.device", "engine.batch_size", "engine.max_batch_tokens", "engine.tensor_parallel_size",
+              "engine.gpu_memory_utilization", "num_threads")
 
 
 @dataclass(frozen=True)
@@ -30,54 +30,28 @@ class GenerateParams:
     backend: str = "transformers"
     prompts_per_step: int = 32
     samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 96
     seed: int = 0
     num_parts: int = 4
-    device: str = "cpu"
-    dtype: str = "auto"
-    batch_size: int = 256
-    max_batch_tokens: int = 65536
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    trust_remote_code: bool = False
     num_threads: int = 0
-    max_model_len: int = 0
-    engine_args: dict = field(default_factory=dict)
+    sampling: SamplingParams = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=96)
+    engine: EngineParams = field(default_factory=EngineParams)
     train_levels: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "train_levels", tuple(self.train_levels or ()))
         if self.backend not in BACKENDS:
             raise ValueError(f"generate.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "num_parts", "batch_size",
-                     "max_batch_tokens", "tensor_parallel_size"):
+        for name in ("prompts_per_step", "samples_per_prompt", "num_parts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"generate.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_model_len < 0:
-            raise ValueError(f"generate.max_model_len must be >= 0 (0 = the model's own), got {self.max_model_len}")
-        if not isinstance(self.engine_args, dict):
-            raise ValueError(f"generate.engine_args must be a mapping of vllm.LLM arguments, got {self.engine_args!r}")
         if self.num_threads < 0:
             raise ValueError(f"generate.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}")
-        if self.temperature < 0:
-            raise ValueError(f"generate.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"generate.top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"generate.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
     def backend_options(self) -> dict:
-        return {"device": self.device, "dtype": self.dtype, "trust_remote_code": self.trust_remote_code,
-                "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens,
-                "tensor_parallel_size": self.tensor_parallel_size,
-                "gpu_memory_utilization": self.gpu_memory_utilization, "seed": self.seed,
-                "max_model_len": self.max_model_len, "engine_args": dict(self.engine_args)}
+        return self.engine.options(seed=self.seed)
 
-    def sampling(self, iteration: int, part: int) -> SamplingConfig:
-        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                              seed=derive_seed(self.seed, iteration, part))
+    def sampling_config(self, iteration: int, part: int) -> SamplingConfig:
+        return self.sampling.config(derive_seed(self.seed, iteration, part))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,14 +131,15 @@ def run_generate(
             import torch
 
             torch.set_num_threads(params.num_threads)
-        tokenizer = load_tokenizer(policy_path, params.trust_remote_code)
+        tokenizer = load_tokenizer(policy_path, params.engine.trust_remote_code)
         backend = make_backend(params.backend, str(policy_path), **params.backend_options())
         bar = _bar(sum(len(parts[p]) for p in pending) * params.samples_per_prompt, progress)
         for p in pending:
             ids = [chosen[i] for i in parts[p]]
             ptoks = [encode_prompt(tokenizer, text_of[pid]) for pid in ids]
-            groups = backend.generate(ptoks, params.samples_per_prompt, params.sampling(iteration, p))
-            check_completions(groups, backend.stop_ids, params.max_new_tokens, f"{params.backend} backend, part {p}")
+            groups = backend.generate(ptoks, params.samples_per_prompt, params.sampling_config(iteration, p))
+            check_completions(groups, backend.stop_ids, params.sampling.max_new_tokens,
+                              f"{params.backend} backend, part {p}")
             table = pa.Table.from_pydict(rollout_rows(ids, ptoks, groups, iteration), schema=schema_for("rollouts"))
             output.write(p, table)
             new_rollouts += table.num_rows

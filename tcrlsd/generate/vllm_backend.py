@@ -10,9 +10,9 @@ n samples ``seed, seed + 1, ..., seed + n - 1``. Greedy requests (temperature 0)
 
 Engine settings (factory options; the stages pass them from params.yaml):
 
-- ``dtype``: ``auto`` resolves as the transformers backend does (:func:`tcrlsd.policy.torch_dtype`:
-  float32 on CPU, bfloat16 with CUDA), not vLLM's own ``auto`` (bfloat16 on CPU), so both backends
-  sample from the same numbers.
+- ``dtype``: ``auto`` resolves as the transformers backend does (:func:`tcrlsd.policy.resolve_dtype`
+  for the platform vLLM runs on: float32 on CPU, bfloat16 on CUDA), not vLLM's own ``auto``
+  (bfloat16 on CPU), so both backends sample from the same numbers.
 - ``max_model_len``: prompt + response positions; 0 = the model's own context length.
 - ``engine_args``: any further ``vllm.LLM`` keyword argument, passed as is (``enforce_eager``,
   ``enable_chunked_prefill``, ``kv_cache_memory_bytes``, ``max_num_seqs``, ...). Where unset on
@@ -52,11 +52,12 @@ _ENGINES: dict[str, object] = {}
 _REQUEST_IDS = itertools.count()
 
 
-def _vllm_dtype(dtype: str) -> str:
-    """The dtype name vLLM gets: ``auto`` resolved like the transformers backend, aliases expanded."""
-    from tcrlsd.policy import torch_dtype
+def _vllm_dtype(dtype: str, on_cpu: bool) -> str:
+    """The dtype name vLLM gets: ``auto`` resolved by the one rule (:func:`tcrlsd.policy.resolve_dtype`)
+    for the device vLLM runs on, aliases expanded."""
+    from tcrlsd.policy import resolve_dtype
 
-    return str(torch_dtype(dtype)).removeprefix("torch.")
+    return resolve_dtype(dtype, "cpu" if on_cpu else "cuda")
 
 
 def _on_cpu() -> bool:
@@ -80,7 +81,7 @@ def engine_kwargs(model_path: str, *, dtype: str, trust_remote_code: bool, tenso
     kwargs = {
         "model": str(model_path),
         "tokenizer": str(model_path),
-        "dtype": _vllm_dtype(dtype),
+        "dtype": _vllm_dtype(dtype, on_cpu),
         "seed": seed,
         "trust_remote_code": trust_remote_code,
         "tensor_parallel_size": tensor_parallel_size,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from tcrlsd.artifacts import ShardSpec, split_evenly
+from tcrlsd.policy import resolve_dtype
 from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.score.inputs import ScoringInputs, check_vocab, encode_teacher_context, score_part
 from tcrlsd.score.logprobs import check_head_path
@@ -31,12 +32,6 @@ def _resolve_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ScoreError(f"params score.device is {name!r} but no CUDA device is available")
-    return name
-
-
-def _resolve_dtype(name: str, device: str) -> str:
-    if name == "auto":
-        return "float32" if device == "cpu" else "bfloat16"
     return name
 
 
@@ -112,7 +107,7 @@ def run_score(
 
     teacher_ckpt = teacher_checkpoint_for(params, policy, teacher_policy)
     device = _resolve_device(params.device)
-    dtype = _resolve_dtype(params.dtype, device)
+    dtype = resolve_dtype(params.dtype, device)  # the one rule (tcrlsd.policy)
     n = rollouts.num_rows
     plan = split_evenly(n, math.ceil(n / params.rows_per_part) if n else 1)
     fingerprint = stage_fingerprint(

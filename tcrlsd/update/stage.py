@@ -42,8 +42,9 @@ def resolve_device(params: UpdateParams) -> tuple[str, bool]:
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    dtype = params.dtype if params.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
-    return device, dtype == "bfloat16"
+    from tcrlsd.policy import resolve_dtype
+
+    return device, resolve_dtype(params.dtype, device) == "bfloat16"  # the one dtype rule
 
 
 def open_trainer(policy: str | os.PathLike, params: UpdateParams, *, iteration: int,
