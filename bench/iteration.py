@@ -87,7 +87,8 @@ def _workspace(work: Path, args) -> None:
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["warmstart"].update({"steps": args.warmstart_steps, "warmup_steps": min(100, args.warmstart_steps // 5)})
     params["generate"].update({"prompts_per_step": args.prompts, "samples_per_prompt": args.samples,
-                               "max_new_tokens": args.max_new_tokens, "num_threads": args.threads})
+                               "num_threads": args.threads})
+    params["generate"]["sampling"]["max_new_tokens"] = args.max_new_tokens
     params["evaluate"]["num_threads"] = args.threads
     params["update"]["num_threads"] = args.threads
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -192,3 +192,72 @@ def test_recompute_inside_a_project_gives_the_stored_advantages(tmp_path, tiny_p
     again = pq.read_table(out)
     assert again.column("advantages").to_pylist() == stored.column("advantages").to_pylist()
     assert json.loads(res.stdout)["lam"] == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared nested params (sampling, engine) and the one dtype rule
+
+
+def test_generate_evaluate_and_critique_share_sampling_and_engine():
+    from tcrlsd.generation import EngineParams, SamplingParams
+
+    classes = _section_classes()
+    for section in ("generate", "evaluate", "critique"):
+        hints = typing.get_type_hints(classes[section])
+        assert hints["sampling"] is SamplingParams and hints["engine"] is EngineParams, section
+    # evaluate takes the vllm engine options generate has (it lacked max_model_len / engine_args)
+    p = from_mapping(classes["evaluate"], {"engine": {"max_model_len": 4096, "engine_args": {"max_num_seqs": 8}}},
+                     "evaluate")
+    assert p.backend_options()["max_model_len"] == 4096 and p.backend_options()["engine_args"] == {"max_num_seqs": 8}
+
+
+def test_a_partial_nested_mapping_keeps_the_sections_other_values():
+    from tcrlsd.generation import SamplingParams
+
+    classes = _section_classes()
+    # evaluate's sampling default is temperature 0.6 (SamplingParams' own is 1.0): setting only
+    # max_new_tokens keeps 0.6, as a preset setting one nested key expects
+    p = from_mapping(classes["evaluate"], {"sampling": {"max_new_tokens": 7}}, "evaluate")
+    assert p.sampling == SamplingParams(temperature=0.6, top_p=1.0, max_new_tokens=7)
+    c = from_mapping(classes["critique"], {"sampling": {"temperature": 1.0}}, "critique")
+    assert (c.sampling.temperature, c.sampling.max_new_tokens) == (1.0, 96)
+    with pytest.raises(ParamsError, match=r"section 'generate.engine': unknown key\(s\) devise"):
+        from_mapping(classes["generate"], {"engine": {"devise": "cpu"}}, "generate")
+    with pytest.raises(ParamsError, match=r"generate.sampling.top_p: expected a number"):
+        from_mapping(classes["generate"], {"sampling": {"top_p": "x"}}, "generate")
+    with pytest.raises(ParamsError, match=r"params generate.engine: expected a mapping"):
+        from_mapping(classes["generate"], {"engine": "cpu"}, "generate")
+
+
+@pytest.mark.parametrize("name, device, want", [
+    ("auto", "cpu", "float32"),  # CPU: float32, whether or not a GPU exists elsewhere
+    ("auto", "cuda", "bfloat16"),
+    ("auto", "cuda:3", "bfloat16"),
+    ("float32", "cuda", "float32"),  # an explicit dtype is kept ...
+    ("bf16", "cpu", "bfloat16"),  # ... aliases expanded
+    ("fp16", "cuda:0", "float16"),
+])
+def test_resolve_dtype_follows_the_device_actually_used(name, device, want):
+    from tcrlsd.policy import resolve_dtype
+
+    assert resolve_dtype(name, device) == want
+
+
+def test_resolve_dtype_refuses_unknown_dtypes_and_unresolved_devices():
+    from tcrlsd.policy import resolve_dtype
+
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        resolve_dtype("int8", "cpu")
+    with pytest.raises(ValueError, match="needs a resolved device"):
+        resolve_dtype("auto", "auto")
+
+
+def test_load_policy_on_cpu_is_float32_even_when_a_gpu_exists(tiny_policy, monkeypatch):
+    # The bug of issue 21: dtype auto was bfloat16 whenever torch saw a GPU, even for device: cpu.
+    import torch
+
+    from tcrlsd.policy import load_policy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model, _ = load_policy(tiny_policy, device="cpu", dtype="auto")
+    assert next(model.parameters()).dtype == torch.float32
