@@ -88,6 +88,10 @@ class EngineParams:
     engine_args: dict = field(default_factory=dict)  # vllm: further vllm.LLM arguments, passed as is
 
     def __post_init__(self) -> None:
+        from tcrlsd.policy import DTYPES
+
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"engine.dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"engine.device must be cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("batch_size", "max_batch_tokens", "tensor_parallel_size"):

@@ -225,6 +225,8 @@ def test_a_partial_nested_mapping_keeps_the_sections_other_values():
         from_mapping(classes["generate"], {"engine": {"devise": "cpu"}}, "generate")
     with pytest.raises(ParamsError, match=r"generate.sampling.top_p: expected a number"):
         from_mapping(classes["generate"], {"sampling": {"top_p": "x"}}, "generate")
+    with pytest.raises(ParamsError, match=r"engine.dtype must be auto or one of float32"):
+        from_mapping(classes["evaluate"], {"engine": {"dtype": "int8"}}, "evaluate")
     with pytest.raises(ParamsError, match=r"params generate.engine: expected a mapping"):
         from_mapping(classes["generate"], {"engine": "cpu"}, "generate")
 
