@@ -125,7 +125,8 @@ def _params(templates_dir, url: str, **kw):
     from tcrlsd.generation import SamplingParams
 
     base = dict(mode="critique", critic="openai", critic_model=SERVED, templates_dir=str(templates_dir),
-                base_url=url, sampling=SamplingParams(temperature=1.0, max_new_tokens=12), seed=7, max_concurrency=2, max_attempts=2,
+                base_url=url, sampling=SamplingParams(temperature=1.0, max_new_tokens=12), seed=7, max_concurrency=2,
+                max_attempts=2,
                 backoff_initial_s=0.05, backoff_max_s=0.2, request_timeout_s=60.0, abort_after_failures=3)
     return CritiqueParams(**{**base, **kw})
 

@@ -26,7 +26,8 @@ ParamsOpt = Annotated[
 ]
 Alpha = Annotated[Optional[float], typer.Option("--alpha", help="rlsd_hybrid weight of A·m_t "
                                                 "({default:advantages.alpha}).")]
-Beta = Annotated[Optional[float], typer.Option("--beta", help="rlsd_hybrid weight of Δ_t ({default:advantages.beta}).")]
+Beta = Annotated[Optional[float], typer.Option("--beta", help="rlsd_hybrid weight of Δ_t "
+                                              "({default:advantages.beta}).")]
 Lam = Annotated[Optional[float], typer.Option("--lam", help="Set λ directly (else the schedule at the iteration).")]
 Lam0 = Annotated[Optional[float], typer.Option("--lam0", help="λ_0 of the schedule ({default:advantages.lam0}).")]
 LamDecay = Annotated[

@@ -19,7 +19,8 @@ def grade(
         typer.Option("--gold", help="Gold answer (a bare answer, or a solution whose final \\boxed{} answer is used)."),
     ] = None,
     grader: Annotated[
-        str | None, typer.Option("--grader", help="Grader name: math_verify | string ({default:verify.default_grader}).")
+        str | None,
+        typer.Option("--grader", help="Grader name: math_verify | string ({default:verify.default_grader})."),
     ] = None,
     jsonl: Annotated[
         Path | None,

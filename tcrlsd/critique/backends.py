@@ -131,8 +131,6 @@ class GenerationCritic:
                 on_reply(start + j, self._reply(group[0], len(chunk[j]), backend))
 
 
-
-
 def _make_generation(backend: str):
     def factory(params: "CritiqueParams", model: str) -> Critic:
         if not model:

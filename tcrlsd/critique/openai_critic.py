@@ -203,7 +203,7 @@ class OpenAICritic:
 def _make_openai(params: "CritiqueParams", model: str) -> Critic:
     if not model:
         raise ValueError("critic 'openai' needs critique.critic_model: the model name the server serves")
-    return OpenAICritic(params.base_url, model, params.api_key_env, params.sampling_config(), params.max_feedback_chars,
-                        params.max_concurrency, params.request_timeout_s, params.max_attempts,
-                        params.backoff_initial_s, params.backoff_max_s, params.abort_after_failures,
+    return OpenAICritic(params.base_url, model, params.api_key_env, params.sampling_config(),
+                        params.max_feedback_chars, params.max_concurrency, params.request_timeout_s,
+                        params.max_attempts, params.backoff_initial_s, params.backoff_max_s, params.abort_after_failures,
                         params.chat_template_kwargs, params.endpoint)
