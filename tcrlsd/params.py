@@ -23,11 +23,24 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ParamsError", "PROJECT_FILES", "find_project", "from_mapping", "load_section", "load_yaml", "merge",
+__all__ = ["ParamsError", "PROJECT_FILES", "SECTIONS", "find_project", "section_class", "from_mapping", "load_section", "load_yaml", "merge",
            "params_in_force", "section_in_force", "value_in_force"]
 
 # What makes a folder a project: its params and its pipeline.
 PROJECT_FILES = ("params.yaml", "dvc.yaml")
+
+# params.yaml section -> the frozen dataclass it loads into ("module:name", imported on demand).
+SECTIONS = {
+    "prepare": "tcrlsd.prepare.params:PrepareParams",
+    "warmstart": "tcrlsd.warmstart.params:WarmstartParams",
+    "generate": "tcrlsd.generate.stage:GenerateParams",
+    "verify": "tcrlsd.verify.params:VerifyParams",
+    "critique": "tcrlsd.critique.params:CritiqueParams",
+    "score": "tcrlsd.score.params:ScoreParams",
+    "advantages": "tcrlsd.advantages.params:AdvantagesParams",
+    "update": "tcrlsd.update.params:UpdateParams",
+    "evaluate": "tcrlsd.evaluate.core:EvaluateParams",
+}
 
 T = TypeVar("T")
 
@@ -211,6 +224,17 @@ def section_in_force(section: str, cls: type[T], explicit: str | os.PathLike | N
     return load_section(path, section, cls) if path is not None else cls()
 
 
+def section_class(section: str) -> type:
+    """The dataclass of params.yaml section ``section`` (:data:`SECTIONS`)."""
+    import importlib
+
+    try:
+        module, name = SECTIONS[section].split(":")
+    except KeyError:
+        raise ParamsError(f"no params section {section!r}; sections: {', '.join(SECTIONS)}") from None
+    return getattr(importlib.import_module(module), name)
+
+
 def _show_value(value: Any) -> str:
     if value is None:
         return "null"
@@ -219,12 +243,13 @@ def _show_value(value: Any) -> str:
     return str(value)
 
 
-def value_in_force(section: str, key: str, cls: type) -> str:
+def value_in_force(section: str, key: str) -> str:
     """``"default: VALUE from FILE"`` for help texts: what a user gets by omitting the flag.
 
     Reads the project's params.yaml (announcing nothing); outside a project, the code default of
-    ``cls`` (the section's dataclass), which equals params.yaml's.
+    the section's dataclass, which equals params.yaml's.
     """
+    cls = section_class(section)
     root = find_project()
     if root is None:
         return f"default: {_show_value(getattr(cls(), key))}, built in (no project here)"

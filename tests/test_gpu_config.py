@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import subprocess
@@ -12,34 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tcrlsd.params import from_mapping
+from tcrlsd.params import SECTIONS, from_mapping, section_class
 from tcrlsd.presets import apply_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_PRESET = ROOT / "configs" / "gpu" / "llama3b_qwen3_4b_math.yaml"
 
-# params.yaml section -> its frozen dataclass
-SECTIONS = {
-    "prepare": "tcrlsd.prepare:PrepareParams",
-    "warmstart": "tcrlsd.warmstart:WarmstartParams",
-    "generate": "tcrlsd.generate:GenerateParams",
-    "verify": "tcrlsd.verify:VerifyParams",
-    "critique": "tcrlsd.critique:CritiqueParams",
-    "score": "tcrlsd.score:ScoreParams",
-    "advantages": "tcrlsd.advantages:AdvantagesParams",
-    "update": "tcrlsd.update.params:UpdateParams",
-    "evaluate": "tcrlsd.evaluate:EvaluateParams",
-}
-
-
-def _cls(spec: str):
-    module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)
-
 
 def _validate_all(params: dict) -> dict:
     assert set(params) == set(SECTIONS), sorted(params)
-    return {section: from_mapping(_cls(spec), params[section], section) for section, spec in SECTIONS.items()}
+    return {section: from_mapping(section_class(section), params[section], section) for section in SECTIONS}
 
 
 def test_shipped_params_validate_section_by_section():

@@ -76,19 +76,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _section_classes() -> dict:
-    from tcrlsd.advantages import AdvantagesParams
-    from tcrlsd.critique import CritiqueParams
-    from tcrlsd.evaluate import EvaluateParams
-    from tcrlsd.generate import GenerateParams
-    from tcrlsd.prepare import PrepareParams
-    from tcrlsd.score import ScoreParams
-    from tcrlsd.update.params import UpdateParams
-    from tcrlsd.verify import VerifyParams
-    from tcrlsd.warmstart import WarmstartParams
+    from tcrlsd.params import SECTIONS, section_class
 
-    return {"prepare": PrepareParams, "warmstart": WarmstartParams, "generate": GenerateParams,
-            "verify": VerifyParams, "critique": CritiqueParams, "score": ScoreParams,
-            "advantages": AdvantagesParams, "update": UpdateParams, "evaluate": EvaluateParams}
+    return {section: section_class(section) for section in SECTIONS}
 
 
 def _keys(cls, prefix: str = "") -> set[str]:

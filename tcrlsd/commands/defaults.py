@@ -8,18 +8,11 @@ would use (:func:`tcrlsd.params.value_in_force`), so the help and the run agree.
 
 from __future__ import annotations
 
-import importlib
 import re
 
 from typer.core import TyperCommand
 
-__all__ = ["SECTION_CLASSES", "InForceCommand", "fill_defaults"]
-
-# params.yaml section -> its dataclass (module:name); the sections a command's flags default from.
-SECTION_CLASSES = {
-    "advantages": "tcrlsd.advantages.params:AdvantagesParams",
-    "verify": "tcrlsd.verify.params:VerifyParams",
-}
+__all__ = ["InForceCommand", "fill_defaults"]
 
 _PLACEHOLDER = re.compile(r"\{default:(\w+)\.(\w+)\}")
 
@@ -27,9 +20,7 @@ _PLACEHOLDER = re.compile(r"\{default:(\w+)\.(\w+)\}")
 def _value(match: re.Match) -> str:
     from tcrlsd.params import value_in_force
 
-    section, key = match.group(1), match.group(2)
-    module, name = SECTION_CLASSES[section].split(":")
-    return value_in_force(section, key, getattr(importlib.import_module(module), name))
+    return value_in_force(match.group(1), match.group(2))
 
 
 def fill_defaults(text: str) -> str:
