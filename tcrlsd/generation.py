@@ -17,6 +17,13 @@ The stop-token contract (every backend keeps it; :func:`check_completions` enfor
   the last id is not a stop id.
 - ``text`` is the decoded ids WITHOUT the trailing stop id, special tokens skipped (what verify and
   the critic read).
+- ``logprobs`` (one per id, or empty where a backend does not give them) is the sampler's log-probability
+  of each sampled id under the distribution it was drawn from: the model's logits divided by the
+  temperature, then nucleus-filtered (top_p) and renormalised -- vLLM's ``processed_logprobs``. This is
+  the behaviour policy mu that truncated importance sampling divides by (``tcrlsd.offpolicy``). At
+  temperature 1 and top_p 1 it is the model's own log-softmax, so against the score stage's
+  log-probs it measures numerics alone (dtype, kernels). Greedy rows (temperature 0) get the raw
+  log-softmax (the distribution at temperature 1; vLLM does the same for greedy requests).
 
 The params every model-running section shares (generate, evaluate, and critique's transformers /
 vllm critics and self mode) are two nested dataclasses, one definition each: ``SECTION.sampling``
@@ -121,6 +128,7 @@ class Completion:
     token_ids: tuple[int, ...]  # the sampled ids, never re-tokenised text; a "stop" one ends with its stop id
     text: str  # decoded token_ids without the trailing stop id, special tokens skipped
     finish_reason: str  # "stop" (a stop id was sampled, and is the last id) or "length" (max_new_tokens ids)
+    logprobs: tuple[float, ...] = ()  # sampler log-prob of each id (module notes); () = not given
 
 
 class GenerationBackend(Protocol):
@@ -149,6 +157,8 @@ def check_completions(groups: Sequence[Sequence[Completion]], stop_ids: Sequence
         for j, c in enumerate(group):
             where = f"{backend}: prompt {i} sample {j}"
             ids = c.token_ids
+            if c.logprobs and len(c.logprobs) != len(ids):
+                raise RuntimeError(f"{where}: {len(c.logprobs)} sampler log-probs for {len(ids)} ids; one per id")
             if c.finish_reason == "stop":
                 if not ids or ids[-1] not in stops:
                     raise RuntimeError(f"{where}: finish_reason 'stop' but the ids do not end with a stop id "

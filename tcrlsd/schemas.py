@@ -8,7 +8,8 @@ Token-level columns are ``list<float32>`` / ``list<int32>`` whose length equals 
 ``len(response_token_ids)``; within one table that is checked by :func:`validate`, across tables
 (scores vs rollouts, say) by :func:`check_token_lengths`.
 
-Extra columns are allowed (they are carried along); required columns must exist with a compatible
+Extra columns are allowed (they are carried along); an optional column (``required=False``: one
+added after files were written without it) is checked only where present; required columns must exist with a compatible
 type: ``large_string`` / ``large_list`` (what polars writes) are accepted and cast to the canonical
 narrow types on read.
 """
@@ -42,6 +43,8 @@ class Column:
     # For token-level list columns: the column whose list length this one must equal.
     same_length_as: str | None = None
     doc: str = ""
+    # False: files written before the column existed stay valid; checked only where present.
+    required: bool = True
 
 
 _I32_LIST = pa.list_(pa.int32())
@@ -74,6 +77,10 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
         Column("finish_reason", pa.string(),
                doc="string  # 'stop' (a stop id was sampled: the last id) 'length' (max_new_tokens ids, fewer if the context filled) or "
                     "'prompt_too_long' (no ids: the prompt fills the context; vllm)"),
+        Column("sampler_logprobs", _F32_LIST, same_length_as="response_token_ids", required=False,
+               doc="list<float32>  # the sampler's log-prob of each sampled id under the distribution it was drawn "
+                   "from (after temperature and top_p; tcrlsd.generation); len == len(response_token_ids); "
+                   "optional (absent in rollouts written before it existed)"),
     ),
     "verdicts": (
         Column("rollout_id", pa.string()),
@@ -190,12 +197,13 @@ def validate(table: pa.Table, name: str, source: str | None = None) -> pa.Table:
     expected = ARTIFACTS.get(name)
     if expected is None:
         raise SchemaError(f"{where}unknown artifact {name!r}; known: {', '.join(ARTIFACTS)}")
-    missing = [c.name for c in expected if c.name not in table.column_names]
+    missing = [c.name for c in expected if c.required and c.name not in table.column_names]
     if missing:
         raise SchemaError(
             f"{where}{name} is missing column(s) {', '.join(missing)}; "
-            f"expected columns: {', '.join(c.name for c in expected)}; found: {', '.join(table.column_names)}"
+            f"expected columns: {', '.join(c.name for c in expected if c.required)}; found: {', '.join(table.column_names)}"
         )
+    expected = tuple(c for c in expected if c.name in table.column_names)  # optional ones only where present
     for col in expected:
         arr = table.column(col.name)
         if not _compatible(arr.type, col.type):

@@ -18,7 +18,7 @@ def _draw(logits_row, sampling: SamplingConfig, rows: int, seed: int = 0):
 
     logits = torch.tensor(logits_row, dtype=torch.float32).expand(rows, -1).contiguous()  # (R, V)
     gen = torch.Generator().manual_seed(seed)
-    ids = _sample_next(logits, sampling, gen)  # (R,)
+    ids, _ = _sample_next(logits, sampling, gen)  # (R,)
     return torch.bincount(ids, minlength=len(logits_row)).double() / rows  # (V,)
 
 
@@ -39,6 +39,31 @@ def test_sampler_frequencies_match_softmax_of_logits_over_temperature(temperatur
     if temperature != 1.0:
         with pytest.raises(AssertionError):
             _assert_frequencies(freq, torch.softmax(logits.double(), -1), rows)
+
+
+@pytest.mark.parametrize("temperature,top_p,expected", [
+    # probs (0.4, 0.3, 0.2, 0.06, 0.04). T = 1, top_p 1: the raw log-softmax, log p_v.
+    (1.0, 1.0, [math.log(0.4), math.log(0.3), math.log(0.2), math.log(0.06), math.log(0.04)]),
+    # T = 1, top_p 0.6: the nucleus is {0.4, 0.3} (0.4 < 0.6, 0.4 + 0.3 >= 0.6), renormalised by 0.7.
+    (1.0, 0.6, [math.log(0.4 / 0.7), math.log(0.3 / 0.7)]),
+    # T = 2, top_p 1: p_v^(1/2) / sum_u p_u^(1/2).
+    (2.0, 1.0, [0.5 * math.log(q) - math.log(sum(u ** 0.5 for u in (0.4, 0.3, 0.2, 0.06, 0.04)))
+                for q in (0.4, 0.3, 0.2, 0.06, 0.04)]),
+    # greedy: the argmax (token 0) with its raw log-softmax.
+    (0.0, 1.0, [math.log(0.4)]),
+])
+def test_sampler_logprob_is_that_of_the_distribution_drawn_from(temperature, top_p, expected):
+    """The second output of _sample_next is log q(drawn id) where q is the distribution the id was
+    drawn from (after temperature and nucleus), what rollouts store as sampler_logprobs."""
+    from tcrlsd.generate.transformers_backend import _sample_next
+
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04])).expand(2000, -1).contiguous()
+    ids, lp = _sample_next(logits, SamplingConfig(temperature=temperature, top_p=top_p), torch.Generator().manual_seed(3))
+    assert lp.dtype == torch.float32 and lp.shape == ids.shape
+    seen = set(ids.tolist())
+    assert seen == set(range(len(expected)))  # every token of the support drawn, none outside
+    for v in seen:
+        assert torch.allclose(lp[ids == v], torch.tensor(expected[v]), atol=1e-5), (v, lp[ids == v][:3], expected[v])
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 0.6), (2.0, 0.6), (0.7, 0.9)])

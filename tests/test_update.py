@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import random
 import subprocess
@@ -254,6 +255,77 @@ def test_first_ratio_is_one_and_one_update_moves_logprobs_by_the_sign_of_A(tiny_
     up = [float(np.mean(a - s.old_logprobs)) for s, a in zip(seqs, after)]
     for i, (s, d) in enumerate(zip(seqs, up)):
         assert (d > 0) == (s.advantages[0] > 0), f"row {i}: A={s.advantages[0]} but mean log-prob change {d}"
+
+
+def _with_sampler_logprobs(signed, folder, offset_of_row):
+    """The signed iteration's rollouts with sampler_logprobs = student_logprobs - offset_of_row(i), so
+    that the scorer/sampler log-ratio of every token of row i is offset_of_row(i)."""
+    from tcrlsd.artifacts import read_artifact
+
+    rollouts = read_artifact(signed["rollouts"], "rollouts")
+    scores = {r["rollout_id"]: r["student_logprobs"]
+              for r in read_artifact(signed["scores"], "scores").select(["rollout_id", "student_logprobs"]).to_pylist()}
+    sampler = [[x - offset_of_row(i) for x in scores[rid]] for i, rid in enumerate(rollouts.column("rollout_id").to_pylist())]
+    out = folder / "rollouts-sampler.parquet"
+    write_artifact(rollouts.append_column("sampler_logprobs", pa.array(sampler, pa.list_(pa.float32()))), out, "rollouts")
+    return {**signed, "rollouts": out}
+
+
+@pytest.mark.parametrize("mode", ["none", "token", "sequence"])
+def test_rollout_is_multiplies_the_first_loss_by_the_hand_computed_weights(tiny_policy, signed, tmp_path, mode):
+    """A = +1 (even rows) / -1 (odd rows); log pi - log mu = ln 0.5 on even rows, 5 on odd rows. At the
+    first step the ratio is 1, so the token-mean PPO loss is sum_t w_t * (-A_t) / N with
+    token: w = 0.5 (even), min(e^5, 2) = 2 (odd); sequence: w = 0.5^T (even), 2 (odd); none: w = 1."""
+    from tcrlsd.update.batching import UpdateInputs
+    from tcrlsd.update.stage import run_update
+
+    paths = _with_sampler_logprobs(signed, tmp_path, lambda i: math.log(0.5) if i % 2 == 0 else 5.0)
+    params = UpdateParams(**{**FAST, "lr": 1e-3, "rollout_is": mode, "rollout_is_cap": 2.0})
+    m = run_update(paths["rollouts"], paths["scores"], paths["advantages"], tiny_policy, tmp_path / "p",
+                   tmp_path / "s", params)
+    seqs = UpdateInputs(**paths, sampler_logprobs=True).read(range(len(UpdateInputs(**paths))))
+    weight = {"none": lambda i, T: 1.0, "token": lambda i, T: 0.5 if i % 2 == 0 else 2.0,
+              "sequence": lambda i, T: 0.5 ** T if i % 2 == 0 else 2.0}[mode]
+    n = sum(len(s.response_ids) for s in seqs)
+    want = sum(weight(i, len(s.response_ids)) * -s.advantages[0] * len(s.response_ids) for i, s in enumerate(seqs)) / n
+    assert m["optimizer_steps"] == 1  # one mini-batch: the loss is the first step's
+    assert m["pg_loss"] == pytest.approx(want, rel=1e-4)
+    if mode == "none":
+        assert m["rollout_is_weight_mean"] == 1.0 and m["rollout_is_capped_share"] == 0.0
+    else:  # the odd rows' tokens sit at the cap
+        odd = sum(len(s.response_ids) for i, s in enumerate(seqs) if i % 2)
+        assert m["rollout_is_capped_share"] == pytest.approx(odd / n)
+
+
+def test_rollout_is_needs_sampler_logprobs(tiny_policy, signed, tmp_path):
+    from tcrlsd.update.stage import run_update
+
+    with pytest.raises(UpdateError, match="lacks column.*sampler_logprobs.*update.rollout_is"):
+        run_update(signed["rollouts"], signed["scores"], signed["advantages"], tiny_policy, tmp_path / "p",
+                   tmp_path / "s", UpdateParams(**{**FAST, "rollout_is": "token"}))
+
+
+def test_mask_truncated_drops_length_rows_from_loss_and_counts(tiny_policy, signed, tmp_path):
+    """With mask_truncated the first loss is the token mean of -A over the `stop` rows only (the
+    `length` rows count neither in the sum nor in N); without it, over every row."""
+    from tcrlsd.update.batching import UpdateInputs
+    from tcrlsd.update.stage import run_update
+
+    inputs = UpdateInputs(**signed)
+    seqs = inputs.read(range(len(inputs)))
+    cut = [t for t in inputs.truncated]
+    assert 0 < sum(cut) < len(cut)  # make_rollouts: every third row is a `length` row
+
+    def loss_over(rows):
+        return sum(-seqs[i].advantages[0] * len(seqs[i].response_ids) for i in rows) / sum(
+            len(seqs[i].response_ids) for i in rows)
+
+    for mask, rows in ((False, range(len(seqs))), (True, [i for i in range(len(seqs)) if not cut[i]])):
+        m = run_update(signed["rollouts"], signed["scores"], signed["advantages"], tiny_policy, tmp_path / f"p{mask}",
+                       tmp_path / f"s{mask}", UpdateParams(**{**FAST, "lr": 1e-3, "mask_truncated": mask}))
+        assert m["pg_loss"] == pytest.approx(loss_over(rows), rel=1e-4)
+        assert m["truncated_rollouts_masked"] == (sum(cut) if mask else 0)
+        assert m["response_tokens_trained"] == sum(len(seqs[i].response_ids) for i in rows)
 
 
 def test_stop_token_is_trained(tiny_policy, tok, tmp_path):

@@ -71,6 +71,10 @@ def rollout_rows(prompt_ids, prompt_token_ids, groups, iteration: int) -> dict[s
             cols["response_token_ids"].append(list(c.token_ids))
             cols["response_text"].append(c.text)
             cols["finish_reason"].append(c.finish_reason)
+            if len(c.logprobs) != len(c.token_ids):
+                raise RuntimeError(f"rollout {pid}#{j}: the generation backend gave {len(c.logprobs)} sampler log-probs "
+                                   f"for {len(c.token_ids)} ids; rollouts need one per id (sampler_logprobs)")
+            cols["sampler_logprobs"].append(list(c.logprobs))
     return cols
 
 

@@ -13,11 +13,14 @@ from tcrlsd.generation import Completion, SamplingConfig
 
 
 def _sample_next(logits, sampling: SamplingConfig, generator):
-    """Next token per row from last-position logits ``(R, V)``; greedy when temperature == 0."""
+    """Next token per row from last-position logits ``(R, V)``, and its log-probability under the
+    distribution it was drawn from (after temperature and top_p; greedy: the raw log-softmax), the
+    sampler log-prob of :mod:`tcrlsd.generation`. Returns ``((R,) ids, (R,) float32 log-probs)``."""
     import torch
 
     if sampling.temperature == 0:
-        return logits.argmax(dim=-1)  # (R,)
+        nxt = logits.argmax(dim=-1)  # (R,)
+        return nxt, _chosen_logprob(logits.float(), nxt)
     logits = logits.float() / sampling.temperature  # (R, V)
     if sampling.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (R, V)
@@ -28,7 +31,13 @@ def _sample_next(logits, sampling: SamplingConfig, generator):
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)  # (R, V)
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)  # (R, V)
-    return (probs / noise).argmax(dim=-1)  # (R,)
+    nxt = (probs / noise).argmax(dim=-1)  # (R,)
+    return nxt, _chosen_logprob(logits, nxt)
+
+
+def _chosen_logprob(logits, chosen):
+    """log softmax(logits)[chosen] per row, in fp32: ``(R, V), (R,) -> (R,)``."""
+    return (logits.gather(1, chosen[:, None]).squeeze(1) - logits.logsumexp(dim=-1)).float()
 
 
 class TransformersBackend:
@@ -68,15 +77,15 @@ class TransformersBackend:
                 gen = torch.Generator(device=self.device).manual_seed(derive_seed(sampling.seed, b))
                 rows = self._generate_batch([prompts[i] for i in idxs], samples_per_prompt, sampling, gen)
                 for k, i in enumerate(idxs):
-                    out[i] = [self._completion(ids, reason)
-                              for ids, reason in rows[k * samples_per_prompt:(k + 1) * samples_per_prompt]]
+                    out[i] = [self._completion(ids, reason, lps)
+                              for ids, reason, lps in rows[k * samples_per_prompt:(k + 1) * samples_per_prompt]]
         return out
 
-    def _completion(self, ids: list[int], reason: str) -> Completion:
+    def _completion(self, ids: list[int], reason: str, logprobs: list[float]) -> Completion:
         # The stop id is a token of the response (scored, trained) but not part of its text.
         body = ids[:-1] if reason == "stop" else ids
         text = self.tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return Completion(token_ids=tuple(ids), text=text, finish_reason=reason)
+        return Completion(token_ids=tuple(ids), text=text, finish_reason=reason, logprobs=tuple(logprobs))
 
     def _new_cache(self, capacity: int):
         from transformers import DynamicCache
@@ -91,8 +100,9 @@ class TransformersBackend:
             cache.layers = [prealloc(capacity) for _ in layers]
         return cache
 
-    def _generate_batch(self, prompts, n: int, sampling: SamplingConfig, gen) -> list[tuple[list[int], str]]:
-        """Sample ``n`` continuations of each prompt; rows ordered (prompt, sample)."""
+    def _generate_batch(self, prompts, n: int, sampling: SamplingConfig, gen) -> list[tuple[list[int], str, list[float]]]:
+        """Sample ``n`` continuations of each prompt: (ids, finish reason, sampler log-probs) per row,
+        rows ordered (prompt, sample)."""
         import torch
 
         dev = self.device
@@ -116,13 +126,15 @@ class TransformersBackend:
         next_pos = position[:, -1:] + 1  # (R, 1)
         stop = torch.tensor(self.stop_ids, device=dev)
         tokens = torch.full((R, T), self.pad_id, dtype=torch.long, device=dev)  # (R, T)
+        token_logprobs = torch.zeros((R, T), dtype=torch.float32, device=dev)  # (R, T) sampler log-probs
         lengths = torch.full((R,), T, dtype=torch.long, device=dev)  # response ids, the stop id included
         stopped = torch.zeros(R, dtype=torch.bool, device=dev)
         alive = torch.arange(R, device=dev)  # rows of `tokens` still in the batch
         finished = torch.zeros(R, dtype=torch.bool, device=dev)  # per row of the batch: EOS seen
         for t in range(T):
-            nxt = _sample_next(logits, sampling, gen)  # (r,)
+            nxt, nxt_logprob = _sample_next(logits, sampling, gen)  # (r,), (r,)
             tokens[alive, t] = nxt  # rows already finished write past their length: ignored
+            token_logprobs[alive, t] = nxt_logprob
             ended = torch.isin(nxt, stop) & ~finished  # (r,)
             if bool(ended.any()):
                 lengths[alive[ended]] = t + 1  # the stop id is the response's last token
@@ -143,8 +155,9 @@ class TransformersBackend:
             logits = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
                                 use_cache=True, **{self._cache_arg: cache}).logits[:, -1, :]  # (r, V)
             next_pos = next_pos + 1
-        tokens, lengths, stopped = tokens.cpu(), lengths.tolist(), stopped.tolist()
-        return [(tokens[r, :lengths[r]].tolist(), "stop" if stopped[r] else "length") for r in range(R)]
+        tokens, token_logprobs, lengths, stopped = tokens.cpu(), token_logprobs.cpu(), lengths.tolist(), stopped.tolist()
+        return [(tokens[r, :lengths[r]].tolist(), "stop" if stopped[r] else "length",
+                 token_logprobs[r, :lengths[r]].tolist()) for r in range(R)]
 
 
 _PREALLOC = []

@@ -25,6 +25,12 @@ Engine settings (factory options; the stages pass them from params.yaml):
   not use offset``): every sampled batch larger than one prefill chunk crashed. Hence the CPU default
   above; asking for it on CPU is refused at construction.
 
+- ``logprobs_mode`` is always ``processed_logprobs`` and each request asks ``logprobs=0`` (the
+  sampled token only): every completion carries the log-prob of each sampled id under the
+  distribution vLLM drew it from, after temperature and top_p (vLLM's default ``raw_logprobs``
+  would be the model's log-softmax before them). The transformers backend computes the same
+  quantity (:mod:`tcrlsd.generation`, "logprobs"); rollouts store it as ``sampler_logprobs``.
+
 Per-row outcomes (:class:`tcrlsd.generation.Completion`):
 
 - ``stop``: a stop id was sampled; vLLM's output ids end with it and it is kept (the stop-token
@@ -48,6 +54,7 @@ from tcrlsd.generate.backend_base import VLLM_MISSING, _check_sampling, _stop_id
 from tcrlsd.generation import PROMPT_TOO_LONG, Completion, SamplingConfig
 
 CPU_KV_CACHE_DEFAULT_BYTES = 1 << 30
+LOGPROBS_MODE = "processed_logprobs"  # sampler log-probs after temperature and top_p (module notes)
 _ENGINES: dict[str, object] = {}
 _REQUEST_IDS = itertools.count()
 
@@ -76,6 +83,9 @@ def engine_kwargs(model_path: str, *, dtype: str, trust_remote_code: bool, tenso
     if clash:
         raise ValueError(f"vllm engine_args: {', '.join(clash)} have their own options; set them there, "
                          "not in engine_args")
+    if extra.get("logprobs_mode", LOGPROBS_MODE) != LOGPROBS_MODE:
+        raise ValueError(f"vllm engine_args: logprobs_mode is fixed to {LOGPROBS_MODE!r} (rollouts' sampler_logprobs "
+                         "are the log-probs of the distribution sampled from); remove it from engine_args")
     if max_model_len < 0:
         raise ValueError(f"max_model_len must be >= 0 (0 = the model's own), got {max_model_len}")
     kwargs = {
@@ -86,6 +96,7 @@ def engine_kwargs(model_path: str, *, dtype: str, trust_remote_code: bool, tenso
         "trust_remote_code": trust_remote_code,
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
+        "logprobs_mode": LOGPROBS_MODE,
     }
     if max_model_len:
         kwargs["max_model_len"] = int(max_model_len)
@@ -167,6 +178,7 @@ class VLLMBackend:
                 seed=seed,
                 stop_token_ids=list(self.stop_ids),
                 skip_special_tokens=True,
+                logprobs=0,  # the sampled token's log-prob only
             ))
         if not requests:
             return
@@ -204,8 +216,26 @@ class VLLMBackend:
                 raise RuntimeError(f"vllm finished prompt {i} sample {c.index} with finish_reason "
                                    f"{c.finish_reason!r}; expected 'stop' or 'length'")
             text = self.tokenizer.decode(text_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            group.append(Completion(token_ids=tuple(ids), text=text, finish_reason=c.finish_reason))
+            group.append(Completion(token_ids=tuple(ids), text=text, finish_reason=c.finish_reason,
+                                    logprobs=sampled_logprobs(c.logprobs, ids, f"vllm: prompt {i} sample {c.index}")))
         return group
+
+
+def sampled_logprobs(logprobs, ids: Sequence[int], where: str) -> tuple[float, ...]:
+    """The log-prob of each sampled id from a vLLM ``CompletionOutput.logprobs``: one entry per
+    position mapping token id -> an object with ``.logprob`` (a list of dicts, or vLLM's
+    ``FlatLogprobs``, which is indexed the same way)."""
+    if logprobs is None or len(logprobs) != len(ids):
+        got = "none" if logprobs is None else len(logprobs)
+        raise RuntimeError(f"{where}: vLLM returned {got} log-prob entries for {len(ids)} ids; the request asks "
+                           "logprobs=0 (one per sampled id)")
+    out = []
+    for t, (tok, entry) in enumerate(zip(ids, logprobs)):
+        try:
+            out.append(float(entry[tok].logprob))
+        except (KeyError, TypeError):
+            raise RuntimeError(f"{where}: vLLM's log-probs at position {t} do not include the sampled id {tok}") from None
+    return tuple(out)
 
 
 def _make_vllm(

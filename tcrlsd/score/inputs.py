@@ -36,7 +36,8 @@ class ScoringInputs:
     stage holds the iteration in Arrow (4 bytes a token) and one part in Python, never a Python
     list of every token of the iteration."""
 
-    table: pa.Table  # rollout_id, prompt_token_ids, response_token_ids, teacher_prompt (null = no feedback)
+    table: pa.Table  # rollout_id, prompt_token_ids, response_token_ids, teacher_prompt (null = no feedback),
+    # and sampler_logprobs where the rollouts have it
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -81,12 +82,15 @@ def build_inputs(rollouts: pa.Table, critiques: pa.Table, *, critiques_source: s
     if pc.any(empty).as_py():
         rid = ids[pc.indices_nonzero(empty)[0].as_py()].as_py()
         raise ScoreError(f"rollouts: rollout_id {rid!r}: prompt_token_ids is empty; expected the policy's input ids")
-    return ScoringInputs(pa.table({
+    columns = {
         "rollout_id": ids,
         "prompt_token_ids": rollouts.column("prompt_token_ids"),
         "response_token_ids": rollouts.column("response_token_ids"),
         "teacher_prompt": crit.column("teacher_prompt"),
-    }))
+    }
+    if "sampler_logprobs" in rollouts.column_names:  # for the sampler-mismatch metrics (tcrlsd.offpolicy)
+        columns["sampler_logprobs"] = rollouts.column("sampler_logprobs")
+    return ScoringInputs(pa.table(columns))
 
 
 def encode_teacher_context(tokenizer, teacher_prompt: str) -> list[int]:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tcrlsd.artifacts import artifact_files, read_table
+from tcrlsd.offpolicy import MismatchSums
 from tcrlsd.schemas import SchemaError, check_token_lengths
 from tcrlsd.score.inputs import ScoringInputs
 
@@ -139,10 +140,14 @@ def score_metrics(parts: Iterable[tuple[pa.Table, np.ndarray]]) -> dict:
 def artifact_metrics(scores_path: str | os.PathLike, inputs: ScoringInputs) -> dict:
     """:func:`score_metrics` of the complete scores artifact at ``scores_path``, read one part file at
     a time, each validated and checked against the inputs' rows (same rollout ids in the same order,
-    token lists as long as the responses). Adds ``teacher_checkpoint`` (of the first row)."""
+    token lists as long as the responses). Adds ``teacher_checkpoint`` (of the first row) and
+    ``sampler_mismatch``: the student log-probs against the rollouts' ``sampler_logprobs``
+    (:class:`tcrlsd.offpolicy.MismatchSums`; null for rollouts without that column)."""
     files = artifact_files(scores_path, "scores")
     has_fb = inputs.has_feedback()
     state = {"offset": 0, "teacher_checkpoint": None}
+    sampler = inputs.table.column("sampler_logprobs") if "sampler_logprobs" in inputs.table.column_names else None
+    mismatch = MismatchSums()
 
     def parts():
         for path in files:
@@ -155,6 +160,11 @@ def artifact_metrics(scores_path: str | os.PathLike, inputs: ScoringInputs) -> d
             if scores.num_rows and not pc.all(pc.equal(scores.column("rollout_id"), want)).as_py():
                 raise SchemaError(f"{path}: its rollout_ids are not rows {start}..{stop - 1} of the rollouts, in order")
             check_token_lengths(rollouts, scores, "scores", source=str(path))
+            if sampler is not None:
+                student = scores.column("student_logprobs")
+                mismatch.add(pc.list_flatten(student).to_numpy(zero_copy_only=False),
+                             pc.list_flatten(sampler.slice(start, scores.num_rows)).to_numpy(zero_copy_only=False),
+                             pc.list_value_length(student).to_numpy(zero_copy_only=False))
             if state["teacher_checkpoint"] is None and scores.num_rows:
                 state["teacher_checkpoint"] = scores.column("teacher_checkpoint")[0].as_py()
             state["offset"] = stop
@@ -164,4 +174,5 @@ def artifact_metrics(scores_path: str | os.PathLike, inputs: ScoringInputs) -> d
     if state["offset"] != len(inputs):
         raise SchemaError(f"{scores_path}: scores hold {state['offset']} rows but there are {len(inputs)} rollouts")
     metrics["teacher_checkpoint"] = state["teacher_checkpoint"]
+    metrics["sampler_mismatch"] = mismatch.result() if sampler is not None else None
     return metrics

@@ -34,7 +34,7 @@ from tcrlsd.update.params import UpdateError
 __all__ = ["TrainSequence", "UpdateInputs", "plan_mini_batches", "split_for_ranks", "plan_micro_batches"]
 
 _COLUMNS = {
-    "rollouts": ("rollout_id", "prompt_id", "iteration", "prompt_token_ids", "response_token_ids"),
+    "rollouts": ("rollout_id", "prompt_id", "iteration", "prompt_token_ids", "response_token_ids", "finish_reason"),
     "scores": ("rollout_id", "student_logprobs"),
     "advantages": ("rollout_id", "advantages"),
 }
@@ -49,6 +49,7 @@ class TrainSequence:
     response_ids: list[int]  # the sampled ids, stop token included for `stop` rows
     old_logprobs: np.ndarray  # (T,) float32: the score stage's student_logprobs
     advantages: np.ndarray  # (T,) float32: A_hat_t
+    sampler_logprobs: np.ndarray | None = None  # (T,) float32: rollouts' sampler_logprobs (read for rollout_is only)
 
     @property
     def length(self) -> int:
@@ -58,17 +59,23 @@ class TrainSequence:
 class UpdateInputs:
     """rollouts + scores + advantages joined on rollout_id, read one mini-batch at a time."""
 
-    def __init__(self, rollouts: str | os.PathLike, scores: str | os.PathLike, advantages: str | os.PathLike):
+    def __init__(self, rollouts: str | os.PathLike, scores: str | os.PathLike, advantages: str | os.PathLike,
+                 sampler_logprobs: bool = False):
+        """``sampler_logprobs``: also read the rollouts' ``sampler_logprobs`` (update.rollout_is needs them)."""
         self.sources = {"rollouts": rollouts, "scores": scores, "advantages": advantages}
+        self._columns = dict(_COLUMNS)
+        if sampler_logprobs:
+            self._columns["rollouts"] = _COLUMNS["rollouts"] + ("sampler_logprobs",)
         rollouts_path = rollouts
         self._where: dict[str, dict[str, tuple[int, int, int]]] = {}
         self._files: dict[str, list] = {}
         prompt_of: list[str] = []
         lengths: list[int] = []
         response_lengths: list[int] = []
+        truncated: list[bool] = []
         iterations: set[int] = set()
         ids: list[str] = []
-        for name, cols in _COLUMNS.items():
+        for name, cols in self._columns.items():
             files = artifact_files(self.sources[name], name)
             self._files[name] = files
             where: dict[str, tuple[int, int, int]] = {}
@@ -76,8 +83,12 @@ class UpdateInputs:
                 pf = pq.ParquetFile(path)
                 missing = [c for c in cols if c not in pf.schema_arrow.names]
                 if missing:
-                    raise UpdateError(f"{path}: {name} artifact lacks column(s) {', '.join(missing)}")
-                read = ["rollout_id"] if name != "rollouts" else list(cols)
+                    why = (" (update.rollout_is needs the sampler's log-probs: regenerate the rollouts, or set "
+                           "update.rollout_is: none)") if "sampler_logprobs" in missing else ""
+                    raise UpdateError(f"{path}: {name} artifact lacks column(s) {', '.join(missing)}{why}")
+                read = (["rollout_id"] if name != "rollouts"
+                        else ["rollout_id", "prompt_id", "iteration", "prompt_token_ids", "response_token_ids",
+                              "finish_reason"])
                 for rg in range(pf.num_row_groups):
                     t = pf.read_row_group(rg, columns=read)
                     rids = t.column("rollout_id").to_pylist()
@@ -93,6 +104,7 @@ class UpdateInputs:
                         r_len = pc.list_value_length(t.column("response_token_ids")).to_numpy(zero_copy_only=False)
                         lengths += (p_len + r_len).tolist()
                         response_lengths += r_len.tolist()
+                        truncated += [f == "length" for f in t.column("finish_reason").to_pylist()]
                         if len(p_len) and (p_len == 0).any():
                             rid = rids[int(np.argmax(p_len == 0))]
                             raise UpdateError(f"{path}: rollout_id {rid!r}: prompt_token_ids is empty")
@@ -112,6 +124,7 @@ class UpdateInputs:
         self.prompt_ids = prompt_of
         self.lengths = lengths  # prompt + response tokens per rollout
         self.response_lengths = response_lengths
+        self.truncated = truncated  # finish_reason == "length": cut by the token limit (update.mask_truncated)
 
     def __len__(self) -> int:
         return len(self.rollout_ids)
@@ -123,7 +136,7 @@ class UpdateInputs:
             fi, rg, j = self._where[name][rid]
             groups[(fi, rg)].append((j, rid))
         out: dict[str, dict] = {}
-        cols = [c for c in _COLUMNS[name] if c != "rollout_id"]
+        cols = [c for c in self._columns[name] if c not in ("rollout_id", "finish_reason")]
         for (fi, rg), rows in sorted(groups.items()):
             t = pq.ParquetFile(self._files[name][fi]).read_row_group(rg, columns=cols)
             t = t.take(pa.array([j for j, _ in rows], pa.int64()))
@@ -135,21 +148,26 @@ class UpdateInputs:
     def read(self, rows: Sequence[int]) -> list[TrainSequence]:
         """The sequences of rollouts ``rows`` (indices into this index), checked for the loss."""
         rids = [self.rollout_ids[i] for i in rows]
-        got = {name: self._read(name, rids) for name in _COLUMNS}
+        got = {name: self._read(name, rids) for name in self._columns}
         seqs = []
         for rid in rids:
             r, s, a = got["rollouts"][rid], got["scores"][rid], got["advantages"][rid]
             resp = r["response_token_ids"]
             old = np.asarray(s["student_logprobs"], dtype=np.float32)
             adv = np.asarray(a["advantages"], dtype=np.float32)
-            for name, col, arr in (("scores", "student_logprobs", old), ("advantages", "advantages", adv)):
+            checks = [("scores", "student_logprobs", old), ("advantages", "advantages", adv)]
+            sampler = None
+            if "sampler_logprobs" in r:
+                sampler = np.asarray(r["sampler_logprobs"], dtype=np.float32)
+                checks.append(("rollouts", "sampler_logprobs", sampler))
+            for name, col, arr in checks:
                 if len(arr) != len(resp):
                     raise UpdateError(f"{self.sources[name]}: rollout_id {rid!r}: len({col}) = {len(arr)} but "
                                       f"len(response_token_ids) = {len(resp)}")
                 if not np.isfinite(arr).all():
                     raise UpdateError(f"{self.sources[name]}: rollout_id {rid!r}: {col} holds a non-finite value at "
                                       f"token {int(np.argmin(np.isfinite(arr)))}")
-            seqs.append(TrainSequence(rid, list(r["prompt_token_ids"]), list(resp), old, adv))
+            seqs.append(TrainSequence(rid, list(r["prompt_token_ids"]), list(resp), old, adv, sampler))
         return seqs
 
 

@@ -39,6 +39,10 @@ class UpdateParams:
     kl_coef: float = 0.0
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     loss_norm_tokens: int = 96
+    # off-policy correction and truncated responses (tcrlsd.offpolicy)
+    rollout_is: Literal["none", "token", "sequence"] = "none"
+    rollout_is_cap: float = 2.0
+    mask_truncated: bool = False
     # batching
     mini_batch_prompts: int = 8
     ppo_epochs: int = 1
@@ -74,6 +78,12 @@ class UpdateParams:
             raise ValueError(f"clip_ratio_low must be < 1, got {self.clip_ratio_low}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (verl uses 3.0) or null, got {self.dual_clip}")
+        from tcrlsd.offpolicy import ROLLOUT_IS
+
+        if self.rollout_is not in ROLLOUT_IS:
+            raise ValueError(f"rollout_is must be one of {', '.join(ROLLOUT_IS)}, got {self.rollout_is!r}")
+        if not self.rollout_is_cap > 0:
+            raise ValueError(f"rollout_is_cap must be > 0, got {self.rollout_is_cap}")
         if self.zero_stage not in (1, 2, 3):
             # ZeRO-0 is refused: DeepSpeed's plain fp32 path does not skip a step on a non-finite
             # gradient norm, which this stage promises.

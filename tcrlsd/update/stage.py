@@ -114,7 +114,7 @@ def run_update(rollouts, scores, advantages, policy, policy_out, state_out, para
     """Train one iteration and write its outputs; returns the metrics (identical on every process)."""
     if teacher_mode not in TEACHER_MODES:
         raise UpdateError(f"score.teacher {teacher_mode!r} is not one of {', '.join(TEACHER_MODES)}")
-    inputs = UpdateInputs(rollouts, scores, advantages)
+    inputs = UpdateInputs(rollouts, scores, advantages, sampler_logprobs=params.rollout_is != "none")
     trainer, tokenizer, why = open_trainer(policy, params, iteration=inputs.iteration, state_in=state_in,
                                            reference=reference)
     fresh = why != "loaded"

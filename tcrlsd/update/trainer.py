@@ -22,6 +22,7 @@ import numpy as np
 from tcrlsd.update.batching import (TrainSequence, UpdateInputs, plan_micro_batches, plan_mini_batches,
                                     split_for_ranks)
 from tcrlsd.update.params import UpdateError, UpdateParams
+from tcrlsd.offpolicy import rollout_is_weights
 from tcrlsd.update.losses import AggregationCounts, aggregate, head_logprobs_entropy, k3_kl, lr_factor, ppo_clip_loss
 from tcrlsd.update.state import TrainerState
 
@@ -38,9 +39,13 @@ class MicroBatch:
     advantages: object  # (N,) float32
     seq_len: object  # (N,) int64: response length of the token's sequence
     tokens: int  # real (prompt + response) tokens
+    is_weights: object = None  # (N,) float32 truncated importance weights (update.rollout_is), None = off
 
 
-def collate(seqs: list[TrainSequence], device) -> MicroBatch:
+def collate(seqs: list[TrainSequence], device, rollout_is: str = "none", rollout_is_cap: float = 2.0) -> MicroBatch:
+    """The padded ids and flat per-token tensors of ``seqs``; with ``rollout_is`` other than none,
+    each sequence's truncated importance weights (:func:`tcrlsd.offpolicy.rollout_is_weights` of its
+    old log-probs against its sampler log-probs)."""
     import torch
 
     B, T = len(seqs), max(s.length for s in seqs)
@@ -60,8 +65,12 @@ def collate(seqs: list[TrainSequence], device) -> MicroBatch:
     def t(parts, dtype):
         return torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
 
+    weights = None
+    if rollout_is != "none":
+        weights = t([rollout_is_weights(s.old_logprobs, s.sampler_logprobs, rollout_is, rollout_is_cap) for s in seqs],
+                    np.float32)
     return MicroBatch(torch.from_numpy(ids).to(device), t(rows, np.int64), t(cols, np.int64), t(tgt, np.int64),
-                      t(old, np.float32), t(adv, np.float32), t(slen, np.int64), sum(s.length for s in seqs))
+                      t(old, np.float32), t(adv, np.float32), t(slen, np.int64), sum(s.length for s in seqs), weights)
 
 
 @dataclass
@@ -81,6 +90,9 @@ class IterationStats:
     forward_tokens: float = 0.0
     first_max_abs_log_ratio: float | None = None
     seconds: float = 0.0
+    is_weight_sum: float = 0.0  # update.rollout_is: sum of the tokens' weights, and tokens at the cap
+    is_capped: float = 0.0
+    masked_truncated: int = 0  # update.mask_truncated: `length` rollouts left out of the loss (over epochs)
 
     def as_metrics(self) -> dict:
         n = max(self.tokens, 1.0)
@@ -103,6 +115,9 @@ class IterationStats:
             # largest |log r| over the first mini-batch before any step: 0 when the update reproduces
             # the score stage's log-probs (ratio 1)
             "first_minibatch_max_abs_log_ratio": self.first_max_abs_log_ratio,
+            "rollout_is_weight_mean": self.is_weight_sum / n,  # 1.0 when update.rollout_is is none
+            "rollout_is_capped_share": self.is_capped / n,
+            "truncated_rollouts_masked": self.masked_truncated,
         }
 
 
@@ -127,6 +142,8 @@ class Trainer:
         logp, ent = self.engine(mb.input_ids, mb.rows, mb.cols, mb.targets)  # (N,), (N,)
         pg, clipped = ppo_clip_loss(logp, mb.old_logprobs, mb.advantages, p.clip_ratio_low, p.clip_ratio_high,
                                     p.dual_clip)
+        if mb.is_weights is not None:  # truncated importance sampling: sampler -> scorer (tcrlsd.offpolicy)
+            pg = pg * mb.is_weights
         agg = lambda x: aggregate(x, mb.seq_len, p.loss_agg_mode, counts)  # noqa: E731
         pg_part = agg(pg)
         loss = pg_part - p.entropy_coef * agg(ent)
@@ -139,6 +156,11 @@ class Trainer:
             stats.clipped += float(clipped.sum())
             stats.log_ratio_sum += float((mb.old_logprobs - logp).sum())
             stats.entropy_sum += float(ent.sum())
+            if mb.is_weights is not None:
+                stats.is_weight_sum += float(mb.is_weights.sum())
+                stats.is_capped += float((mb.is_weights >= p.rollout_is_cap).sum())
+            else:
+                stats.is_weight_sum += len(mb.targets)
             stats.tokens += len(mb.targets)
             stats.forward_tokens += mb.tokens
         return loss * self.world, pg_part.detach(), logp.detach()
@@ -168,6 +190,10 @@ class Trainer:
 
         p = self.params
         rows = [i for i in rows if inputs.response_lengths[i] > 0]  # an empty response has no token to train
+        if p.mask_truncated:  # a response cut by the token limit adds no loss and no count (DAPO overlong filter)
+            kept = [i for i in rows if not inputs.truncated[i]]
+            stats.masked_truncated += len(rows) - len(kept)
+            rows = kept
         if not rows:  # no token at all: no step (AdamW would still move weights on its momentum)
             return
         lengths = [inputs.lengths[i] for i in rows]
@@ -188,7 +214,7 @@ class Trainer:
         for m in range(n_micro):
             self.engine.set_gradient_accumulation_boundary(m == n_micro - 1)
             if m < len(micro):
-                mb = collate(micro[m], self.device)
+                mb = collate(micro[m], self.device, p.rollout_is, p.rollout_is_cap)
                 loss, pg_part, logp = self._micro_loss(mb, counts, stats)
                 pg_total += float(pg_part)
                 if first:
@@ -241,11 +267,11 @@ class Trainer:
             torch.cuda.synchronize()
         stats.seconds = time.perf_counter() - start
         sums = torch.tensor([stats.tokens, stats.clipped, stats.log_ratio_sum, stats.entropy_sum, stats.kl_sum,
-                             stats.forward_tokens], dtype=torch.float64)
+                             stats.forward_tokens, stats.is_weight_sum, stats.is_capped], dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         (stats.tokens, stats.clipped, stats.log_ratio_sum, stats.entropy_sum, stats.kl_sum,
-         stats.forward_tokens) = sums.tolist()
+         stats.forward_tokens, stats.is_weight_sum, stats.is_capped) = sums.tolist()
         self.state = replace(self.state, iteration=inputs.iteration)
         out = stats.as_metrics()
         out["global_step"] = self.state.global_step
