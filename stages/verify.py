@@ -17,6 +17,7 @@ import time
 from tcrlsd.artifacts import STAGE_ERRORS, read_artifact, write_artifact, write_json
 from tcrlsd.params import load_section
 from tcrlsd.verify import VerifyError, VerifyParams, WorkerStartError, verify_rollouts
+from tcrlsd.verify.params import response_token_limit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         params = load_section(args.params, "verify", VerifyParams, preset=args.preset)
         prompts = read_artifact(args.prompts, "prompts")
         rollouts = read_artifact(args.rollouts, "rollouts")
+        limit = response_token_limit(args.params, args.preset) if params.overlong_penalty_buffer else None
         verdicts, metrics = verify_rollouts(rollouts, prompts, params, progress=not args.no_progress,
-                                            prompts_source=args.prompts)
+                                            prompts_source=args.prompts, overlong_max_tokens=limit)
         write_artifact(verdicts, args.out, "verdicts")
         if args.metrics:
             write_json(metrics, args.metrics)

@@ -59,8 +59,9 @@ def _default_response(p, j: int) -> str:
 
 
 def make_iteration(tmp_path: Path, n_prompts: int = 4, samples: int = 3, respond=_default_response,
-                   tag: bool = False) -> dict[str, Path]:
-    """prompts / rollouts / verdicts files of a few synthetic rows; verdict = boxed == gold answer."""
+                   tag: bool = False, finish=lambda i, j: "stop") -> dict[str, Path]:
+    """prompts / rollouts / verdicts files of a few synthetic rows; verdict = boxed == gold answer;
+    ``finish(i, j)``: the finish_reason of prompt i's sample j."""
     probs = make_problems(n_prompts, seed=7)
     prompts = pa.table({
         "prompt_id": [f"synthetic/train/{i}" for i in range(n_prompts)],
@@ -84,7 +85,7 @@ def make_iteration(tmp_path: Path, n_prompts: int = 4, samples: int = 3, respond
             ok = boxed == p.answer
             rows.append({"rollout_id": rid, "prompt_id": f"synthetic/train/{i}", "sample_idx": j, "iteration": 0,
                          "prompt_token_ids": [1, 5, 6], "response_token_ids": [7, 8], "response_text": text,
-                         "finish_reason": "stop"})
+                         "finish_reason": finish(i, j)})
             verdicts.append({"rollout_id": rid, "reward": float(ok), "is_correct": ok, "extracted_answer": boxed,
                              "reason": "correct" if ok else ("no_answer" if boxed is None else "incorrect"),
                              "verifier": "math_verify"})
@@ -342,6 +343,33 @@ def test_stage_gold_covers_all_and_reports_leakage(tmp_path):
     assert all(r["leaks_answer"] and "[answer withheld]" in r["feedback_text"] for r in masked)
     metrics = json.loads(m2.read_text())
     assert metrics["leakage_share"] == 1.0 and metrics["leakage_share_after_masking"] == 0.0
+
+
+def test_stage_skips_truncated_responses_in_critic_modes_only(tmp_path):
+    """Samples 1 and 2 are wrong (slip, no box); sample 2 of every prompt was cut by the token limit.
+    skip_truncated (default true): critique mode gives sample 2 no feedback and records why; gold
+    mode still gives it the gold solution; skip_truncated false asks the critic as before."""
+    from tcrlsd.feedback import TRUNCATED_NOT_CRITIQUED
+
+    paths = make_iteration(tmp_path, n_prompts=3, finish=lambda i, j: "length" if j == 2 else "stop")
+    out, metrics_path = tmp_path / "c", tmp_path / "m.json"
+    run_stage(paths, write_params(tmp_path), out, metrics_path)
+    rows = read_artifact(out, "critiques").to_pylist()
+    for r in rows:
+        j = int(r["rollout_id"].rsplit("#", 1)[1])
+        assert (r["feedback_text"] is not None) == (j == 1), r  # only the slipped, complete response
+        assert r["error"] == (TRUNCATED_NOT_CRITIQUED if j == 2 else None)
+        assert (r["teacher_prompt"] is None) == (j != 1)
+    m = json.loads(metrics_path.read_text())
+    assert m["skipped_truncated"] == 3 and m["failures"] == 0 and m["failed_rollout_ids"] == []
+
+    run_stage(paths, write_params(tmp_path, mode="gold"), tmp_path / "g", tmp_path / "g.json")
+    assert all(r["feedback_text"] is not None and r["error"] is None for r in read_artifact(tmp_path / "g", "critiques").to_pylist())
+
+    run_stage(paths, write_params(tmp_path, skip_truncated=False), tmp_path / "a", tmp_path / "a.json")
+    asked = read_artifact(tmp_path / "a", "critiques").to_pylist()
+    assert [r["feedback_text"] is not None for r in asked] == [not r["rollout_id"].endswith("#0") for r in asked]
+    assert json.loads((tmp_path / "a.json").read_text())["skipped_truncated"] == 0
 
 
 def test_stage_none_and_suspected_false_negatives(tmp_path):

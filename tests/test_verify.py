@@ -361,6 +361,49 @@ def test_stage_cli_writes_verdicts_deterministically(tmp_path):
     assert (out.read_bytes(), metrics.read_bytes()) == first
 
 
+@pytest.mark.parametrize("buffer,factor,expected", [
+    # L_max 10, L_cache 4: no penalty up to 6 tokens, then -(|y| - 6) / 4, -1 at the limit (and past it).
+    (4, 1.0, [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]),
+    (4, 0.5, [0.0, 0.0, -0.125, -0.25, -0.5, -0.5]),
+    (10, 1.0, [0.0, -0.6, -0.7, -0.8, -1.0, -1.0]),  # buffer = L_max: linear from the first token
+    (0, 1.0, [0.0] * 6),  # off
+])
+def test_overlong_penalty_hand_table(buffer, factor, expected):
+    from tcrlsd.verify.overlong import overlong_penalty
+
+    got = overlong_penalty([0, 6, 7, 8, 10, 11], 10, buffer, factor)
+    assert got.tolist() == pytest.approx(expected)
+
+
+def test_overlong_penalty_rejects_a_buffer_past_the_limit():
+    from tcrlsd.verify.overlong import overlong_penalty
+
+    with pytest.raises(ValueError, match=r"overlong_penalty_buffer = 11 must lie in 1\.\.10"):
+        overlong_penalty([3], 10, 11, 1.0)
+
+
+def test_stage_cli_adds_the_overlong_penalty_from_generate_max_new_tokens(tmp_path):
+    """The rollouts have 1..7 response ids. generate.max_new_tokens 6, buffer 4: penalties 0, 0,
+    -1/4, -2/4, -3/4, -1, -1 added to the rewards; is_correct and the group counts keep the grade."""
+    write_artifact(_prompts_table(), tmp_path / "prompts.parquet", "prompts")
+    pids = ["syn/0", "syn/0", "gsm/1", "gsm/1", "math/2", "math/2", "math/2"]
+    texts = ["\\boxed{5}", "\\boxed{6}", "\\boxed{1000}", "\\boxed{7}", "\\boxed{0.28}", "\\boxed{1}", "\\boxed{2}"]
+    write_artifact(_rollouts_table(pids, texts), tmp_path / "rollouts.parquet", "rollouts")
+    (tmp_path / "params.yaml").write_text(
+        "verify:\n  workers: 2\n  graders_by_source: {gsm8k: string}\n  row_deadline_s: 20.0\n"
+        "  overlong_penalty_buffer: 4\n  overlong_penalty_factor: 1.0\ngenerate: {max_new_tokens: 6}\n")
+    out, metrics = tmp_path / "verdicts.parquet", tmp_path / "verify.json"
+    res = _run_stage(tmp_path, tmp_path / "rollouts.parquet", out, metrics)
+    assert res.returncode == 0, res.stderr
+    rows = read_artifact(out, "verdicts").to_pylist()
+    assert [r["is_correct"] for r in rows] == [True, False, True, False, True, False, False]
+    assert [r["reward"] for r in rows] == pytest.approx([1.0, 0.0, 0.75, -0.5, 0.25, -1.0, -1.0])
+    m = json.loads(metrics.read_text())
+    assert m["overlong_penalty"] == {"buffer": 4, "factor": 1.0, "max_tokens": 6, "penalized": 5,
+                                     "mean": pytest.approx(-3.5 / 7)}
+    assert m["groups"] == {"n": 3, "all_correct": 0, "all_incorrect": 0, "mixed": 3}
+
+
 def test_stage_cli_names_a_missing_prompt(tmp_path):
     write_artifact(_prompts_table(), tmp_path / "prompts.parquet", "prompts")
     write_artifact(_rollouts_table(["syn/0", "gone/9"], ["\\boxed{5}", "\\boxed{1}"]),

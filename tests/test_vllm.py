@@ -160,6 +160,8 @@ def test_engine_settings_come_from_the_options(vllm_backend, policy):
         make_backend("vllm", str(policy), engine_args={"enable_chunked_prefill": True})
     with pytest.raises(ValueError, match="max_model_len have their own options"):
         make_backend("vllm", str(policy), engine_args={"max_model_len": 64})
+    with pytest.raises(ValueError, match="logprobs_mode is fixed to 'processed_logprobs'"):
+        make_backend("vllm", str(policy), engine_args={"logprobs_mode": "raw_logprobs"})
     with pytest.raises(TypeError, match="unknown option.*num_beams"):
         make_backend("vllm", str(policy), num_beams=2)
 
@@ -180,6 +182,43 @@ def test_greedy_rollouts_equal_the_transformers_backend(vllm_backend, hf_backend
         if b[0].finish_reason == "stop" and (not b_ids or b_ids[-1] != eos):
             b_ids = b_ids + (eos,)
         assert (a[0].token_ids, a[0].finish_reason, a[0].text) == (b_ids, b[0].finish_reason, b[0].text), i
+
+
+def _processed_logprobs(policy, prompt, response, sampling):
+    """Reference sampler log-probs: the fp32 model's logits at each response position, divided by the
+    temperature, nucleus-filtered with the transformers backend's rule, log-softmax, at the sampled id."""
+    import torch
+
+    from tcrlsd.policy import load_policy
+
+    model, _ = load_policy(policy, device="cpu", dtype="float32")
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(response)])).logits[0].float()  # (L, V)
+    c = len(prompt)
+    rows = logits[c - 1:c - 1 + len(response)] / sampling.temperature  # (T, V)
+    if sampling.top_p < 1:
+        sorted_logits, order = torch.sort(rows, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= sampling.top_p
+        rows = torch.full_like(rows, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.log_softmax(rows, -1).gather(1, torch.tensor(list(response))[:, None]).squeeze(1).tolist()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampler_logprobs_are_those_of_the_distribution_sampled_from(vllm_backend, hf_backend, policy, tok,
+                                                                     temperature, top_p):
+    """vLLM (logprobs_mode processed_logprobs, logprobs=0) and the transformers backend both store the
+    log-prob of each sampled id after temperature and top_p; in fp32 on CPU both agree with the
+    reference computed from the model's full logits (at T = 1, top_p = 1: the score stage's numbers)."""
+    assert vllm_backend.llm.llm_engine.vllm_config.model_config.logprobs_mode == "processed_logprobs"
+    prompts = _prompts(tok, 4, seed=13)
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=8, seed=5)
+    for backend in (vllm_backend, hf_backend):
+        for p, group in zip(prompts, backend.generate(prompts, 2, sampling)):
+            for c in group:
+                assert len(c.logprobs) == len(c.token_ids) > 0
+                want = _processed_logprobs(policy, p, c.token_ids, sampling)
+                assert max(abs(a - b) for a, b in zip(c.logprobs, want)) < 2e-3, (backend, c.logprobs, want)
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(vllm_backend, tok):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tcrlsd.feedback import effective_which
 from tcrlsd.generation import EngineParams, SamplingConfig, SamplingParams
 
 MODES = ("critique", "critique_gold", "gold", "self", "none")
@@ -26,6 +27,7 @@ class CritiqueParams:
     reference_reveal_final_answer: bool = False
     mask_leaked_answer: bool = False
     mask_text: str = "[answer withheld]"
+    skip_truncated: bool = True
     policy_chat_template_tokenizer: str | None = None
     rows_per_part: int = 512
     # model critics (transformers, vllm, openai) and self mode
@@ -61,6 +63,4 @@ class CritiqueParams:
         return self.sampling.config(self.seed)
 
     def effective_which(self) -> str:
-        if self.which != "auto":
-            return self.which
-        return "all" if self.mode == "gold" else "incorrect"
+        return effective_which(self.mode, self.which)

@@ -17,6 +17,7 @@ from tcrlsd.critique.flags import claims_correct, contains_answer, mask_answer, 
 from tcrlsd.critique.journal import Journal, prompt_sha
 from tcrlsd.critique.params import CritiqueError, CritiqueParams
 from tcrlsd.critique.protocol import CriticRetryLater, CritiqueRequest
+from tcrlsd.feedback import TRUNCATED_NOT_CRITIQUED, skipped_as_truncated, wants_feedback
 from tcrlsd.reference_critic import CriticReply
 from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.schemas import schema_for
@@ -52,7 +53,7 @@ def _templates_for(params: CritiqueParams) -> dict[str, Template]:
 
 
 def needs_feedback(mode: str, which: str, is_correct: bool) -> bool:
-    return mode != "none" and (which == "all" or not is_correct)
+    return wants_feedback(mode, which, is_correct)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def join_inputs(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table, sourc
     p_rows = {r["prompt_id"]: r for r in prompts.select(
         ["prompt_id", "problem", "prompt", "answer", "solution"]).to_pylist()}
     out = []
-    for r in rollouts.select(["rollout_id", "prompt_id", "response_text"]).to_pylist():
+    for r in rollouts.select(["rollout_id", "prompt_id", "response_text", "finish_reason"]).to_pylist():
         v = v_rows.get(r["rollout_id"])
         if v is None:
             raise CritiqueError(f"{src.get('verdicts', 'verdicts')}: no row for rollout_id {r['rollout_id']!r} of "
@@ -101,6 +102,11 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
     requests: list[CritiqueRequest] = []
     for i, row in enumerate(rows):
         if not needs_feedback(mode, which, row["is_correct"]):
+            if progress is not None:
+                progress.update(1)
+            continue
+        if skipped_as_truncated(mode, row["finish_reason"], params.skip_truncated):
+            errors[i] = TRUNCATED_NOT_CRITIQUED  # the row's reason: no critique of half a response
             if progress is not None:
                 progress.update(1)
             continue
@@ -212,7 +218,7 @@ def _chat_wrap_from(params: CritiqueParams) -> tuple[str, str] | None:
 # The resume fingerprint (tcrlsd.resume): the code that computes a part and the params that change
 # it (the rest pace the work or say where things are; files found by path go in by content).
 CODE_MODULES = ("tcrlsd.critique", "tcrlsd.templates", "tcrlsd.answers", "tcrlsd.reference_critic",
-                "tcrlsd.generation")
+                "tcrlsd.generation", "tcrlsd.feedback")
 NOT_OUTPUT = ("templates_dir", "policy_chat_template_tokenizer", "engine.device", "engine.batch_size",
               "engine.max_batch_tokens", "engine.tensor_parallel_size", "engine.gpu_memory_utilization", "chunk_rows",
               "base_url", "api_key_env", "max_concurrency", "request_timeout_s", "max_attempts",
@@ -310,7 +316,8 @@ def critique_metrics(critiques: pa.Table, verdicts: pa.Table, params: CritiquePa
     n = len(rows)
     texts = [r["feedback_text"] for r in rows if r["feedback_text"] is not None]
     n_fb = len(texts)
-    failures = Counter(r["error"] for r in rows if r["error"] is not None)
+    skipped = sum(1 for r in rows if r["error"] == TRUNCATED_NOT_CRITIQUED)
+    failures = Counter(r["error"] for r in rows if r["error"] is not None and r["error"] != TRUNCATED_NOT_CRITIQUED)
     n_incorrect = sum(1 for r in rows if not correct.get(r["rollout_id"], False))
     which = params.effective_which()
     eligible = sum(1 for r in rows if needs_feedback(params.mode, which, correct.get(r["rollout_id"], False)))
@@ -339,7 +346,10 @@ def critique_metrics(critiques: pa.Table, verdicts: pa.Table, params: CritiquePa
         "failures": sum(failures.values()),
         "failures_by_reason": dict(sorted(failures.items())),
         # permanent failures by name (transient ones never reach a finished part): the first 100 ids
-        "failed_rollout_ids": sorted(r["rollout_id"] for r in rows if r["error"] is not None)[:100],
+        "failed_rollout_ids": sorted(r["rollout_id"] for r in rows
+                                     if r["error"] is not None and r["error"] != TRUNCATED_NOT_CRITIQUED)[:100],
+        # critique.skip_truncated: responses cut by the token limit that the critic was not asked about
+        "skipped_truncated": skipped,
         "leaks": leaks,
         "leakage_share": share(leaks, n_fb),
         "leakage_share_after_masking": None if leaks_after is None else share(leaks_after, n_fb),

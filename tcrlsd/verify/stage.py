@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from tcrlsd.verify.graders import REASONS, GradeRequest
+from tcrlsd.verify.overlong import overlong_penalty
 from tcrlsd.verify.params import VerifyError, VerifyParams, grader_for_source
 from tcrlsd.verify.pool import GradingPool
 
@@ -36,6 +37,7 @@ def _gold_by_rollout(rollouts, prompts, prompts_source: str | None) -> tuple[lis
 def verdict_metrics(verdicts, sources: Sequence[str], prompt_ids: Sequence[str]) -> dict:
     """Reward mean, counts by reason, per source and per grader, and GRPO group mix."""
     rewards = verdicts.column("reward").to_pylist()
+    correct = [float(c) for c in verdicts.column("is_correct").to_pylist()]
     reasons = verdicts.column("reason").to_pylist()
     graders = verdicts.column("verifier").to_pylist()
     n = len(rewards)
@@ -49,7 +51,7 @@ def verdict_metrics(verdicts, sources: Sequence[str], prompt_ids: Sequence[str])
     for i in range(n):
         by_source.setdefault(sources[i], []).append(i)
         by_grader.setdefault(graders[i], []).append(i)
-        groups.setdefault(prompt_ids[i], []).append(rewards[i])
+        groups.setdefault(prompt_ids[i], []).append(correct[i])  # correctness (rewards may carry a penalty)
     counts = Counter(reasons)
     all_right = sum(1 for g in groups.values() if min(g) == 1.0)
     all_wrong = sum(1 for g in groups.values() if max(g) == 0.0)
@@ -70,11 +72,14 @@ def verdict_metrics(verdicts, sources: Sequence[str], prompt_ids: Sequence[str])
 
 
 def verify_rollouts(rollouts, prompts, params: VerifyParams, progress: bool = False,
-                    prompts_source: str | None = None):
+                    prompts_source: str | None = None, overlong_max_tokens: int | None = None):
     """Grade every rollout; returns (verdicts table ordered like ``rollouts``, metrics dict).
 
     ``rollouts`` needs rollout_id, prompt_id, response_text; ``prompts`` needs prompt_id, answer,
     source. A rollout whose prompt_id is not in ``prompts`` is an error naming it.
+    ``overlong_max_tokens`` (the response limit, ``generate.max_new_tokens``): add DAPO's overlong
+    penalty (:mod:`tcrlsd.verify.overlong`; needs response_token_ids) when
+    ``params.overlong_penalty_buffer`` > 0; None (evaluation) never penalises.
     """
     import pyarrow as pa
 
@@ -95,10 +100,19 @@ def verify_rollouts(rollouts, prompts, params: VerifyParams, progress: bool = Fa
     finally:
         if bar is not None:
             bar.close()
+    rewards = [g.reward for g in grades]
+    penalty = None
+    if overlong_max_tokens is not None and params.overlong_penalty_buffer > 0:
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(rollouts.column("response_token_ids")).to_numpy(zero_copy_only=False)
+        penalty = overlong_penalty(lengths, overlong_max_tokens, params.overlong_penalty_buffer,
+                                   params.overlong_penalty_factor)
+        rewards = [r + float(p) for r, p in zip(rewards, penalty)]
     verdicts = pa.table(
         {
             "rollout_id": rollouts.column("rollout_id").cast(pa.string()),
-            "reward": pa.array([g.reward for g in grades], pa.float32()),
+            "reward": pa.array(rewards, pa.float32()),
             "is_correct": pa.array([g.reason == "correct" for g in grades], pa.bool_()),
             "extracted_answer": pa.array([g.extracted_answer for g in grades], pa.string()),
             "reason": pa.array([g.reason for g in grades], pa.string()),
@@ -111,4 +125,9 @@ def verify_rollouts(rollouts, prompts, params: VerifyParams, progress: bool = Fa
     # verdicts' bytes (a timeout row is already visible through its reason).
     metrics["pool"] = {"deadline_kills": stats.get("deadline_kills", 0),
                        "worker_crashes": stats.get("worker_crashes", 0)}
+    if penalty is not None:
+        metrics["overlong_penalty"] = {"buffer": params.overlong_penalty_buffer,
+                                       "factor": params.overlong_penalty_factor, "max_tokens": overlong_max_tokens,
+                                       "penalized": int((penalty < 0).sum()),
+                                       "mean": float(penalty.mean()) if len(penalty) else 0.0}
     return verdicts, metrics
