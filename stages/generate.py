@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from tcrlsd.artifacts import STAGE_ERRORS, ShardSpec, write_json
-from tcrlsd.generate import GenerateParams, run_generate
+from tcrlsd.generate import GenerateParams, load_group_filter, run_generate
 from tcrlsd.params import load_section
 
 
@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_section(args.params, "generate", GenerateParams)
+        # dynamic sampling grades as verify does and asks the estimator (advantages, critique sections)
+        dynamic = load_group_filter(args.params, args.iteration) if params.dynamic_sampling else None
         metrics = run_generate(params, args.prompts, args.policy, args.iteration, args.out,
-                               shard=ShardSpec.parse(args.shard), progress=not args.no_progress, restart=args.restart)
+                               shard=ShardSpec.parse(args.shard), progress=not args.no_progress, restart=args.restart,
+                               dynamic=dynamic)
         if args.metrics and metrics["complete"]:
             write_json(metrics, args.metrics)
     except STAGE_ERRORS as exc:

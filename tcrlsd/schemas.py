@@ -84,7 +84,8 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
     ),
     "verdicts": (
         Column("rollout_id", pa.string()),
-        Column("reward", pa.float32(), doc="float32  # 1.0 or 0.0"),
+        Column("reward", pa.float32(), doc="float32  # 1.0 or 0.0, plus DAPO's overlong penalty in [-factor, 0] when "
+                                                  "verify.overlong_penalty_buffer > 0 (tcrlsd/verify/overlong.py)"),
         Column("is_correct", pa.bool_()),
         Column("extracted_answer", pa.string(), nullable=True, doc="string|null  # the last \\boxed{} (or final number)"),
         Column("reason", pa.string(), doc="string  # correct | incorrect | no_answer | unparsable | timeout"),
@@ -99,7 +100,8 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
         Column("teacher_prompt", pa.string(), nullable=True,
                doc="string|null  # the rendered teacher context (problem + feedback); null when no feedback"),
         Column("error", pa.string(), nullable=True,
-               doc="string|null  # why feedback is missing for a row that should have it (critic failure)"),
+               doc="string|null  # why feedback is missing for a row that should have it (critic failure, or "
+                   "'truncated: not critiqued (finish_reason length)' under critique.skip_truncated)"),
         Column("leaks_answer", pa.bool_(), doc="bool  # feedback contains the gold final answer verbatim"),
         Column("suspected_false_negative", pa.bool_(),
                doc="bool  # critic says the rollout is right, or a relaxed grader accepts it"),

@@ -330,3 +330,85 @@ def test_train_levels_restrict_the_prompts_a_step_samples():
     assert sorted(p for p in every if level[p] == 1) == ones
     with pytest.raises(SchemaError, match="generate.train_levels"):
         train_prompt_ids(table, levels=(9,))
+
+
+# --------------------------------------------------------------------------------------------------
+# dynamic sampling (tcrlsd/generate/dynamic.py)
+
+# A hand-made iteration of five groups of two (rewards; finish reasons):
+#   mixed    (1, 0)                 A = (+0.707, -0.707) (unbiased std of {1, 0} = 0.707)
+#   allwrong (0, 0) stop            A = 0; both wrong -> both get feedback in mode critique
+#   allright (1, 1)                 A = 0; which auto (= incorrect): no feedback
+#   cutwrong (0, 0) length          A = 0; wrong but cut by the token limit: feedback only without skip_truncated
+#   penalised (-0.5, 0) wrong       overlong penalty on one: rewards differ, A != 0
+_GROUPS = {"mixed": ([1.0, 0.0], [True, False], ["stop", "stop"]),
+           "allwrong": ([0.0, 0.0], [False, False], ["stop", "stop"]),
+           "allright": ([1.0, 1.0], [True, True], ["stop", "stop"]),
+           "cutwrong": ([0.0, 0.0], [False, False], ["length", "length"]),
+           "penalised": ([-0.5, 0.0], [False, False], ["length", "stop"])}
+
+
+def _signal(estimator, lam=0.5, beta=0.3, mode="critique", skip_truncated=True):
+    from tcrlsd.advantages.estimators import Settings
+    from tcrlsd.generate.dynamic import GroupFilter, groups_with_signal
+
+    flt = GroupFilter(estimator, Settings(lam=lam, eps_w=0.2, alpha=0.7, beta=beta), True, mode, "auto", skip_truncated)
+    ids = [g for g in _GROUPS for _ in range(2)]
+    cols = [sum((list(v[k]) for v in _GROUPS.values()), []) for k in range(3)]
+    return groups_with_signal(ids, *cols, flt)
+
+
+@pytest.mark.parametrize("estimator,kwargs,kept", [
+    # reward variance only: grpo and rlsd (A * m_t dies when A = 0)
+    ("grpo", {}, {"mixed", "penalised"}),
+    ("rlsd", {}, {"mixed", "penalised"}),
+    # lambda * Delta carries the all-wrong group that gets feedback; not the truncated one (skipped)
+    ("rlsd_add", {}, {"mixed", "penalised", "allwrong"}),
+    ("rlsd_hybrid", {}, {"mixed", "penalised", "allwrong"}),
+    # without skip_truncated the cut group gets feedback too (the penalised one already had signal)
+    ("rlsd_add", {"skip_truncated": False}, {"mixed", "penalised", "allwrong", "cutwrong"}),
+    # lambda decayed to 0: rlsd_add is A alone; beta = 0: rlsd_hybrid is rlsd
+    ("rlsd_add", {"lam": 0.0}, {"mixed", "penalised"}),
+    ("rlsd_hybrid", {"beta": 0.0}, {"mixed", "penalised"}),
+    # lambda = 1: rlsd_add is Delta alone, so a mixed group carries signal only through its feedback row
+    ("rlsd_add", {"lam": 1.0}, {"mixed", "penalised", "allwrong"}),
+    # no feedback at all (mode none): back to reward variance
+    ("rlsd_add", {"mode": "none"}, {"mixed", "penalised"}),
+    # mode gold gives every rollout feedback (which auto = all), even the all-correct and the cut group
+    ("rlsd_add", {"mode": "gold"}, set(_GROUPS)),
+])
+def test_groups_with_signal_follow_the_estimator(estimator, kwargs, kept):
+    got = _signal(estimator, **kwargs)
+    assert list(got) == list(_GROUPS)  # one answer per group, in first-seen order
+    assert {g for g, keep in got.items() if keep} == kept
+
+
+def test_dynamic_sampling_drops_zero_advantage_groups_and_draws_more(stage_inputs, tiny_policy, tmp_path):
+    """The random tiny policy answers nothing right and never stops within 12 tokens: every reward is
+    0. grpo: every group is dropped, each part draws its reserve (9 train prompts, 6 chosen: one
+    reserve prompt per part) and is written empty. rlsd_add with feedback on the cut responses:
+    every group carries Delta, round 0 fills every part, and the bytes equal a run without dynamic
+    sampling."""
+    import json
+
+    base = (PARAMS + "  dynamic_sampling: true\n  max_draw_rounds: 3\nverify: {workers: 1}\n"
+            "critique: {mode: critique, which: auto, skip_truncated: SKIP}\nadvantages: {estimator: EST}\n")
+    runs = {}
+    for name, est, skip in (("grpo", "grpo", "true"), ("add", "rlsd_add", "false"), ("off", "grpo", "true")):
+        params = tmp_path / f"{name}.yaml"
+        text = base.replace("EST", est).replace("SKIP", skip)
+        params.write_text(text.replace("dynamic_sampling: true", "dynamic_sampling: false") if name == "off" else text)
+        out, metrics = tmp_path / name / "rollouts", tmp_path / name / "generate.json"
+        args = _args(stage_inputs, tiny_policy, out, "--metrics", str(metrics))
+        args[1] = str(params)
+        assert _stage_main()(args) == 0
+        runs[name] = (out, json.loads(metrics.read_text()))
+    out, m = runs["grpo"]
+    assert read_artifact(out, "rollouts").num_rows == 0 and m["complete"]
+    assert m["dynamic_sampling"] == {"quota": 6, "drawn": 9, "kept": 0, "dropped": 9, "surplus": 0, "extra_rounds": 3,
+                                     "short": 6, "most_extra_rounds_of_a_part": 1}
+    assert m["prompts_drawn"] == 9
+    out, m = runs["add"]
+    assert _part_bytes(out) == _part_bytes(runs["off"][0])
+    assert m["dynamic_sampling"]["kept"] == m["dynamic_sampling"]["drawn"] == m["prompts_drawn"] == 6
+    assert runs["off"][1]["prompts_drawn"] == 6 and runs["off"][1]["dynamic_sampling"] is None

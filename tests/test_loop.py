@@ -199,12 +199,14 @@ def test_signals_table_and_report_with_command_and_doc(tmp_path):
         rows += _rows("grpo", seed, [0.5, 0.6], critique_coverage=[0.0, 0.0], saturated_share=[0.2, 0.4 + 0.2 * seed],
                       delta_gap=[None, None])
         rows += _rows("tc", seed, [0.5, 0.7], critique_coverage=[0.5, 0.3], saturated_share=[0.2, 0.2],
-                      delta_gap=[0.1, 0.3])
+                      delta_gap=[0.1, 0.3], prompts_drawn=[32, 40 + 8 * seed])
     walls = {"grpo": [60.0, 120.0], "tc": [180.0, 180.0]}
     table = signals_table(rows, ["grpo", "tc"], walls)
     # saturated share: seed means 0.3 and 0.4 -> 35.0 ± 7.1; wall 1 and 2 min -> median 1.5
     assert "| grpo | 0.0 ± 0.0 |  | 35.0 ± 7.1 |" in table and table.splitlines()[2].endswith("| 1.5 |")
     assert "| tc | 40.0 ± 0.0 | 0.200 ± 0.000 | 20.0 ± 0.0 |" in table
+    # prompts drawn (dynamic sampling): seed means 36 and 40 -> 38.0 ± 2.8, said per preset
+    assert "prompts drawn per iteration" in table.splitlines()[0] and "| 38.000 ± 2.828 | 3.0 |" in table
     out = tmp_path / "exp"
     out.mkdir()
     for run in (Run("grpo", 0), Run("tc", 0)):

@@ -30,6 +30,8 @@ _EXPORTS = {
     "make_backend": "backends",
     "derive_seed": "backend_base",
     "epoch_order": "selection",
+    "groups_with_signal": "dynamic",
+    "load_group_filter": "dynamic",
     "select_prompts": "selection",
     "train_prompt_ids": "selection",
     "GenerateParams": "stage",

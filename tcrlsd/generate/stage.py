@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
@@ -21,6 +21,8 @@ from tcrlsd.schemas import schema_for
 CODE_MODULES = ("tcrlsd.generate", "tcrlsd.generation", "tcrlsd.policy")
 NOT_OUTPUT = ("engine.device", "engine.batch_size", "engine.max_batch_tokens", "engine.tensor_parallel_size",
               "engine.gpu_memory_utilization", "num_threads")
+# With dynamic sampling a part also depends on the grading and the estimator's zero-advantage rule.
+DYNAMIC_CODE_MODULES = ("tcrlsd.verify", "tcrlsd.advantages", "tcrlsd.feedback")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class GenerateParams:
     sampling: SamplingParams = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=96)
     engine: EngineParams = field(default_factory=EngineParams)
     train_levels: tuple[int, ...] = ()
+    dynamic_sampling: bool = False
+    max_draw_rounds: int = 3
 
     def __post_init__(self):
         object.__setattr__(self, "train_levels", tuple(self.train_levels or ()))
@@ -44,14 +48,16 @@ class GenerateParams:
         for name in ("prompts_per_step", "samples_per_prompt", "num_parts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"generate.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_draw_rounds < 0:
+            raise ValueError(f"generate.max_draw_rounds must be >= 0, got {self.max_draw_rounds}")
         if self.num_threads < 0:
             raise ValueError(f"generate.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}")
 
     def backend_options(self) -> dict:
         return self.engine.options(seed=self.seed)
 
-    def sampling_config(self, iteration: int, part: int) -> SamplingConfig:
-        return self.sampling.config(derive_seed(self.seed, iteration, part))
+        if self.max_draw_rounds < 0:
+            raise ValueError(f"generate.max_draw_rounds must be >= 0, got {self.max_draw_rounds}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,22 +114,31 @@ def run_generate(
     shard: ShardSpec | None = None,
     progress: bool = True,
     restart: bool = False,
+    dynamic=None,
 ) -> dict:
     """Generate this worker's pending parts of iteration ``iteration`` into the folder ``out``.
 
+    ``dynamic``: ``(GroupFilter, VerifyParams)`` from :func:`tcrlsd.generate.dynamic.load_group_filter`,
+    required when ``params.dynamic_sampling`` (groups without signal are replaced by new draws).
     Returns metrics: over the whole artifact when it is complete, else over the parts present, plus
     what this call generated and its throughput.
     """
     from tcrlsd.generate.backends import make_backend
     from tcrlsd.policy import encode_prompt, load_tokenizer
 
+    if params.dynamic_sampling and dynamic is None:
+        raise ValueError("generate.dynamic_sampling is on: run_generate needs the group filter and verify params "
+                         "(tcrlsd.generate.dynamic.load_group_filter)")
     prompts = read_artifact(prompts_path, "prompts")
-    chosen = select_prompts(train_prompt_ids(prompts, str(prompts_path), params.train_levels), params.prompts_per_step,
-                            params.seed,
-                            iteration)
+    train_ids = train_prompt_ids(prompts, str(prompts_path), params.train_levels)
+    chosen = select_prompts(train_ids, params.prompts_per_step, params.seed, iteration)
     text_of = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
     parts = split_evenly(len(chosen), params.num_parts)
-    fingerprint = stage_fingerprint(code=CODE_MODULES, settings=output_settings(params, NOT_OUTPUT),
+    settings, code = output_settings(params, NOT_OUTPUT), CODE_MODULES
+    if params.dynamic_sampling:
+        settings |= {"group_filter": dynamic[0].as_dict(), "verify": asdict(dynamic[1])}
+        code = CODE_MODULES + DYNAMIC_CODE_MODULES
+    fingerprint = stage_fingerprint(code=code, settings=settings,
                                     inputs={"prompts": prompts_path, "policy": policy_path},
                                     cache_dir=resume_dir(out), iteration=iteration)
     output = ShardedOutput(out, "rollouts", len(parts), fingerprint, restart=restart)
@@ -138,22 +153,38 @@ def run_generate(
         tokenizer = load_tokenizer(policy_path, params.engine.trust_remote_code)
         backend = make_backend(params.backend, str(policy_path), **params.backend_options())
         bar = _bar(sum(len(parts[p]) for p in pending) * params.samples_per_prompt, progress)
+
+        def sample(ids, p, draw_round=0):
+            nonlocal new_tokens
+            ptoks = [encode_prompt(tokenizer, text_of[pid]) for pid in ids]
+            groups = backend.generate(ptoks, params.samples_per_prompt, params.sampling(iteration, p, draw_round))
+            check_completions(groups, backend.stop_ids, params.max_new_tokens, f"{params.backend} backend, part {p}")
+            new_tokens += sum(len(c.token_ids) for g in groups for c in g)
+            bar.update(len(ids) * params.samples_per_prompt)
+            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+            return ptoks, groups
+
+        reserve = None
+        if params.dynamic_sampling:
+            from tcrlsd.generate.dynamic import reserve_for_parts
+
+            reserve = reserve_for_parts(train_ids, chosen, len(parts), params.seed, iteration)
         for p in pending:
             ids = [chosen[i] for i in parts[p]]
-            ptoks = [encode_prompt(tokenizer, text_of[pid]) for pid in ids]
-            groups = backend.generate(ptoks, params.samples_per_prompt, params.sampling_config(iteration, p))
-            check_completions(groups, backend.stop_ids, params.sampling.max_new_tokens,
-                              f"{params.backend} backend, part {p}")
+        if self.max_draw_rounds < 0:
+            raise ValueError(f"generate.max_draw_rounds must be >= 0, got {self.max_draw_rounds}")
             table = pa.Table.from_pydict(rollout_rows(ids, ptoks, groups, iteration), schema=schema_for("rollouts"))
             output.write(p, table)
             new_rollouts += table.num_rows
-            new_tokens += sum(len(c.token_ids) for g in groups for c in g)
-            bar.update(table.num_rows)
-            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
         bar.close()
     seconds = time.perf_counter() - started
     done = [p for p in range(len(parts)) if output.done(p)]
     metrics = rollout_metrics(_read_parts(output, done)) if done else rollout_metrics(schema_for("rollouts").empty_table())
+    draws = None
+    if params.dynamic_sampling:
+        from tcrlsd.generate.dynamic import sum_records
+
+        draws = sum_records(output.resume / f"draws-{p:05d}.json" for p in done)
     metrics.update({
         "iteration": iteration,
         "complete": output.complete(),
@@ -165,8 +196,49 @@ def run_generate(
         "seconds_generating": round(seconds, 3),
         "tokens_per_second": round(new_tokens / seconds, 1) if new_tokens else 0.0,
         "backend": params.backend,
+        # prompt groups sampled for this iteration: prompts_per_step, or more with dynamic sampling
+        "prompts_drawn": draws["drawn"] if draws else (sum(len(parts[p]) for p in done) if not params.dynamic_sampling
+                                                       else None),
+        "dynamic_sampling": draws,
     })
     return metrics
+
+
+def _fill_part(base, reserve, part, sample, prompts, params: GenerateParams, dynamic, iteration: int, record_path):
+    """Dynamic sampling of one part (:mod:`tcrlsd.generate.dynamic`): ``(ids, prompt ids, groups)`` of
+    the kept groups in draw order; the part's draw record is written to ``record_path``."""
+    from tcrlsd.generate.dynamic import DrawRecord, groups_with_signal
+    from tcrlsd.verify.stage import verify_rollouts
+
+    flt, verify_params = dynamic
+    quota = len(base)
+    rec = DrawRecord(quota=quota)
+    kept: list[tuple] = []
+    batch, cursor = list(base), 0
+    for draw_round in range(params.max_draw_rounds + 1):
+        if draw_round:
+            if len(kept) >= quota or cursor >= len(reserve):
+                break
+            batch = reserve[cursor:cursor + quota]
+            cursor += len(batch)
+            rec.extra_rounds = draw_round
+        ptoks, groups = sample(batch, part, draw_round)
+        table = pa.Table.from_pydict(rollout_rows(batch, ptoks, groups, iteration), schema=schema_for("rollouts"))
+        verdicts, _ = verify_rollouts(table, prompts, verify_params, overlong_max_tokens=params.max_new_tokens)
+        signal = groups_with_signal(table.column("prompt_id").to_pylist(), verdicts.column("reward").to_pylist(),
+                                    verdicts.column("is_correct").to_pylist(),
+                                    table.column("finish_reason").to_pylist(), flt)
+        rec.drawn += len(batch)
+        for pid, pt, group in zip(batch, ptoks, groups):
+            if not signal[pid]:
+                rec.dropped += 1
+            elif len(kept) < quota:
+                kept.append((pid, pt, group))
+            else:
+                rec.surplus += 1
+    rec.kept = len(kept)
+    rec.write(record_path)
+    return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
 
 
 def _read_parts(output: ShardedOutput, parts: list[int]) -> pa.Table:

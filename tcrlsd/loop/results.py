@@ -21,14 +21,16 @@ __all__ = ["RESULT_COLUMNS", "Run", "collect_results", "summary_table", "paired_
 
 RESULT_COLUMNS = ("preset", "seed", "iteration", "val_greedy", "val_avg_at_k", "reward_mean", "critique_coverage",
                   "delta_gap", "saturated_share", "saturated_nonzero_adv_share", "entropy", "response_length",
-                  "pg_clipfrac")
+                  "pg_clipfrac", "prompts_drawn")
 # two-sided 95% critical values of Student's t by degrees of freedom (n seeds - 1)
 T_CRIT_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 # training signals averaged over every iteration and seed of a preset: column -> (header, percent?)
 SIGNALS = (("critique_coverage", "coverage", True), ("delta_gap", "Δ-gap", False),
            ("saturated_share", "saturated groups", True),
            ("saturated_nonzero_adv_share", "non-zero Â in saturated groups", True),
-           ("reward_mean", "train reward", True))
+           ("reward_mean", "train reward", True),
+           # with generate.dynamic_sampling presets draw different numbers of prompts: said per preset
+           ("prompts_drawn", "prompts drawn per iteration", False))
 
 
 @dataclass(frozen=True)

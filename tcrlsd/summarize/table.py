@@ -37,6 +37,8 @@ COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "saturated_nonzero_adv_share": ("advantages", ("saturated_adv_nonzero_token_share",)),
     "adv_abs_mean": ("advantages", ("adv_abs_mean",)),
     "response_length": ("generate", ("mean_response_tokens",)),
+    "prompts_drawn": ("generate", ("prompts_drawn",)),  # > prompts_per_step with generate.dynamic_sampling
+    "sampler_kl": ("score", ("sampler_mismatch", "kl_k3")),  # sampler vs scorer (tcrlsd/offpolicy.py)
     "entropy": ("update", ("entropy",)),
     "pg_clipfrac": ("update", ("pg_clipfrac",)),
     "pg_loss": ("update", ("pg_loss",)),
