@@ -59,7 +59,8 @@ def make_iteration(folder: Path, n: int, vocab: int, samples: int, rmin: int, rm
         resp = [rng.randrange(3, vocab) for _ in range(rng.randint(rmin, rmax))]
         rid = f"{pid}#{i % samples}"
         rows.append(dict(rollout_id=rid, prompt_id=pid, sample_idx=i % samples, iteration=0, prompt_token_ids=prompt,
-                         response_token_ids=resp, response_text="", finish_reason="length"))
+                         response_token_ids=resp, response_text="", finish_reason="length",
+                         sampler_logprobs=[-float(np.log(vocab))] * len(resp)))
         scores.append(dict(rollout_id=rid, student_logprobs=[-float(np.log(vocab))] * len(resp),
                            teacher_logprobs=[-float(np.log(vocab))] * len(resp), teacher_checkpoint="x"))
         a = rng.choice([-1.0, 1.0])

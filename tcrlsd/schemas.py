@@ -84,8 +84,7 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
     ),
     "verdicts": (
         Column("rollout_id", pa.string()),
-        Column("reward", pa.float32(), doc="float32  # 1.0 or 0.0, plus DAPO's overlong penalty in [-factor, 0] when "
-                                                  "verify.overlong_penalty_buffer > 0 (tcrlsd/verify/overlong.py)"),
+        Column("reward", pa.float32(), doc="float32  # 1.0 or 0.0, plus the overlong penalty if on (verify/overlong.py)"),
         Column("is_correct", pa.bool_()),
         Column("extracted_answer", pa.string(), nullable=True, doc="string|null  # the last \\boxed{} (or final number)"),
         Column("reason", pa.string(), doc="string  # correct | incorrect | no_answer | unparsable | timeout"),

@@ -132,8 +132,13 @@ def _empty_response(t):
     ids[1] = []
     text = t.column("response_text").to_pylist()
     text[1] = ""
-    return _set(_set(t, "response_token_ids", pa.array(ids, pa.list_(pa.int32()))), "response_text",
-                pa.array(text, pa.string()))
+    t = _set(_set(t, "response_token_ids", pa.array(ids, pa.list_(pa.int32()))), "response_text",
+             pa.array(text, pa.string()))
+    if "sampler_logprobs" in t.column_names:  # one sampler log-prob per response id: none
+        lp = t.column("sampler_logprobs").to_pylist()
+        lp[1] = []
+        t = _set(t, "sampler_logprobs", pa.array(lp, pa.list_(pa.float32())))
+    return t
 
 
 def _huge_response(t):

@@ -86,7 +86,7 @@ def build_iteration(root: Path) -> dict:
             ids = tok.encode(responses[rid]).ids
             rows.append(dict(rollout_id=rid, prompt_id=p, sample_idx=k, iteration=0, prompt_token_ids=[1, 2, 3],
                              response_token_ids=ids, response_text=responses[rid],
-                             finish_reason="length" if rid == "p0#3" else "stop"))
+                             finish_reason="length" if rid == "p0#3" else "stop", sampler_logprobs=[-1.0] * len(ids)))
             reason = VERDICT[(p, k)]
             verdicts.append(dict(rollout_id=rid, reward=float(reason == "correct"), is_correct=reason == "correct",
                                  extracted_answer=None if reason == "no_answer" else ("5" if reason != "correct" else answers[p]),

@@ -105,7 +105,7 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
             if progress is not None:
                 progress.update(1)
             continue
-        if skipped_as_truncated(mode, row["finish_reason"], params.skip_truncated):
+        if skipped_as_truncated(mode, row.get("finish_reason"), params.skip_truncated):
             errors[i] = TRUNCATED_NOT_CRITIQUED  # the row's reason: no critique of half a response
             if progress is not None:
                 progress.update(1)
