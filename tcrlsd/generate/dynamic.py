@@ -92,15 +92,32 @@ def groups_with_signal(prompt_ids, rewards, is_correct, finish_reasons, flt: Gro
     ids = list(prompt_ids)
     order = {pid: g for g, pid in enumerate(dict.fromkeys(ids))}
     group = np.array([order[p] for p in ids], dtype=np.int64)  # (R,)
-    adv = group_advantages(group, np.asarray(rewards, dtype=np.float64), flt.norm_by_std).astype(np.float32)
+    outcome, token = _estimator_parts(flt.estimator)
+    adv = outcome(group, np.asarray(rewards, dtype=np.float64), flt).astype(np.float32)  # (R,) A
     probe = np.array([gets_feedback(flt.feedback_mode, flt.feedback_which, bool(c), f, flt.skip_truncated)
                       for c, f in zip(is_correct, finish_reasons)], dtype=np.float32)  # (R,)
-    est = ESTIMATORS[flt.estimator]
-    from_a = est(adv, np.zeros_like(adv), flt.settings)  # (R,) the reward part alone
-    from_delta = est(np.zeros_like(adv), probe, flt.settings)  # (R,) the teacher part alone
+    from_a = token(adv, np.zeros_like(adv), flt.settings)  # (R,) the reward part alone
+    from_delta = token(np.zeros_like(adv), probe, flt.settings)  # (R,) the teacher part alone
     nonzero = (from_a != 0) | (from_delta != 0)  # (R,)
     hit = np.bincount(group, weights=nonzero.astype(np.float64), minlength=len(order)) > 0
     return {pid: bool(hit[g]) for pid, g in order.items()}
+
+
+def _estimator_parts(name: str):
+    """(outcome A of a round's rewards, token form Â_t(A, Δ)) of estimator ``name``.
+
+    Two registry shapes: ``ESTIMATORS[name]`` is the token function with GRPO's group advantage
+    (main at this writing), or an entry with ``.outcome(group, rewards, lengths, settings)`` and
+    ``.token`` (issue 21's registry: rloo, REINFORCE++, ...). Once both are merged only the second
+    remains and this shim goes. Batch-whitened outcomes (REINFORCE++) whiten within the round's
+    rows here, not over the whole iteration: they give almost every group A != 0, so they drop
+    almost nothing, as they should (they have no group baseline to cancel).
+    """
+    entry = ESTIMATORS[name]
+    if hasattr(entry, "outcome"):
+        return (lambda group, rewards, flt: entry.outcome(group, rewards, np.ones(len(rewards), np.int64), flt.settings),
+                entry.token)
+    return (lambda group, rewards, flt: group_advantages(group, rewards, flt.norm_by_std)), entry
 
 
 def reserve_for_parts(train_ids, chosen, num_parts: int, seed: int, iteration: int) -> list[list[str]]:
