@@ -383,7 +383,7 @@ def test_overlong_penalty_rejects_a_buffer_past_the_limit():
 
 
 def test_stage_cli_adds_the_overlong_penalty_from_generate_max_new_tokens(tmp_path):
-    """The rollouts have 1..7 response ids. generate.max_new_tokens 6, buffer 4: penalties 0, 0,
+    """The rollouts have 1..7 response ids. generate.sampling.max_new_tokens 6, buffer 4: penalties 0, 0,
     -1/4, -2/4, -3/4, -1, -1 added to the rewards; is_correct and the group counts keep the grade."""
     write_artifact(_prompts_table(), tmp_path / "prompts.parquet", "prompts")
     pids = ["syn/0", "syn/0", "gsm/1", "gsm/1", "math/2", "math/2", "math/2"]
@@ -391,7 +391,7 @@ def test_stage_cli_adds_the_overlong_penalty_from_generate_max_new_tokens(tmp_pa
     write_artifact(_rollouts_table(pids, texts), tmp_path / "rollouts.parquet", "rollouts")
     (tmp_path / "params.yaml").write_text(
         "verify:\n  workers: 2\n  graders_by_source: {gsm8k: string}\n  row_deadline_s: 20.0\n"
-        "  overlong_penalty_buffer: 4\n  overlong_penalty_factor: 1.0\ngenerate: {max_new_tokens: 6}\n")
+        "  overlong_penalty_buffer: 4\n  overlong_penalty_factor: 1.0\ngenerate: {sampling: {max_new_tokens: 6}}\n")
     out, metrics = tmp_path / "verdicts.parquet", tmp_path / "verify.json"
     res = _run_stage(tmp_path, tmp_path / "rollouts.parquet", out, metrics)
     assert res.returncode == 0, res.stderr

@@ -56,8 +56,11 @@ class GenerateParams:
     def backend_options(self) -> dict:
         return self.engine.options(seed=self.seed)
 
-        if self.max_draw_rounds < 0:
-            raise ValueError(f"generate.max_draw_rounds must be >= 0, got {self.max_draw_rounds}")
+    def sampling_config(self, iteration: int, part: int, draw_round: int = 0) -> SamplingConfig:
+        """Round 0: the part's seed; dynamic sampling's extra rounds r > 0 get seeds of their own."""
+        seed = derive_seed(self.seed, iteration, part) if draw_round == 0 else derive_seed(
+            self.seed, iteration, part, "draw", draw_round)
+        return self.sampling.config(seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,8 +160,8 @@ def run_generate(
         def sample(ids, p, draw_round=0):
             nonlocal new_tokens
             ptoks = [encode_prompt(tokenizer, text_of[pid]) for pid in ids]
-            groups = backend.generate(ptoks, params.samples_per_prompt, params.sampling(iteration, p, draw_round))
-            check_completions(groups, backend.stop_ids, params.max_new_tokens, f"{params.backend} backend, part {p}")
+            groups = backend.generate(ptoks, params.samples_per_prompt, params.sampling_config(iteration, p, draw_round))
+            check_completions(groups, backend.stop_ids, params.sampling.max_new_tokens, f"{params.backend} backend, part {p}")
             new_tokens += sum(len(c.token_ids) for g in groups for c in g)
             bar.update(len(ids) * params.samples_per_prompt)
             bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
@@ -171,8 +174,11 @@ def run_generate(
             reserve = reserve_for_parts(train_ids, chosen, len(parts), params.seed, iteration)
         for p in pending:
             ids = [chosen[i] for i in parts[p]]
-        if self.max_draw_rounds < 0:
-            raise ValueError(f"generate.max_draw_rounds must be >= 0, got {self.max_draw_rounds}")
+            if params.dynamic_sampling:
+                ids, ptoks, groups = _fill_part(ids, reserve[p], p, sample, prompts, params, dynamic, iteration,
+                                                output.resume / f"draws-{p:05d}.json")
+            else:
+                ptoks, groups = sample(ids, p)
             table = pa.Table.from_pydict(rollout_rows(ids, ptoks, groups, iteration), schema=schema_for("rollouts"))
             output.write(p, table)
             new_rollouts += table.num_rows
@@ -224,7 +230,7 @@ def _fill_part(base, reserve, part, sample, prompts, params: GenerateParams, dyn
             rec.extra_rounds = draw_round
         ptoks, groups = sample(batch, part, draw_round)
         table = pa.Table.from_pydict(rollout_rows(batch, ptoks, groups, iteration), schema=schema_for("rollouts"))
-        verdicts, _ = verify_rollouts(table, prompts, verify_params, overlong_max_tokens=params.max_new_tokens)
+        verdicts, _ = verify_rollouts(table, prompts, verify_params, overlong_max_tokens=params.sampling.max_new_tokens)
         signal = groups_with_signal(table.column("prompt_id").to_pylist(), verdicts.column("reward").to_pylist(),
                                     verdicts.column("is_correct").to_pylist(),
                                     table.column("finish_reason").to_pylist(), flt)

@@ -1,6 +1,6 @@
 """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, eq. 13), a verify option.
 
-With L_max the response token limit (``generate.max_new_tokens``), L_cache the buffer
+With L_max the response token limit (``generate.sampling.max_new_tokens``), L_cache the buffer
 (``verify.overlong_penalty_buffer``) and f the factor (``verify.overlong_penalty_factor``), a
 response of |y| tokens (its stop id included, as every token-level column counts it) gets
 
@@ -26,7 +26,7 @@ def overlong_penalty(lengths, max_tokens: int, buffer: int, factor: float) -> np
     if buffer == 0:
         return np.zeros_like(lengths)
     if not 0 < buffer <= max_tokens:
-        raise ValueError(f"overlong_penalty_buffer = {buffer} must lie in 1..{max_tokens} (generate.max_new_tokens); "
+        raise ValueError(f"overlong_penalty_buffer = {buffer} must lie in 1..{max_tokens} (generate.sampling.max_new_tokens); "
                          "0 turns the penalty off")
     start = max_tokens - buffer  # the last length without penalty
     over = np.clip(lengths - start, 0.0, None)  # (R,) tokens into the buffer

@@ -51,16 +51,16 @@ class VerifyParams:
 
 
 def response_token_limit(params_path, preset=None) -> int:
-    """``generate.max_new_tokens`` of the params file (the L_max of the overlong penalty): read, not
+    """``generate.sampling.max_new_tokens`` of the params file (the L_max of the overlong penalty): read, not
     restated, so the limit lives in one place."""
     from tcrlsd.params import ParamsError, load_yaml, merge
 
     data = load_yaml(params_path)
     if preset:
         data = merge(data, load_yaml(preset))
-    value = (data.get("generate") or {}).get("max_new_tokens")
+    value = ((data.get("generate") or {}).get("sampling") or {}).get("max_new_tokens")
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ParamsError(f"{params_path}: verify.overlong_penalty_buffer needs generate.max_new_tokens (an integer "
+        raise ParamsError(f"{params_path}: verify.overlong_penalty_buffer needs generate.sampling.max_new_tokens (an integer "
                           f">= 1, the response limit), got {value!r}")
     return value
 

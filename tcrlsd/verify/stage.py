@@ -77,7 +77,7 @@ def verify_rollouts(rollouts, prompts, params: VerifyParams, progress: bool = Fa
 
     ``rollouts`` needs rollout_id, prompt_id, response_text; ``prompts`` needs prompt_id, answer,
     source. A rollout whose prompt_id is not in ``prompts`` is an error naming it.
-    ``overlong_max_tokens`` (the response limit, ``generate.max_new_tokens``): add DAPO's overlong
+    ``overlong_max_tokens`` (the response limit, ``generate.sampling.max_new_tokens``): add DAPO's overlong
     penalty (:mod:`tcrlsd.verify.overlong`; needs response_token_ids) when
     ``params.overlong_penalty_buffer`` > 0; None (evaluation) never penalises.
     """
