@@ -128,6 +128,8 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
         Column("response_length", pa.int32(), doc="int32  # response tokens (EOS excluded)"),
         Column("finish_reason", pa.string(), doc="string  # 'stop' or 'length'"),
         Column("reward", pa.float32(), doc="float32  # 1.0 or 0.0 from the verify graders"),
+        Column("extracted_answer", pa.string(), nullable=True,
+               doc="string?  # what the grader read as the answer (null: none); maj@k votes on it"),
         Column("reason", pa.string(), doc="string  # correct | incorrect | no_answer | unparsable | timeout"),
     ),
 }

@@ -1,4 +1,4 @@
-"""The evaluate stage: mean@1 / avg@k / pass@k by hand, grading through verify, the stage CLI."""
+"""The evaluate stage: mean@1 / avg@k / pass@k / maj@k by hand, grading through verify, the stage CLI."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from tcrlsd.artifacts import read_artifact, write_artifact
 from tcrlsd.evaluate import EvaluateParams, evaluation_metrics, evaluation_rows, val_prompt_ids
 from tcrlsd.evaluate.core import _grade
+from tcrlsd.evaluate.votes import majority_score, vote_key
 from tcrlsd.generation import Completion
 from tcrlsd.params import ParamsError, from_mapping
 from tcrlsd.schemas import SchemaError, schema_for
@@ -72,10 +73,15 @@ def test_metrics_by_hand_through_the_real_graders():
     assert m["greedy_mean_at_1"] == pytest.approx(2 / 3)
     assert m["avg_at_k"] == pytest.approx((0.25 + 0 + 1) / 3)
     assert m["pass_at_k"] == pytest.approx(2 / 3)
+    # maj@4: prompt 0 votes right 1, "-12345" 2 (the no-answer sample abstains) -> 0; prompt 1 -> 0;
+    # prompt 2 right 4 -> 1; (0 + 0 + 1) / 3
+    assert m["maj_at_k"] == pytest.approx(1 / 3)
+    assert table.column("extracted_answer").to_pylist()[:5] == [gold[ids[0]], gold[ids[0]], "-12345", None, "-12345"]
     assert m["reasons"]["sampled/no_answer"] == 1
     # sources alternate: val/2 other, val/3 synthetic, val/4 other
     assert m["by_source"]["other"]["greedy_mean_at_1"] == 1.0
     assert m["by_source"]["synthetic"]["avg_at_k"] == 0.0
+    assert m["by_source"]["synthetic"]["maj_at_k"] == 0.0 and m["by_source"]["other"]["maj_at_k"] == 0.5
     assert set(m["by_level"]) <= {"1", "2", "3", "4"}
     assert sum(v["prompts"] for v in m["by_level"].values()) == 3
     assert len(set(cols["eval_id"])) == len(cols["eval_id"]) == 3 * 5
@@ -124,3 +130,30 @@ def test_stage_cli_writes_a_valid_resumable_artifact(tmp_path, tiny_policy):
     assert proc.returncode == 2 and proc.stderr.startswith("evaluate: error:"), proc.stderr
     assert "Traceback" not in proc.stderr and "--restart" in proc.stderr
     assert (out / "part-00001.parquet").exists()
+
+
+def test_vote_key_normalises_only_spelling():
+    assert vote_key(" \\dfrac{1}{2} ") == vote_key("\\frac{1}{2}") == "\\frac{1}{2}"
+    assert vote_key("$18.50$") == vote_key("18.5") == "18.5"
+    assert vote_key("-0.0") == vote_key("0") == "0"
+    assert vote_key("x = 3.") == "x=3"
+    assert vote_key("\\left( 1, 2 \\right)") == "(1,2)"
+    assert vote_key("1,22") == "1,22" != vote_key("122")  # a list of two numbers, never 122
+    assert vote_key(None) is None and vote_key("  ") is None
+
+
+@pytest.mark.parametrize("samples, expected", [
+    # (extracted_answer, reward) of the k samples of one prompt -> maj@k of that prompt
+    ([("7", 1.0), ("7", 1.0), ("5", 0.0), ("4", 0.0)], 1.0),  # right 2 vs 1 + 1
+    ([("7", 1.0), ("5", 0.0), ("5.0", 0.0), ("4", 0.0)], 0.0),  # wrong "5" 2 (5.0 is 5) vs right 1
+    # correct samples are one class however they are written (all equal the gold): 2 vs 1 + 1
+    ([("1/2", 1.0), ("0.5", 1.0), ("3", 0.0), ("4", 0.0)], 1.0),
+    ([("7", 1.0), ("7", 1.0), ("5", 0.0), (" 5 ", 0.0)], 0.5),  # tie of two classes: half
+    ([("7", 1.0), ("5", 0.0), ("4", 0.0), ("3", 0.0)], 0.25),  # four singletons: a quarter
+    ([("7", 1.0), (None, 0.0), (None, 0.0), (None, 0.0)], 1.0),  # no answer does not vote
+    ([(None, 0.0), (None, 0.0)], 0.0),  # nobody voted
+    ([("5", 0.0), ("5", 0.0), ("4", 0.0)], 0.0),  # nothing right
+])
+def test_majority_score_hand_table(samples, expected):
+    assert majority_score(samples) == pytest.approx(expected)
+    assert majority_score(list(reversed(samples))) == pytest.approx(expected)  # order never matters

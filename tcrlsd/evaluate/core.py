@@ -3,9 +3,10 @@
 For every prompt with ``split == "val"`` (all of them, or the first ``max_prompts`` in prompt_id
 order) the policy answers once greedily (mean@1) and ``samples`` times at ``temperature`` (avg@k:
 the mean over prompts of each prompt's share of correct samples; verl's ``val_kwargs`` do
-n=32 at 0.6). Responses go through the same generation backend registry as the generate stage and
-are graded by the verify stage's graders and worker pool, so "correct" means the same thing in
-training and evaluation. Metrics are broken down by ``source`` and ``level``.
+n=32 at 0.6), pass@k (a prompt counts when any sample is correct) and maj@k (the answer most
+samples give is correct: :mod:`tcrlsd.evaluate.votes`). Responses go through the same generation
+backend registry as the generate stage and are graded by the verify stage's graders and worker
+pool, so "correct" means the same thing in training and evaluation. Metrics are broken down by ``source`` and ``level``.
 
 The output is a folder of parts (``evaluations`` schema, one row per prompt x decoding x sample),
 resumable like the generate stage: a part is a contiguous slice of the val prompts with both its
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from tcrlsd.artifacts import ShardSpec, read_artifact, split_evenly
+from tcrlsd.evaluate.votes import majority_score
 from tcrlsd.generation import Completion, EngineParams, SamplingConfig, SamplingParams
 from tcrlsd.schemas import SchemaError, schema_for
 
@@ -128,23 +130,26 @@ def _grade(cols: dict[str, list], prompts: pa.Table, verify_params, prompts_sour
                       "response_text": cols["response_text"]})
     verdicts, _ = verify_rollouts(table, prompts, verify_params, progress=False, prompts_source=prompts_source)
     cols["reward"] = verdicts.column("reward").to_pylist()
+    cols["extracted_answer"] = verdicts.column("extracted_answer").to_pylist()
     cols["reason"] = verdicts.column("reason").to_pylist()
 
 
 def _accuracy(rows: list[dict]) -> dict:
-    """mean@1 over greedy rows; avg@k (per-prompt mean, then mean over prompts) and pass@k over samples."""
+    """mean@1 over greedy rows; avg@k (per-prompt mean, then mean over prompts), pass@k and maj@k
+    (:func:`tcrlsd.evaluate.votes.majority_score`, mean over prompts) over samples."""
     greedy = [r["reward"] for r in rows if r["decoding"] == "greedy"]
-    per_prompt: dict[str, list[float]] = defaultdict(list)
+    per_prompt: dict[str, list[tuple[str | None, float]]] = defaultdict(list)
     for r in rows:
         if r["decoding"] == "sampled":
-            per_prompt[r["prompt_id"]].append(r["reward"])
+            per_prompt[r["prompt_id"]].append((r["extracted_answer"], r["reward"]))
     out = {"prompts": len(greedy), "greedy_mean_at_1": sum(greedy) / len(greedy) if greedy else None}
     if per_prompt:
-        means = [sum(v) / len(v) for v in per_prompt.values()]
+        means = [sum(w for _, w in v) / len(v) for v in per_prompt.values()]
         out["avg_at_k"] = sum(means) / len(means)
-        out["pass_at_k"] = sum(1.0 for v in per_prompt.values() if max(v) > 0) / len(per_prompt)
+        out["pass_at_k"] = sum(1.0 for v in per_prompt.values() if max(w for _, w in v) > 0) / len(per_prompt)
+        out["maj_at_k"] = sum(majority_score(v) for v in per_prompt.values()) / len(per_prompt)
     else:
-        out["avg_at_k"] = out["pass_at_k"] = None
+        out["avg_at_k"] = out["pass_at_k"] = out["maj_at_k"] = None
     return out
 
 
@@ -153,7 +158,7 @@ def evaluation_metrics(table: pa.Table, prompts: pa.Table, params: EvaluateParam
     info = {pid: (src, lvl) for pid, src, lvl in zip(prompts.column("prompt_id").to_pylist(),
                                                      prompts.column("source").to_pylist(),
                                                      prompts.column("level").to_pylist())}
-    rows = table.select(["prompt_id", "decoding", "reward", "reason", "response_length",
+    rows = table.select(["prompt_id", "decoding", "reward", "extracted_answer", "reason", "response_length",
                          "finish_reason"]).to_pylist()
     by_source: dict[str, list[dict]] = defaultdict(list)
     by_level: dict[str, list[dict]] = defaultdict(list)
