@@ -1,10 +1,11 @@
 """DVC stage `summarize`: the per-iteration table (DVC plots) and the headline metrics (DVC metrics).
 
     python stages/summarize.py --metrics-dir data/metrics --table data/summary/iterations.csv \
-        --headline data/summary/headline.json
+        --headline data/summary/headline.json [--params params.yaml]
 
 Reads every stage's detail JSON under --metrics-dir (iter-<id>/<stage>.json, evaluate-baseline.json)
-and writes one CSV row per iteration and one small JSON of headline numbers.
+and writes one CSV row per iteration and one small JSON of headline numbers. With --params, the
+rows also go to the live tracking folder (params `tracking`: DVCLive, optional TensorBoard).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import argparse
 import sys
 
 from tcrlsd.artifacts import write_json
-from tcrlsd.summarize import collect_rows, headline, write_table
+from tcrlsd.summarize import collect_rows, headline, track_rows, write_table
+from tcrlsd.tracking import Tracker, TrackingError, load_tracking
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,12 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics-dir", required=True, help="folder of the stages' detail metrics JSONs")
     ap.add_argument("--table", required=True, help="output CSV: one row per iteration")
     ap.add_argument("--headline", required=True, help="output JSON: headline numbers (DVC metrics)")
+    ap.add_argument("--params", default=None, help="params.yaml: its `tracking` section (live per-iteration series)")
     args = ap.parse_args(argv)
     try:
         rows = collect_rows(args.metrics_dir)
         write_table(rows, args.table)
         write_json(headline(args.metrics_dir, rows), args.headline)
-    except ValueError as exc:
+        if args.params:
+            with Tracker(load_tracking(args.params)) as tracker:
+                track_rows(rows, tracker)
+    except (ValueError, TrackingError) as exc:
         print(f"summarize: error: {exc}", file=sys.stderr)
         return 2
     print(f"summarize: {len(rows)} iteration(s) -> {args.table}", file=sys.stderr)

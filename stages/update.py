@@ -18,12 +18,14 @@ import sys
 
 from tcrlsd.artifacts import write_json
 from tcrlsd.params import load_section, load_yaml
+from tcrlsd.tracking import load_tracking
 from tcrlsd.update.params import UpdateParams
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", required=True, help="params.yaml (section `update`, and score.teacher)")
+    ap.add_argument("--params", required=True,
+                    help="params.yaml (section `update`, score.teacher, and `tracking`: live step curves)")
     ap.add_argument("--rollouts", required=True)
     ap.add_argument("--scores", required=True)
     ap.add_argument("--advantages", required=True)
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from tcrlsd.update.stage import run_update
 
     metrics = run_update(args.rollouts, args.scores, args.advantages, args.policy, args.policy_out, args.state_out,
-                         params, state_in=args.state_in, teacher_mode=teacher_mode, reference=args.reference_policy)
+                         params, state_in=args.state_in, teacher_mode=teacher_mode, reference=args.reference_policy,
+                         tracking=load_tracking(args.params))
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

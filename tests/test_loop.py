@@ -81,13 +81,24 @@ def test_table_rows_headline_and_report(tmp_path):
     assert next(csv.reader(io.StringIO((tmp_path / "t.csv").read_text()))) == ["iteration", *COLUMNS]
     head = headline(m, rows)
     assert head["iterations"] == 2 and head["best_val_greedy"] == 0.4
-    assert head["baseline"] == {"greedy_mean_at_1": 0.3, "avg_at_k": 0.2}
+    assert head["baseline"] == {"greedy_mean_at_1": 0.3, "avg_at_k": 0.2, "maj_at_k": None}
     assert head["verify"] == {"reward_mean": 0.5} and head["update"]["entropy"] is None
     md = write_report(tmp_path / "t.csv", tmp_path / "rep", baseline=m / "evaluate-baseline.json")
     text = md.read_text()
     assert "peak 0.4000 after iteration 0" in text and "![Validation accuracy](validation.png)" in text
     for png in ("validation", "reward", "delta_gap", "update", "response_length"):
         assert (tmp_path / "rep" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "rep" / "steps.png").exists()  # no live folder: no per-step figure
+    # with the live tracking folder the report adds the update's per-step series it holds
+    from tcrlsd.tracking import Tracker, TrackingParams
+
+    with Tracker(TrackingParams(dvclive=True, dir=str(tmp_path / "live"), tensorboard=False)) as t:
+        for step in (1, 2, 3):
+            t.log_step({"pg_loss": 0.1 * step, "lr": 1e-4}, step)
+    md = write_report(tmp_path / "t.csv", tmp_path / "rep2", baseline=m / "evaluate-baseline.json",
+                      live=tmp_path / "live")
+    assert "![Update, per optimizer step (live tracking)](steps.png)" in md.read_text()
+    assert (tmp_path / "rep2" / "steps.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_experiment_summary_mean_and_std_over_seeds(tmp_path):

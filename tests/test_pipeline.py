@@ -135,9 +135,9 @@ def test_table_and_headline_have_two_iterations(repo):
     assert "headline.json" in shown and "update.json" not in shown  # details stay out of dvc metrics
     plots = json.loads(_run([repo["dvc"], "plots", "show", "--json"], work).stdout)["data"]
     assert {"validation accuracy", "reward and critique coverage", "update"} <= set(plots)
-    # one value per (row, y column): two iterations x [val_greedy, val_avg_at_k]
+    # one value per (row, y column): two iterations x [val_greedy, val_avg_at_k, val_maj_at_k]
     values = plots["validation accuracy"][0]["content"]["data"]["values"]
-    assert sorted({v["iteration"] for v in values}) == ["0", "1"] and len(values) == 2 * 2
+    assert sorted({v["iteration"] for v in values}) == ["0", "1"] and len(values) == 2 * 3
     md = _run([repo["tcrlsd"], "report", "--out", str(work / "reports")], work)
     assert (work / "reports" / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", md.stdout
     assert "| iteration |" in (work / "reports" / "report.md").read_text()

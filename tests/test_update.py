@@ -386,6 +386,10 @@ def test_nonfinite_grad_norm_skips_the_step_and_counts_it(tiny_policy, signed, t
     inputs.read = poisoned
     m = trainer.train_iteration(inputs)
     assert m["skipped_steps"] == 1 and m["optimizer_steps"] == 0 and m["global_step"] == 0
+    # the skipped attempt is step 1 of the run's step series, with no grad norm, and strict JSON
+    (step,) = m["per_step"]
+    assert step["step"] == 1 and step["skipped"] == 1 and step["grad_norm"] is None
+    json.dumps(m["per_step"], allow_nan=False)
     for a, b in zip(before, trainer.engine.module.parameters()):
         assert torch.equal(a, b.detach())
 
@@ -537,3 +541,47 @@ def test_stage_cli_end_to_end(tiny_policy, tok, tmp_path):
                 "tokens_per_s"):
         assert key in m
     assert m["optimizer_steps"] == 1 and m["first_minibatch_max_abs_log_ratio"] < 1e-5
+
+
+# ----------------------------------------------------------------------------- live tracking
+
+
+def test_step_metrics_go_live_to_dvclive_and_match_the_metrics_json(tiny_policy, two_iterations, tmp_path):
+    """Two iterations (separate runs, the second resuming the first's state), two steps each: the
+    DVCLive series hold every step of both, x counted over the run (1..4), with the values of the
+    metrics JSONs' per_step lists; the per-step numbers add up to the iteration's metrics; running
+    iteration 1 again replaces its two rows instead of appending two more."""
+    from tcrlsd.tracking import Tracker, TrackingParams, read_series
+    from tcrlsd.update.stage import run_update
+
+    live = tmp_path / "live"
+    tracking = TrackingParams(dvclive=True, dir=str(live), tensorboard=False)
+    params = UpdateParams(**{**FAST, "lr": 3e-3, "mini_batch_prompts": 2, "entropy_coef": 1e-3})
+    d0, d1 = two_iterations
+    m0 = run_update(d0["rollouts"], d0["scores"], d0["advantages"], tiny_policy, tmp_path / "p1", tmp_path / "s1",
+                    params, tracking=tracking)
+    m1 = run_update(d1["rollouts"], d1["scores"], d1["advantages"], tmp_path / "p1", tmp_path / "p2", tmp_path / "s2",
+                    params, state_in=tmp_path / "s1", tracking=tracking)
+    steps = m0["per_step"] + m1["per_step"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    for key in ("pg_loss", "pg_clipfrac", "ppo_kl", "entropy", "grad_norm", "lr", "tokens_per_s", "response_tokens"):
+        xs, ys = read_series(live, f"update/{key}")
+        assert xs == [1, 2, 3, 4], key
+        assert ys == pytest.approx([s[key] for s in steps], rel=1e-12), key
+    # the iteration's numbers are the steps' numbers pooled: mean loss, token-weighted clip fraction
+    # and entropy, last lr (as_metrics' formulas over the whole iteration)
+    for m in (m0, m1):
+        per, n = m["per_step"], sum(s["response_tokens"] for s in m["per_step"])
+        assert m["pg_loss"] == pytest.approx(np.mean([s["pg_loss"] for s in per]))
+        assert m["pg_clipfrac"] == pytest.approx(sum(s["pg_clipfrac"] * s["response_tokens"] for s in per) / n)
+        assert m["entropy"] == pytest.approx(sum(s["entropy"] * s["response_tokens"] for s in per) / n)
+        assert m["lr"] == per[-1]["lr"] and n == m["response_tokens_trained"]
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary["update"]["pg_loss"] == pytest.approx(steps[-1]["pg_loss"]) and summary["step"] == 4
+
+    again = run_update(d1["rollouts"], d1["scores"], d1["advantages"], tmp_path / "p1", tmp_path / "p2b",
+                       tmp_path / "s2b", params, state_in=tmp_path / "s1", tracking=tracking)
+    xs, ys = read_series(live, "update/pg_loss")
+    assert xs == [1, 2, 3, 4] and ys[2:] == pytest.approx([s["pg_loss"] for s in again["per_step"]])
+    # no tracking: no folder, and the update is unchanged
+    assert not Tracker(None).enabled

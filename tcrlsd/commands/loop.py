@@ -40,14 +40,25 @@ def report(
                                   help="The baseline evaluation (starting policy)."),
     out: Path = typer.Option(Path("reports"), help="Folder for report.md and the PNG plots."),
     title: str = typer.Option("tcrlsd run", help="Title of the Markdown report."),
+    live: Path = typer.Option(None, help="The live tracking folder (DVCLive) for the per-step figure; "
+                                         "default: params.yaml's tracking.dir when the project has one."),
 ) -> None:
     """Write PNG plots over iterations and a Markdown summary (no network needed to view them)."""
     from tcrlsd.loop.report import write_report
+    from tcrlsd.tracking import load_tracking
+
+    if live is None and Path("params.yaml").exists():
+        try:
+            tracking = load_tracking("params.yaml")
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        live = Path(tracking.dir) if tracking and tracking.dvclive else None
 
     if not table.exists():
         typer.echo(f"error: {table} not found; run `dvc repro` first (the summarize stage writes it)", err=True)
         raise typer.Exit(2)
-    md = write_report(table, out, baseline=baseline, title=title)
+    md = write_report(table, out, baseline=baseline, title=title, live=live)
     typer.echo(f"wrote {md} and {len(list(out.glob('*.png')))} PNG plot(s) in {out}")
 
 

@@ -8,7 +8,9 @@ declares none of them as metrics -- `dvc metrics show` would print hundreds of c
   (COLUMNS below), the source of the DVC plots and of ``tcrlsd report``;
 - ``headline.json``: a few numbers per stage of the latest iteration, plus the baseline (the
   evaluation of the starting policy) and the best validation accuracy so far: the DVC metrics that
-  ``dvc metrics show`` and ``dvc exp show`` print.
+  ``dvc metrics show`` and ``dvc exp show`` print;
+- the same rows, stage by stage, as the per-iteration series of the live tracking folder
+  (:func:`track_rows`, :mod:`tcrlsd.tracking`), rewritten whole on every run.
 
 The metrics folder layout (paths from dvc.yaml): ``<metrics>/prepare.json``, ``warmstart.json``,
 ``evaluate-baseline.json`` and one folder per iteration ``<metrics>/iter-<id>/<stage>.json``.
@@ -23,13 +25,15 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["COLUMNS", "HEADLINE", "iteration_row", "collect_rows", "headline", "write_table", "read_table"]
+__all__ = ["COLUMNS", "HEADLINE", "iteration_row", "collect_rows", "headline", "write_table", "read_table",
+           "track_rows"]
 
 # column -> (stage, key path in that stage's detail JSON). The stages' key names are theirs; this
 # table is the one place that maps them to the names the plots use.
 COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "val_greedy": ("evaluate", ("greedy_mean_at_1",)),
     "val_avg_at_k": ("evaluate", ("avg_at_k",)),
+    "val_maj_at_k": ("evaluate", ("maj_at_k",)),
     "reward_mean": ("verify", ("reward_mean",)),
     "critique_coverage": ("critique", ("coverage",)),
     "delta_gap": ("score", ("delta_gap",)),
@@ -52,7 +56,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "score": ("delta_gap",),
     "advantages": ("saturated_group_share", "adv_abs_mean"),
     "update": ("pg_loss", "pg_clipfrac", "entropy", "grad_norm"),
-    "evaluate": ("greedy_mean_at_1", "avg_at_k"),
+    "evaluate": ("greedy_mean_at_1", "avg_at_k", "maj_at_k"),
 }
 
 
@@ -139,3 +143,20 @@ def read_table(path: str | os.PathLike) -> list[dict]:
         out.append({k: (float(v) if v not in ("", None) else None) if k != "iteration" else int(v)
                     for k, v in r.items()})
     return out
+
+
+def track_rows(rows: list[dict], tracker) -> int:
+    """Log every row through ``tracker.log_iteration`` (a :class:`tcrlsd.tracking.Tracker`), one
+    call per stage with that stage's columns, x = the iteration; returns the calls made. Rows whose
+    iteration id is not a number are left out (they have no place on the x axis)."""
+    by_stage: dict[str, list[str]] = {}
+    for col, (stage, _) in COLUMNS.items():
+        by_stage.setdefault(stage, []).append(col)
+    calls = 0
+    for r in rows:
+        if not isinstance(r["iteration"], int):
+            continue
+        for stage, cols in by_stage.items():
+            tracker.log_iteration(stage, {c: r.get(c) for c in cols}, r["iteration"])
+            calls += 1
+    return calls

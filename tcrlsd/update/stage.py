@@ -18,6 +18,7 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from tcrlsd.tracking import Tracker
 from tcrlsd.update.batching import UpdateInputs
 from tcrlsd.update.params import TEACHER_MODES, UpdateError, UpdateParams
 from tcrlsd.update.engine import barrier, build_engine, init_distributed, save_hf_checkpoint
@@ -110,8 +111,10 @@ def save_outputs(trainer: Trainer, tokenizer, policy_out: str | os.PathLike, sta
 
 
 def run_update(rollouts, scores, advantages, policy, policy_out, state_out, params: UpdateParams, *,
-               state_in=None, teacher_mode: str = "current", reference=None) -> dict:
-    """Train one iteration and write its outputs; returns the metrics (identical on every process)."""
+               state_in=None, teacher_mode: str = "current", reference=None, tracking=None) -> dict:
+    """Train one iteration and write its outputs; returns the metrics (identical on every process).
+
+    ``tracking`` (:class:`tcrlsd.tracking.TrackingParams` or None): rank 0 logs every step live."""
     if teacher_mode not in TEACHER_MODES:
         raise UpdateError(f"score.teacher {teacher_mode!r} is not one of {', '.join(TEACHER_MODES)}")
     inputs = UpdateInputs(rollouts, scores, advantages, sampler_logprobs=params.rollout_is != "none")
@@ -119,7 +122,10 @@ def run_update(rollouts, scores, advantages, policy, policy_out, state_out, para
                                            reference=reference)
     fresh = why != "loaded"
     teacher_prev = previous_teacher(state_in, policy, fresh) if teacher_mode != "current" else None
-    metrics = trainer.train_iteration(inputs)
+    with Tracker(tracking if trainer.rank == 0 else None) as tracker:
+        if tracker.enabled:
+            trainer.on_step = tracker.log_step
+        metrics = trainer.train_iteration(inputs)
     metrics.update(save_outputs(trainer, tokenizer, policy_out, state_out, teacher_mode=teacher_mode,
                                 teacher_previous=teacher_prev))
     metrics.update({"iteration": inputs.iteration, "rollouts": len(inputs), "state": why,

@@ -10,6 +10,10 @@ micro-batches is exactly the loss of the whole mini-batch, whatever the split.
 
 The LR of every step is set from the global optimizer step (warm-up, then constant or cosine), so
 a run cut into one process per iteration follows the same schedule as one continuous run.
+
+Every step's own numbers (:func:`step_metrics`, reduced over processes in the step's existing
+collective) go to the metrics JSON's ``per_step`` list and, when set, to ``Trainer.on_step``
+(the stage hands it :meth:`tcrlsd.tracking.Tracker.log_step` on rank 0: live curves).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from tcrlsd.offpolicy import rollout_is_weights
 from tcrlsd.update.losses import AggregationCounts, aggregate, head_logprobs_entropy, k3_kl, lr_factor, ppo_clip_loss
 from tcrlsd.update.state import TrainerState
 
-__all__ = ["MicroBatch", "collate", "Trainer", "IterationStats"]
+__all__ = ["MicroBatch", "collate", "Trainer", "IterationStats", "step_metrics"]
 
 
 @dataclass
@@ -93,6 +97,13 @@ class IterationStats:
     is_weight_sum: float = 0.0  # update.rollout_is: sum of the tokens' weights, and tokens at the cap
     is_capped: float = 0.0
     masked_truncated: int = 0  # update.mask_truncated: `length` rollouts left out of the loss (over epochs)
+    per_step: list = field(default_factory=list)  # step_metrics() of every step, in order
+
+    # the sums a step adds to; per step they are reduced over processes, per iteration again at the end
+    SUMS = ("tokens", "clipped", "log_ratio_sum", "entropy_sum", "kl_sum", "forward_tokens")
+
+    def sums(self) -> list[float]:
+        return [float(getattr(self, k)) for k in self.SUMS]
 
     def as_metrics(self) -> dict:
         n = max(self.tokens, 1.0)
@@ -118,7 +129,31 @@ class IterationStats:
             "rollout_is_weight_mean": self.is_weight_sum / n,  # 1.0 when update.rollout_is is none
             "rollout_is_capped_share": self.is_capped / n,
             "truncated_rollouts_masked": self.masked_truncated,
+            "per_step": self.per_step,
         }
+
+
+def step_metrics(step: int, sums: dict, pg_loss: float, grad_norm: float, lr: float, seconds: float,
+                 skipped: bool) -> dict:
+    """One optimizer step's numbers from its own sums (all processes): the as_metrics() formulas
+    over one step. ``step`` counts attempted steps over the run (global step + skipped steps), so
+    the series continues across iterations. A skipped step has no grad_norm; a non-finite number is
+    None (the metrics JSON is strict JSON)."""
+    n = max(sums["tokens"], 1.0)
+    out = {
+        "step": step,
+        "pg_loss": pg_loss,
+        "pg_clipfrac": sums["clipped"] / n,
+        "ppo_kl": sums["log_ratio_sum"] / n,
+        "entropy": sums["entropy_sum"] / n,
+        "kl_to_reference": sums["kl_sum"] / n,
+        "grad_norm": None if skipped else grad_norm,
+        "lr": lr,
+        "response_tokens": int(sums["tokens"]),
+        "tokens_per_s": round(sums["forward_tokens"] / seconds, 1) if seconds > 0 else None,
+        "skipped": int(skipped),
+    }
+    return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in out.items()}
 
 
 class Trainer:
@@ -130,6 +165,7 @@ class Trainer:
         self.state = state
         self.device = device
         self.reference = reference  # frozen model for the k3 KL term (or None)
+        self.on_step = None  # called as on_step(step_metrics without "step", step) after every step
         import torch.distributed as dist
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -196,6 +232,7 @@ class Trainer:
             rows = kept
         if not rows:  # no token at all: no step (AdamW would still move weights on its momentum)
             return
+        start, before = time.perf_counter(), stats.sums()
         lengths = [inputs.lengths[i] for i in rows]
         counts = AggregationCounts(tokens=max(1, sum(inputs.response_lengths[i] for i in rows)),
                                    sequences=max(1, len(rows)), norm_tokens=p.loss_norm_tokens)
@@ -229,13 +266,14 @@ class Trainer:
         skipped = self.engine.skipped_steps - skipped_before
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        red = torch.stack([pg_total, max_abs.double()])
+        mine = [a - b for a, b in zip(stats.sums(), before)]  # this step's sums on this process
+        red = torch.tensor([float(pg_total), *mine, float(max_abs), time.perf_counter() - start], dtype=torch.float64)
         if self.world > 1:
-            dist.all_reduce(red[:1], op=dist.ReduceOp.SUM)
-            dist.all_reduce(red[1:], op=dist.ReduceOp.MAX)
+            dist.all_reduce(red[:-2], op=dist.ReduceOp.SUM)
+            dist.all_reduce(red[-2:], op=dist.ReduceOp.MAX)
         stats.pg_loss.append(float(red[0]))
         if first:
-            stats.first_max_abs_log_ratio = float(red[1])
+            stats.first_max_abs_log_ratio = float(red[-2])
         stats.grad_norm.append(norm if not skipped else float("inf"))
         stats.lr.append(lr)
         if skipped:
@@ -244,6 +282,12 @@ class Trainer:
         else:
             stats.steps += 1
             self.state = replace(self.state, global_step=self.state.global_step + 1)
+        record = step_metrics(self.state.global_step + self.state.skipped_steps,
+                              dict(zip(IterationStats.SUMS, red[1:-2].tolist())), float(red[0]), norm, lr,
+                              float(red[-1]), bool(skipped))
+        stats.per_step.append(record)
+        if self.on_step is not None:
+            self.on_step({k: v for k, v in record.items() if k != "step"}, record["step"])
 
     def train_iteration(self, inputs: UpdateInputs) -> dict:
         """ppo_epochs passes over ``inputs``; returns the iteration's metrics (same on every process)."""
