@@ -22,9 +22,9 @@ the same step rows) and the summarize table.
 
 Offline by construction: DVCLive's Studio client is switched off (``DVC_STUDIO_OFFLINE`` while the
 logger starts, which disables every later post), no DVC experiment is saved, no report is made,
-and DVCLive's repository discovery is skipped (:class:`_OfflineLive`: it would open the DVC repo,
-and outside one run ``dvc init`` in the enclosing git repository). DVCLive never edits dvc.yaml
-(``dvcyaml=False``). ``tests/test_tracking.py`` runs it with sockets refused.
+and DVCLive's repository discovery is skipped (``_OfflineLive``: it would open the DVC repository
+or, outside one, run ``dvc init`` in the enclosing git repository). DVCLive never edits dvc.yaml
+(``dvcyaml=False``). ``tests/test_tracking.py`` runs it with sockets refused and a Studio token set.
 
 A step or iteration logged again (an update re-run after a params change, each summarize run)
 first drops the rows at or after it from that series' files, so a re-run replaces its history
@@ -179,9 +179,12 @@ class Tracker:
                 series = Path(live.plots_dir) / "metrics" / prefix
                 for f in sorted(series.rglob("*.tsv")) if series.is_dir() else ():
                     _rewind(f, step)
+            last_step = live.summary.get("step")
             live.step = step
             for k, v in values.items():
                 live.log_metric(f"{prefix}/{k}", v)
+            if prefix != STEP_SERIES and last_step is not None:
+                live.step = last_step  # the summary's "step" stays the last optimizer step, not an iteration
             live.make_summary()
         if self.params.tensorboard:
             writer = self._writers.get(tb_run)

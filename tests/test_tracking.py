@@ -45,9 +45,10 @@ def test_series_summary_and_rerun_replaces_rows(tmp_path):
     with Tracker(_params(live)) as t:
         t.log_iteration("evaluate", {"val_greedy": 0.5}, 0)
     summary = json.loads((live / "metrics.json").read_text())
-    # the summary keeps both processes' latest values
+    # the summary keeps both processes' latest values; its step is the last optimizer step
     assert summary["update"] == {"pg_loss": 9.0, "grad_norm": 1.0} and summary["iteration"]["evaluate"] == {
         "val_greedy": 0.5}
+    assert summary["step"] == 2
 
 
 def test_off_writes_nothing(tmp_path):
