@@ -40,6 +40,7 @@ SECTIONS = {
     "advantages": "tcrlsd.advantages.params:AdvantagesParams",
     "update": "tcrlsd.update.params:UpdateParams",
     "evaluate": "tcrlsd.evaluate.core:EvaluateParams",
+    "tracking": "tcrlsd.tracking:TrackingParams",
 }
 
 T = TypeVar("T")

@@ -57,11 +57,11 @@ class TrackingError(ValueError):
 
 @dataclass(frozen=True)
 class TrackingParams:
-    """``tracking:`` section of params.yaml (documented there)."""
+    """``tracking:`` section of params.yaml (documented there; these defaults equal it)."""
 
-    dvclive: bool
-    dir: str
-    tensorboard: bool
+    dvclive: bool = True
+    dir: str = "dvclive"
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         if not self.dir:
