@@ -9,6 +9,10 @@ params.yaml is the only place a default lives. A command run by hand inside a pr
 holding ``params.yaml`` and ``dvc.yaml``, found by walking up from the working directory) reads
 that project's params.yaml (:func:`params_in_force`) and says so on stderr; the dataclasses'
 own defaults serve only outside any project, and a test keeps them equal to params.yaml's.
+
+A field whose value names a registry entry (an estimator, a critic backend, a data format, ...) is
+declared with :func:`choice`: its valid values are the registry's keys, read when checked, so the
+registry is the only list of them (validation errors and ``--help`` texts come from it too).
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import yaml
 
-__all__ = ["ParamsError", "PROJECT_FILES", "SECTIONS", "find_project", "section_class", "from_mapping", "load_section", "load_yaml", "merge",
-           "params_in_force", "section_in_force", "value_in_force"]
+__all__ = ["Choice", "ParamsError", "PROJECT_FILES", "SECTIONS", "check_choices", "choice", "choices", "find_project",
+           "section_class", "from_mapping", "load_section", "load_yaml", "merge", "params_in_force",
+           "section_in_force", "value_in_force"]
 
 # What makes a folder a project: its params and its pipeline.
 PROJECT_FILES = ("params.yaml", "dvc.yaml")
@@ -48,6 +53,55 @@ T = TypeVar("T")
 
 class ParamsError(ValueError):
     """A params file or section is wrong (unknown key, wrong type, missing section)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """Field metadata: the value must be a key of a registry.
+
+    ``registry`` returns the mapping (or tuple) when called, so that a dataclass can name a registry
+    defined further down its module, and ``where`` names it in messages ("CRITICS in
+    tcrlsd/critique/backends.py").
+    """
+
+    registry: Callable[[], Mapping[str, Any] | tuple]
+    where: str
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.registry())
+
+    def check(self, value: Any, what: str) -> None:
+        """Raise ParamsError naming ``what`` and the registry's keys when ``value`` is not one of them."""
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        keys = self.keys()
+        for v in values:
+            if v not in keys:
+                raise ParamsError(f"{what}: {v!r} is not one of {', '.join(keys)} (the keys of {self.where})")
+
+
+def choice(default: Any, registry: Callable[[], Mapping[str, Any] | tuple], where: str) -> Any:
+    """A dataclass field whose value is a key of ``registry()`` (see :class:`Choice`)."""
+    return dataclasses.field(default=default, metadata={"choice": Choice(registry, where)})
+
+
+def _choice_of(f: dataclasses.Field) -> Choice | None:
+    return f.metadata.get("choice")
+
+
+def choices(cls: type, name: str) -> tuple[str, ...]:
+    """The values field ``name`` of dataclass ``cls`` accepts: its registry's keys (for --help, docs)."""
+    c = _choice_of({f.name: f for f in dataclasses.fields(cls)}[name])
+    if c is None:
+        raise ValueError(f"{cls.__name__}.{name} is not a registry choice")
+    return c.keys()
+
+
+def check_choices(obj: Any) -> None:
+    """Check every :func:`choice` field of dataclass instance ``obj`` (call it from ``__post_init__``)."""
+    for f in dataclasses.fields(obj):
+        c = _choice_of(f)
+        if c is not None:
+            c.check(getattr(obj, f.name), f.name)
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -156,6 +210,10 @@ def from_mapping(cls: type[T], data: dict | None, section: str) -> T:
             # keys it omits: a field default such as SamplingParams(temperature=0.6) is this section's
             data[k] = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)} | v
     kwargs = {k: _check_type(v, hints[k], f"params {section}.{k}") for k, v in data.items()}
+    for k, v in kwargs.items():
+        c = _choice_of(fields[k])
+        if c is not None:
+            c.check(v, f"params {section}.{k}")
     missing = [
         n for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

@@ -27,6 +27,7 @@ from tcrlsd.advantages import (
     compute_advantages,
     group_advantages,
     lam_schedule,
+    outcome_advantages,
     reference_token_advantages,
     settings_for,
     token_advantages,
@@ -122,24 +123,60 @@ def random_rows(seed: int, n_groups: int, max_group: int, max_len: int, big_delt
     return rows
 
 
-def reference_iteration(rows: list[Row], params: AdvantagesParams, iteration: int = 0) -> dict[str, tuple[float, list]]:
-    """Per-row Python loop: group advantages from the definition, then reference_token_advantages."""
-    s = settings_for(params, iteration)
+def _group_ref(rs: list[float], x: float, norm_by_std: bool) -> float:
+    """GRPO A of reward ``x`` in a group with rewards ``rs``, from the definition."""
+    mean = sum(rs) / len(rs)
+    if len(rs) < 2 or min(rs) == max(rs):
+        return 0.0
+    if norm_by_std:
+        std = math.sqrt(sum((v - mean) ** 2 for v in rs) / (len(rs) - 1))
+        return (x - mean) / (std + 1e-6)
+    return x - mean
+
+
+def _rloo_ref(rs: list[float], x: float) -> float:
+    """r minus the mean of the other rewards of the group (0 for a group of one or all equal)."""
+    if len(rs) < 2 or min(rs) == max(rs):
+        return 0.0
+    others = list(rs)
+    others.remove(x)
+    return x - sum(others) / len(others)
+
+
+def _whiten_ref(xs: list[float], lengths: list[int]) -> list[float]:
+    """Each x repeated over its tokens; (x − mean) / sqrt(unbiased var + 1e-8) over all tokens."""
+    toks = [x for x, n in zip(xs, lengths) for _ in range(n)]
+    if len(toks) < 2:
+        return [0.0] * len(xs)
+    mean = sum(toks) / len(toks)
+    var = sum((t - mean) ** 2 for t in toks) / (len(toks) - 1)
+    return [(x - mean) / math.sqrt(var + 1e-8) for x in xs]
+
+
+def reference_outcomes(name: str, rows: list[Row], norm_by_std: bool) -> list[float]:
+    """A per row for estimator ``name``, a Python loop over the definitions (docs/ARCHITECTURE.md)."""
     groups: dict[str, list[float]] = {}
     for r in rows:
         groups.setdefault(r.prompt_id, []).append(float(np.float32(r.reward)))
+    xs = [float(np.float32(r.reward)) for r in rows]
+    lengths = [len(r.student) for r in rows]
+    group_a = [_group_ref(groups[r.prompt_id], x, norm_by_std) for r, x in zip(rows, xs)]
+    centred = [0.0 if a == 0.0 else x - sum(groups[r.prompt_id]) / len(groups[r.prompt_id])
+               for r, x, a in zip(rows, xs, [_group_ref(groups[r.prompt_id], x, False) for r, x in zip(rows, xs)])]
+    return {
+        "grpo": group_a, "rlsd": group_a, "rlsd_add": group_a, "rlsd_hybrid": group_a,
+        "rloo": [_rloo_ref(groups[r.prompt_id], x) for r, x in zip(rows, xs)],
+        "reinforce_pp": _whiten_ref(xs, lengths),
+        "reinforce_pp_baseline": _whiten_ref(centred, lengths),
+    }[name]
+
+
+def reference_iteration(rows: list[Row], params: AdvantagesParams, iteration: int = 0) -> dict[str, tuple[float, list]]:
+    """Per-row Python loop: outcome advantages from the definition, then reference_token_advantages."""
+    s = settings_for(params, iteration)
+    outcome = reference_outcomes(params.estimator, rows, params.norm_by_std)
     out, idx = {}, {}
-    for r in rows:
-        rs = groups[r.prompt_id]
-        mean = sum(rs) / len(rs)
-        x = float(np.float32(r.reward))
-        if len(rs) < 2 or min(rs) == max(rs):
-            a = 0.0
-        elif params.norm_by_std:
-            std = math.sqrt(sum((v - mean) ** 2 for v in rs) / (len(rs) - 1))
-            a = (x - mean) / (std + 1e-6)
-        else:
-            a = x - mean
+    for r, a in zip(rows, outcome):
         i = idx.get(r.prompt_id, 0)
         idx[r.prompt_id] = i + 1
         out[f"{r.prompt_id}#{i}"] = (a, reference_token_advantages(params.estimator, a, r.student, r.teacher, s))
@@ -191,14 +228,62 @@ def test_lam_schedule_hand_values():
 #         rlsd_add = −1 + 0.5·Δ = [−1, −.95, −1.25, 0]
 #         hybrid = −1.4·m + 0.3·Δ = [−1.4, −1.3333862 + .03, −1.54 − .15, −1.26 + .6] = [−1.4, −1.3033862, −1.69, −.66]
 # A = 0:  grpo, rlsd = 0; rlsd_add = 0.5·Δ = [0, .05, −.25, 1]; hybrid = 0.3·Δ = [0, .03, −.15, .6]
+# rloo, reinforce_pp, reinforce_pp_baseline: Â_t = A whatever Δ (their difference is in A, below).
+OUTCOME_ONLY = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 HAND = {
-    1.0: {"grpo": [1, 1, 1, 1], "rlsd": [1, 1.0525855, 0.9, 1.1], "rlsd_add": [0.5, 0.55, 0.25, 1.5],
-          "rlsd_hybrid": [0.7, 0.7668098, 0.48, 1.37]},
-    -2.0: {"grpo": [-2, -2, -2, -2], "rlsd": [-2, -1.9048374, -2.2, -1.8], "rlsd_add": [-1, -0.95, -1.25, 0],
-           "rlsd_hybrid": [-1.4, -1.3033862, -1.69, -0.66]},
-    0.0: {"grpo": [0, 0, 0, 0], "rlsd": [0, 0, 0, 0], "rlsd_add": [0, 0.05, -0.25, 1.0],
-          "rlsd_hybrid": [0, 0.03, -0.15, 0.6]},
+    1.0: {"rlsd": [1, 1.0525855, 0.9, 1.1], "rlsd_add": [0.5, 0.55, 0.25, 1.5],
+          "rlsd_hybrid": [0.7, 0.7668098, 0.48, 1.37], **{k: [1, 1, 1, 1] for k in OUTCOME_ONLY}},
+    -2.0: {"rlsd": [-2, -1.9048374, -2.2, -1.8], "rlsd_add": [-1, -0.95, -1.25, 0],
+           "rlsd_hybrid": [-1.4, -1.3033862, -1.69, -0.66], **{k: [-2, -2, -2, -2] for k in OUTCOME_ONLY}},
+    0.0: {"rlsd": [0, 0, 0, 0], "rlsd_add": [0, 0.05, -0.25, 1.0],
+          "rlsd_hybrid": [0, 0.03, -0.15, 0.6], **{k: [0, 0, 0, 0] for k in OUTCOME_ONLY}},
 }
+
+
+# Outcome advantages A on one batch of 10 rollouts in 4 groups:
+#   group   rewards        lengths (tokens)
+#   g0      [1, 0, 0, 1]   [2, 3, 1, 2]
+#   g1      [1, 0, 0]      [1, 1, 2]
+#   g2      [1]            [3]          (a group of one)
+#   g3      [0, 0]         [1, 1]       (saturated)
+# grpo family: test_group_advantage_hand_table (±0.8660239 in g0, ...).
+# rloo: A_i = r_i − mean of the others = n/(n−1)·(r_i − mean): g0 mean .5, 4/3·±.5 = ±2/3;
+#   g1 mean 1/3: 3/2·(2/3) = 1, 3/2·(−1/3) = −.5; g2, g3: 0.
+# reinforce_pp: r whitened over the 17 tokens: 8 tokens have r = 1, 9 have r = 0; mean 8/17;
+#   Σ(x−m)² = 8·(9/17)² + 9·(8/17)² = 72/17; unbiased var = (72/17)/16 = 9/34;
+#   A(r=1) = (9/17)/sqrt(9/34 + 1e-8) = 1.0289915, A(r=0) = −(8/17)/sqrt(9/34 + 1e-8) = −0.9146591.
+# reinforce_pp_baseline: x = r − group mean (0 in g2, g3) = [.5, −.5, −.5, .5, 2/3, −1/3, −1/3, 0, 0, 0];
+#   token-weighted Σ w·x = (1 − 1.5 − .5 + 1) + (2/3 − 1/3 − 2/3) = −1/3, mean m = −1/51;
+#   Σ w·x² = .25·8 + 4/9 + 1/9 + 2/9 = 25/9; Σ w·(x−m)² = 25/9 − 17·m² = 424/153;
+#   unbiased var = (424/153)/16 = 53/306; A = (x + 1/51)/sqrt(53/306 + 1e-8).
+_G = np.array([0, 0, 0, 0, 1, 1, 1, 2, 3, 3])
+_R = np.array([1, 0, 0, 1, 1, 0, 0, 1, 0, 0], dtype=np.float32)
+_L = np.array([2, 3, 1, 2, 1, 1, 2, 3, 1, 1])
+_S = 1 / math.sqrt(3) + 1e-6
+_GRPO = [0.5 / _S, -0.5 / _S, -0.5 / _S, 0.5 / _S, (2 / 3) / _S, -(1 / 3) / _S, -(1 / 3) / _S, 0, 0, 0]
+_RPP = [x / math.sqrt(9 / 34 + 1e-8) for x in (9 / 17, -8 / 17)]
+_X = [0.5, -0.5, -0.5, 0.5, 2 / 3, -1 / 3, -1 / 3, 0, 0, 0]
+OUTCOME_HAND = {
+    **{k: _GRPO for k in ("grpo", "rlsd", "rlsd_add", "rlsd_hybrid")},
+    "rloo": [2 / 3, -2 / 3, -2 / 3, 2 / 3, 1, -0.5, -0.5, 0, 0, 0],
+    "reinforce_pp": [_RPP[0] if r else _RPP[1] for r in _R],
+    "reinforce_pp_baseline": [(x + 1 / 51) / math.sqrt(53 / 306 + 1e-8) for x in _X],
+}
+
+
+def test_every_estimator_has_a_hand_table():
+    assert set(OUTCOME_HAND) == set(ESTIMATORS) and all(set(t) == set(ESTIMATORS) for t in HAND.values())
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_outcome_advantages_hand_table(estimator):
+    s = Settings(lam=0.5, eps_w=0.2, alpha=0.7, beta=0.3)
+    got = outcome_advantages(estimator, _G, _R, _L, s)
+    np.testing.assert_allclose(got, OUTCOME_HAND[estimator], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(OUTCOME_HAND["reinforce_pp"][:2], [1.0289915, -0.9146591], atol=1e-7)
+    rows = [Row(f"g{g}", float(r), [0.0] * n, [0.0] * n) for g, r, n in zip(_G, _R, _L)]
+    np.testing.assert_allclose(reference_outcomes(estimator, rows, True), OUTCOME_HAND[estimator], rtol=1e-12,
+                               atol=1e-15)
 
 
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
@@ -557,12 +642,12 @@ def test_compare_cli(tmp_path):
     res = runner.invoke(app, ["compare", str(folder), "--format", "csv"])
     assert res.exit_code == 0, res.output
     lines = res.stdout.strip().splitlines()
-    assert lines[0] == "metric,grpo,rlsd,rlsd_add,rlsd_hybrid"
+    assert lines[0] == "metric," + ",".join(ESTIMATORS)
     rows = {line.split(",")[0]: line.split(",")[1:] for line in lines[1:]}
-    assert rows["saturated_adv_nonzero_token_share"] == ["0", "0", "0.5", "0.5"]
-    assert rows["reward_mean"] == ["0.5"] * 4
+    assert rows["saturated_adv_nonzero_token_share"][:5] == ["0", "0", "0.5", "0.5", "0"]
+    assert rows["reward_mean"] == ["0.5"] * len(ESTIMATORS)
     res = runner.invoke(app, ["compare", str(folder), "--format", "markdown", "--lam", "0.2"])
-    assert res.exit_code == 0 and res.stdout.startswith("| metric | grpo | rlsd | rlsd_add | rlsd_hybrid |")
+    assert res.exit_code == 0 and res.stdout.startswith("| metric | " + " | ".join(ESTIMATORS) + " |")
     assert "λ=0.2 (given)" in res.stdout
     res = runner.invoke(app, ["compare", str(folder)])
     assert res.exit_code == 0 and "rlsd_hybrid" in res.stdout and "saturated_adv_nonzero_token_share" in res.stdout

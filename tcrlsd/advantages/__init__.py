@@ -13,6 +13,13 @@ Formulas (ARCHITECTURE.md, exactly)::
     rlsd_add     Â_t = (1 − λ) · A + λ · Δ_t
     rlsd_hybrid  Â_t = α · A · m_t + β · Δ_t
 
+    outcome-only estimators (the teacher unused), each with its own A:
+    rloo                   A = r − mean of the group's other rewards = n/(n−1) · (r − mean_group)
+    reinforce_pp           A = whiten_batch(r)               (REINFORCE++, γ = 1)
+    reinforce_pp_baseline  A = whiten_batch(r − mean_group)  (REINFORCE++-baseline)
+    whiten_batch(x) = (x − mean) / sqrt(var + 1e-8), mean and unbiased var over the iteration's
+    response tokens (a rollout weighs its length), as verl's masked_whiten
+
 Where this departs from the references, and why:
 
 - A group of one rollout gets A = 0. verl treats a singleton group as mean 0, std 1, so there A = r;
@@ -22,8 +29,9 @@ Where this departs from the references, and why:
 - ``delta_clip`` (off by default) clips Δ_t to [−c, c] in the additive term only; the
   multiplicative term is already bounded by ε_w. Neither RLSD nor SDPO clips Δ.
 
-Layout: the estimators are pure functions of (A broadcast to tokens, Δ, settings) in one dict,
-:data:`ESTIMATORS`. :func:`compute_advantages` streams the scores by Parquet batches (memory does not
+Layout: an estimator is a pair of pure functions in one dict, :data:`ESTIMATORS`: its outcome
+advantage (group, rewards, lengths, settings) -> A per rollout, and its token form (A broadcast to
+tokens, Δ, settings) -> Â. :func:`compute_advantages` streams the scores by Parquet batches (memory does not
 grow with the number of tokens), computes Â with numpy on the flattened list values and offsets, and
 writes the ``advantages`` artifact through a ParquetWriter to a temporary name, renamed at the end.
 :func:`compare_estimators` does the same pass for every estimator at once and writes nothing.
@@ -41,8 +49,13 @@ from tcrlsd.advantages.estimators import (  # noqa: F401
     STD_EPS,
     Estimator,
     Settings,
+    batch_whitened,
     group_advantages,
-    grpo,
+    group_baseline,
+    group_centred_batch_whitened,
+    leave_one_out,
+    outcome_advantages,
+    outcome_only,
     reference_token_advantages,
     rlsd,
     rlsd_add,

@@ -1,4 +1,10 @@
-"""The estimators: pure functions, one signature, one registry (:data:`ESTIMATORS`)."""
+"""The estimators: pure functions, two signatures, one registry (:data:`ESTIMATORS`).
+
+An estimator is a pair: its *outcome* advantage A (one number per rollout, from the rewards: a group
+or batch baseline) and its *token* form Â_t (from A and the teacher gap Δ_t). Adding one = one
+function (an outcome baseline or a token form) + one line in :data:`ESTIMATORS` (+ its reference
+in :data:`_REFERENCE` and the tests' hand table); nothing branches on an estimator's name.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +15,117 @@ from typing import Callable, Sequence
 import numpy as np
 
 STD_EPS = 1e-6  # added to the group std, as in verl
+WHITEN_EPS = 1e-8  # added to the batch variance, as in verl's masked_whiten
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything an estimator reads besides A and Δ (λ already resolved for the iteration)."""
+    """Everything an estimator reads besides rewards, A and Δ (λ already resolved for the iteration)."""
 
     lam: float
     eps_w: float
     alpha: float
     beta: float
     delta_clip: float | None = None
-
-
+    norm_by_std: bool = True  # the GRPO outcome: divide by the group std
 
 
 # ---------------------------------------------------------------------------------------------
-# The estimators: pure functions, one signature, one registry.
-#   adv:   (N,) float32  the rollout's group advantage A, repeated over its tokens
+# Outcome advantages: one number per rollout.
+#   group:   (R,) int    group index 0..G-1 (one group per prompt)
+#   rewards: (R,) float  verifier reward
+#   lengths: (R,) int    response tokens (batch-whitened forms weigh rollouts by tokens, as verl)
+#   returns (R,) float64 A
+# A group of one, or a group whose rewards are all equal, has no relative signal: every group
+# baseline gives it A = 0 exactly (verl: a singleton group keeps A = r; see docs/ARCHITECTURE.md).
+
+Outcome = Callable[[np.ndarray, np.ndarray, np.ndarray, Settings], np.ndarray]
+
+
+def _group_stats(group: np.ndarray, rewards: np.ndarray):
+    """(count (G,), mean (G,), centred r − mean (R,), flat (G,) singleton-or-all-equal)."""
+    n_groups = int(group.max()) + 1
+    count = np.bincount(group, minlength=n_groups).astype(np.float64)  # (G,)
+    mean = np.bincount(group, weights=rewards, minlength=n_groups) / np.maximum(count, 1)  # (G,)
+    centred = rewards - mean[group]  # (R,)
+    lo = np.full(n_groups, np.inf)
+    hi = np.full(n_groups, -np.inf)
+    np.minimum.at(lo, group, rewards)
+    np.maximum.at(hi, group, rewards)
+    return count, mean, centred, (count < 2) | (lo == hi)
+
+
+def _as_arrays(group, rewards):
+    return np.asarray(group, dtype=np.int64), np.asarray(rewards, dtype=np.float64)
+
+
+def group_advantages(group: np.ndarray, rewards: np.ndarray, norm_by_std: bool) -> np.ndarray:
+    """GRPO A per rollout: (r − mean_group) / (std_group + 1e-6), or r − mean_group. Returns (R,) float64.
+
+    Unbiased std (ddof=1) like verl; a group of one, or a group whose rewards are all equal, gets 0.
+    """
+    group, r = _as_arrays(group, rewards)  # (R,), (R,)
+    if r.size == 0:
+        return np.zeros(0, dtype=np.float64)
+    count, _, centred, flat = _group_stats(group, r)
+    ss = np.bincount(group, weights=centred * centred, minlength=len(count))  # (G,)
+    std = np.sqrt(ss / np.maximum(count - 1, 1))  # (G,) unbiased; singleton handled by flat
+    adv = centred / (std[group] + STD_EPS) if norm_by_std else centred
+    return np.where(flat[group], 0.0, adv)
+
+
+def group_baseline(group, rewards, lengths, s: Settings) -> np.ndarray:
+    """GRPO (and every RLSD form): :func:`group_advantages` with ``s.norm_by_std``."""
+    return group_advantages(group, rewards, s.norm_by_std)
+
+
+def leave_one_out(group, rewards, lengths, s: Settings) -> np.ndarray:
+    """RLOO (Ahmadian et al. 2024, arXiv 2402.14740): A_i = r_i − mean_{j≠i} r_j = n/(n−1) · (r_i − mean)."""
+    group, r = _as_arrays(group, rewards)
+    if r.size == 0:
+        return np.zeros(0, dtype=np.float64)
+    count, _, centred, flat = _group_stats(group, r)
+    n = count[group]  # (R,)
+    return np.where(flat[group], 0.0, centred * n / np.maximum(n - 1, 1))
+
+
+def _whiten(x: np.ndarray, lengths) -> np.ndarray:
+    """(x − mean) / sqrt(var + 1e-8) over the batch's response tokens (each rollout weighs its length;
+    unbiased var over tokens), as verl's masked_whiten on a reward broadcast over the response."""
+    w = np.asarray(lengths, dtype=np.float64)  # (R,)
+    n = w.sum()
+    if n < 2:  # verl raises on fewer than 2 tokens; no batch signal here
+        return np.zeros_like(x)
+    mean = (w * x).sum() / n
+    var = (w * (x - mean) ** 2).sum() / n * (n / (n - 1))
+    return (x - mean) / np.sqrt(var + WHITEN_EPS)
+
+
+def batch_whitened(group, rewards, lengths, s: Settings) -> np.ndarray:
+    """REINFORCE++ (Hu 2025, arXiv 2501.03262): the return (= r, γ = 1, one reward at the end), whitened
+    over the batch's tokens; no group baseline."""
+    _, r = _as_arrays(group, rewards)
+    return _whiten(r, lengths)
+
+
+def group_centred_batch_whitened(group, rewards, lengths, s: Settings) -> np.ndarray:
+    """REINFORCE++-baseline (same paper): r − mean_group, then whitened over the batch's tokens."""
+    group, r = _as_arrays(group, rewards)
+    if r.size == 0:
+        return np.zeros(0, dtype=np.float64)
+    _, _, centred, flat = _group_stats(group, r)
+    return _whiten(np.where(flat[group], 0.0, centred), lengths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token forms: Â_t from A and Δ.
+#   adv:   (N,) float32  the rollout's outcome advantage A, repeated over its tokens
 #   delta: (N,) float32  Δ_t = teacher − student log-prob
 #   returns (N,) Â_t, same dtype
 # Token math runs in float32, the dtype of the inputs and of the stored output: float64 gave the
-# same values to a few float32 ulps at twice the time (the group advantage itself is float64).
+# same values to a few float32 ulps at twice the time (the outcome advantage itself is float64).
 
-Estimator = Callable[[np.ndarray, np.ndarray, Settings], np.ndarray]
+TokenForm = Callable[[np.ndarray, np.ndarray, Settings], np.ndarray]
 
 
 def _reweight(adv: np.ndarray, delta: np.ndarray, s: Settings) -> np.ndarray:
@@ -46,7 +139,8 @@ def _additive_delta(delta: np.ndarray, s: Settings) -> np.ndarray:
     return delta if s.delta_clip is None else np.clip(delta, -s.delta_clip, s.delta_clip)
 
 
-def grpo(adv: np.ndarray, delta: np.ndarray, s: Settings) -> np.ndarray:
+def outcome_only(adv: np.ndarray, delta: np.ndarray, s: Settings) -> np.ndarray:
+    """Â_t = A (GRPO, RLOO, REINFORCE++: the teacher is not used)."""
     return adv.copy()
 
 
@@ -62,40 +156,34 @@ def rlsd_hybrid(adv: np.ndarray, delta: np.ndarray, s: Settings) -> np.ndarray:
     return s.alpha * adv * _reweight(adv, delta, s) + s.beta * _additive_delta(delta, s)
 
 
+@dataclass(frozen=True)
+class Estimator:
+    """One registry entry: which outcome advantage A, and how Â_t is formed from A and Δ."""
+
+    outcome: Outcome
+    token: TokenForm
+    doc: str = ""  # one line for --help and the docs
+
+
 ESTIMATORS: dict[str, Estimator] = {
-    "grpo": grpo,
-    "rlsd": rlsd,
-    "rlsd_add": rlsd_add,
-    "rlsd_hybrid": rlsd_hybrid,
+    "grpo": Estimator(group_baseline, outcome_only, "Â = A, A = group-normalised reward"),
+    "rlsd": Estimator(group_baseline, rlsd, "Â = A·m_t"),
+    "rlsd_add": Estimator(group_baseline, rlsd_add, "Â = (1−λ)·A + λ·Δ_t"),
+    "rlsd_hybrid": Estimator(group_baseline, rlsd_hybrid, "Â = α·A·m_t + β·Δ_t"),
+    "rloo": Estimator(leave_one_out, outcome_only, "Â = r − mean of the group's other rewards"),
+    "reinforce_pp": Estimator(batch_whitened, outcome_only, "Â = r whitened over the batch's tokens"),
+    "reinforce_pp_baseline": Estimator(group_centred_batch_whitened, outcome_only,
+                                       "Â = (r − group mean) whitened over the batch's tokens"),
 }
+
+
+def outcome_advantages(estimator: str, group, rewards, lengths, settings: Settings) -> np.ndarray:
+    """A per rollout for ``estimator``: (R,) float64."""
+    return ESTIMATORS[estimator].outcome(group, rewards, lengths, settings)
 
 
 # ---------------------------------------------------------------------------------------------
 # Group advantage and token-level computation on flat arrays
-
-
-def group_advantages(group: np.ndarray, rewards: np.ndarray, norm_by_std: bool) -> np.ndarray:
-    """GRPO A per rollout. ``group``: (R,) int group index 0..G-1; ``rewards``: (R,). Returns (R,) float64.
-
-    Unbiased std (ddof=1) like verl; a group of one, or a group whose rewards are all equal, gets 0.
-    """
-    group = np.asarray(group, dtype=np.int64)
-    r = np.asarray(rewards, dtype=np.float64)  # (R,)
-    if r.size == 0:
-        return np.zeros(0, dtype=np.float64)
-    n_groups = int(group.max()) + 1
-    count = np.bincount(group, minlength=n_groups).astype(np.float64)  # (G,)
-    mean = np.bincount(group, weights=r, minlength=n_groups) / np.maximum(count, 1)  # (G,)
-    centred = r - mean[group]  # (R,)
-    ss = np.bincount(group, weights=centred * centred, minlength=n_groups)  # (G,)
-    std = np.sqrt(ss / np.maximum(count - 1, 1))  # (G,) unbiased; singleton handled below
-    lo = np.full(n_groups, np.inf)
-    hi = np.full(n_groups, -np.inf)
-    np.minimum.at(lo, group, r)
-    np.maximum.at(hi, group, r)
-    flat = (count < 2) | (lo == hi)  # (G,) singleton or all-equal: no relative signal
-    adv = centred / (std[group] + STD_EPS) if norm_by_std else centred
-    return np.where(flat[group], 0.0, adv)
 
 
 def token_advantages(
@@ -114,7 +202,7 @@ def token_advantages(
     lengths = np.diff(offsets)  # (B,)
     adv_tok = np.repeat(np.asarray(group_adv, dtype=np.float32), lengths)  # (N,)
     delta = np.asarray(teacher, dtype=np.float32) - np.asarray(student, dtype=np.float32)  # (N,)
-    return ESTIMATORS[estimator](adv_tok, delta, settings).astype(np.float32, copy=False)
+    return ESTIMATORS[estimator].token(adv_tok, delta, settings).astype(np.float32, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +215,9 @@ _REFERENCE: dict[str, Callable[[float, float, float, float, Settings], float]] =
     "rlsd": lambda a, d, m, dd, s: a * m,
     "rlsd_add": lambda a, d, m, dd, s: (1.0 - s.lam) * a + s.lam * dd,
     "rlsd_hybrid": lambda a, d, m, dd, s: s.alpha * a * m + s.beta * dd,
+    "rloo": lambda a, d, m, dd, s: a,
+    "reinforce_pp": lambda a, d, m, dd, s: a,
+    "reinforce_pp_baseline": lambda a, d, m, dd, s: a,
 }
 
 

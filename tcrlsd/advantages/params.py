@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from tcrlsd.advantages.estimators import ESTIMATORS, Settings
+from tcrlsd.params import check_choices, choice
 
 DEFAULT_BATCH_ROWS = 1024  # scores rows per streamed batch (~1M tokens at 1k tokens a response)
 
@@ -18,7 +19,7 @@ DEFAULT_BATCH_ROWS = 1024  # scores rows per streamed batch (~1M tokens at 1k to
 class AdvantagesParams:
     """``params.yaml`` section ``advantages``."""
 
-    estimator: str = "rlsd_hybrid"  # grpo | rlsd | rlsd_add | rlsd_hybrid
+    estimator: str = choice("rlsd_hybrid", lambda: ESTIMATORS, "ESTIMATORS in tcrlsd/advantages/estimators.py")
     alpha: float = 0.7  # rlsd_hybrid: weight of A·m_t
     beta: float = 0.3  # rlsd_hybrid: weight of Δ_t
     lam0: float = 0.5  # λ_0, teacher weight at iteration 0
@@ -28,8 +29,7 @@ class AdvantagesParams:
     delta_clip: float | None = None  # clip Δ_t to [−c, c] in the additive term; None = off
 
     def __post_init__(self):
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator {self.estimator!r} is not one of {', '.join(ESTIMATORS)}")
+        check_choices(self)
         for name in ("alpha", "beta", "lam0", "eps_w"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
@@ -57,4 +57,4 @@ def settings_for(params: AdvantagesParams, iteration: int, lam: float | None = N
     elif not (0.0 <= lam <= 1.0):
         raise ValueError(f"λ must lie in [0, 1], got {lam}")
     return Settings(lam=float(lam), eps_w=params.eps_w, alpha=params.alpha, beta=params.beta,
-                    delta_clip=params.delta_clip)
+                    delta_clip=params.delta_clip, norm_by_std=params.norm_by_std)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tcrlsd.advantages.estimators import ESTIMATORS, group_advantages
+from tcrlsd.advantages.estimators import ESTIMATORS, token_advantages
 from tcrlsd.advantages.inputs import (
     IterationInputs,
     _attach_critiques,
@@ -114,7 +114,12 @@ def _stream(
     if inputs.critiques is not None:
         _attach_critiques(ro, inputs.critiques, batch_rows)
     settings = settings_for(params, ro.iteration, lam)
-    adv_row = group_advantages(ro.group, ro.rewards, params.norm_by_std).astype(np.float32)  # (R,)
+    outcome = {}  # outcome function -> (R,) float32 A: computed once per distinct baseline
+    for name in estimators:
+        fn = ESTIMATORS[name].outcome
+        if fn not in outcome:
+            outcome[fn] = fn(ro.group, ro.rewards, ro.lengths, settings).astype(np.float32)
+    adv_rows = {name: outcome[ESTIMATORS[name].outcome] for name in estimators}  # name -> (R,) A
     shared_metrics, saturated_group = _group_metrics(ro)
     saturated_row = saturated_group[ro.group]  # (R,) bool
     differs_row = np.zeros(len(ro.group), dtype=bool)  # (R,) teacher != student somewhere
@@ -133,7 +138,6 @@ def _stream(
                            inputs.rollouts)
         seen[idx] = True
         lengths = np.diff(offsets)  # (B,)
-        adv_tok = np.repeat(adv_row[idx], lengths)  # (N,) float32
         delta = teacher - student  # (N,) float32
         differs = _row_sums(delta != 0, offsets) > 0  # (B,)
         differs_row[idx] = differs
@@ -145,10 +149,10 @@ def _stream(
         sh.feedback_delta_sum += float(_row_sums(delta, offsets)[fb].sum())
         sh.delta_abs_sum += float(np.abs(delta).sum(dtype=np.float64))
         for name in estimators:
-            adv = ESTIMATORS[name](adv_tok, delta, settings).astype(np.float32, copy=False)  # (N,)
+            adv = token_advantages(name, adv_rows[name][idx], offsets, student, teacher, settings)  # (N,)
             totals[name].add(adv, offsets, sat)
             if out is not None and name == params.estimator:
-                out.write(_advantages_table(ids, adv_row[idx], offsets, adv, name))
+                out.write(_advantages_table(ids, adv_rows[name][idx], offsets, adv, name))
     if not seen.all():
         row = int(np.flatnonzero(~seen)[0])
         raise SchemaError(

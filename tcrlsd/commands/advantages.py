@@ -16,6 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from tcrlsd.advantages.estimators import ESTIMATORS  # numpy only: the registry gives --estimator's choices
+
 # Setting flags shared by both commands; None = the value of the params file in force: --params, else
 # the project's params.yaml (found from the working directory), else the built-in defaults (equal to
 # params.yaml's). The help shows the value in force ({default:...}: tcrlsd.commands.defaults).
@@ -83,17 +85,17 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _console():
+def _console(width: int = 120):
     from rich.console import Console
 
     console = Console()
-    return console if console.is_terminal else Console(width=120)
+    return console if console.is_terminal else Console(width=width)
 
 
 def recompute(
     iter_dir: IterDir,
     estimator: Annotated[
-        Optional[str], typer.Option("--estimator", "-e", help="grpo | rlsd | rlsd_add | rlsd_hybrid (default: params).")
+        Optional[str], typer.Option("--estimator", "-e", help=" | ".join(ESTIMATORS) + " (default: params).")
     ] = None,
     out: Annotated[
         Optional[Path], typer.Option("--out", help="Write the advantages Parquet here (default: metrics only).")
@@ -154,7 +156,7 @@ def compare(
     fmt: Annotated[str, typer.Option("--format", help="table | markdown | csv")] = "table",
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON instead.")] = False,
 ) -> None:
-    """All four estimators on one stored iteration, side by side (rows = metrics).
+    """Every estimator of the registry on one stored iteration, side by side (rows = metrics).
 
     The saturated_* rows show which forms keep a signal where a group's rewards are all equal (A = 0).
     """
@@ -198,4 +200,4 @@ def compare(
             table.add_column(n, justify="right")
         for r in rows:
             table.add_row(*r)
-        _console().print(table)
+        _console(width=max(120, 36 + 14 * len(names))).print(table)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-TEACHER_MODES = ("current", "lagged", "ema")
+from tcrlsd.params import check_choices, choice
+from tcrlsd.teachers import TEACHER_MODES
 
 
 class ScoreError(ValueError):
@@ -16,7 +17,7 @@ class ScoreError(ValueError):
 class ScoreParams:
     """``score:`` section of params.yaml."""
 
-    teacher: Literal["current", "lagged", "ema"] = "current"  # which weights play the teacher
+    teacher: str = choice("current", lambda: TEACHER_MODES, "TEACHER_MODES in tcrlsd/teachers.py")  # which weights play the teacher
     max_tokens_per_batch: int = 8192  # padded tokens (batch_size * longest sequence) per forward pass
     logits_chunk_tokens: int = 1024  # response positions projected through the lm head at once
     rows_per_part: int = 512  # rollouts per output part (memory bound, resume and shard unit)
@@ -25,6 +26,7 @@ class ScoreParams:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        check_choices(self)
         for name in ("max_tokens_per_batch", "logits_chunk_tokens", "rows_per_part"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -24,6 +24,7 @@ import os
 import socket
 from pathlib import Path
 
+from tcrlsd.optim import decay_groups
 from tcrlsd.update.losses import head_logprobs_entropy
 
 __all__ = ["init_distributed", "rank_and_world", "barrier", "TokenLogprobs", "deepspeed_config", "build_engine",
@@ -128,11 +129,7 @@ def build_engine(model, params, device: str, bf16: bool):
         # The head weight is used by this module's forward, not only by the lm head's: ZeRO-3 must
         # gather it for this module too.
         deepspeed.zero.register_external_parameter(module, module.head_weight())
-    decay = [p for n, p in module.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in module.named_parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": params.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    groups = decay_groups(module.named_parameters(), params.weight_decay)
     opt = torch.optim.AdamW(groups, lr=params.lr, betas=(params.adam_beta1, params.adam_beta2), eps=params.adam_eps)
     cfg = deepspeed_config(params.zero_stage, bf16, params.grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)

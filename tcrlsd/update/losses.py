@@ -10,6 +10,21 @@ Per response token t of sequence s (all tensors flat over the tokens of a micro-
 
     loss    = agg(pg) - entropy_coef * agg(H) + kl_coef * agg(kl)
 
+The policy-gradient term pg_t comes from one registry, :data:`POLICY_LOSSES` (``update.policy_loss``):
+
+    ppo    the PPO-clip above, ratio per token
+    gspo   GSPO (Zheng et al. 2025, arXiv 2507.18071), its token-level form GSPO-token: one ratio per
+           sequence, s_i = exp(mean_t(logp_t - old_t)) (the geometric mean of the token ratios),
+           applied to each token as s_i,t = sg[s_i] * pi(y_t) / sg[pi(y_t)] (value s_i, gradient
+           s_i * grad log pi(y_t)), then clipped like PPO:
+               pg_t = max(-A_t * s_i,t, -A_t * clip(s_i,t, 1 - c_low, 1 + c_high))
+           With A constant over a sequence and seq-mean-token-mean aggregation this is the paper's
+           sequence-level GSPO gradient exactly. The paper's clip range is 3e-4 / 4e-4 (verl's GSPO
+           recipe uses the same), not PPO's 0.2: set clip_ratio_low/high with it (preset gspo).
+           Departures: verl clamps log s_i,t at +10, here the sequence log-ratio is clamped to +-20 like
+           the PPO ratio; verl forces seq-mean-token-mean aggregation inside its GSPO loss, here
+           loss_agg_mode decides (the preset sets seq-mean-token-mean); no dual clip.
+
 Aggregation is linear in the per-token values: agg(x) = sum_t w_t * x_t with weights from one
 registry entry. Linear weights are what let the loss be cut into micro-batches and processes and
 summed back exactly: every process weighs its tokens with counts of the whole mini-batch.
@@ -36,9 +51,11 @@ __all__ = [
     "aggregate",
     "importance_ratio",
     "ppo_clip_loss",
+    "gspo_loss",
+    "POLICY_LOSSES",
+    "ClipSettings",
     "k3_kl",
     "head_logprobs_entropy",
-    "lr_factor",
 ]
 
 
@@ -93,25 +110,64 @@ def importance_ratio(logp, old_logp):
     return torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
 
 
-def ppo_clip_loss(logp, old_logp, adv, clip_low: float, clip_high: float, dual_clip: float | None):
+@dataclass(frozen=True)
+class ClipSettings:
+    """What a policy loss reads besides the per-token tensors."""
+
+    low: float  # clip_ratio_low
+    high: float  # clip_ratio_high
+    dual: float | None = None  # dual_clip (ppo only)
+
+
+def _clip(adv, ratio, clip: ClipSettings):
+    """max(-A*r, -A*clip(r)) and where the clipped branch won."""
+    import torch
+
+    unclipped = -adv * ratio
+    clipped_term = -adv * torch.clamp(ratio, 1.0 - clip.low, 1.0 + clip.high)
+    return torch.maximum(unclipped, clipped_term), clipped_term > unclipped
+
+
+def ppo_clip_loss(logp, old_logp, adv, seq, clip: ClipSettings):
     """Per-token PPO-clip loss and whether the clip was active there (both (N,)).
 
-    ``clipped`` marks tokens whose loss came from the clipped branch (the gradient is zero there),
-    the token share of which is ``pg_clipfrac``.
+    ``seq`` (N,) is the token's sequence index (unused: PPO's ratio is per token). ``clipped`` marks
+    tokens whose loss came from the clipped branch (the gradient is zero there), the token share of
+    which is ``pg_clipfrac``.
     """
     import torch
 
-    ratio = importance_ratio(logp, old_logp)
-    unclipped = -adv * ratio
-    clipped_term = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = torch.maximum(unclipped, clipped_term)
-    clipped = clipped_term > unclipped
-    if dual_clip is not None:
-        lower = -adv * dual_clip
+    loss, clipped = _clip(adv, importance_ratio(logp, old_logp), clip)
+    if clip.dual is not None:
+        lower = -adv * clip.dual
         dual = (adv < 0) & (loss > lower)
         loss = torch.where(adv < 0, torch.minimum(loss, lower), loss)
         clipped = clipped | dual
     return loss, clipped
+
+
+def gspo_loss(logp, old_logp, adv, seq, clip: ClipSettings):
+    """Per-token GSPO-token loss (see the module docstring) and where the clip was active (both (N,)).
+
+    ``seq`` (N,) int: index of each token's sequence (0..S-1) in this micro-batch; every token of a
+    sequence is in the same micro-batch, so the per-sequence mean is complete.
+    """
+    import torch
+
+    log_ratio = (logp - old_logp).detach()  # (N,)
+    n_seq = int(seq.max()) + 1 if seq.numel() else 0
+    sums = torch.zeros(n_seq, dtype=log_ratio.dtype, device=log_ratio.device).index_add_(0, seq, log_ratio)  # (S,)
+    counts = torch.bincount(seq, minlength=n_seq).clamp(min=1).to(log_ratio.dtype)  # (S,)
+    seq_log_ratio = torch.clamp(sums / counts, -20.0, 20.0)  # (S,) log s_i
+    ratio = torch.exp(seq_log_ratio[seq] + logp - logp.detach())  # (N,) value s_i, gradient s_i * dlogp
+    return _clip(adv, ratio, clip)
+
+
+# name -> (logp (N,), old (N,), adv (N,), seq (N,), ClipSettings) -> (loss (N,), clipped (N,) bool)
+POLICY_LOSSES: dict[str, Callable] = {
+    "ppo": ppo_clip_loss,
+    "gspo": gspo_loss,
+}
 
 
 def k3_kl(logp, ref_logp):
@@ -138,22 +194,3 @@ def head_logprobs_entropy(hidden, weight, targets, softcap: float | None = None)
     probs = torch.softmax(logits, dim=-1)  # (n, V)
     entropy = lse - (probs * logits).sum(-1)  # (n,)  H = -sum p log p = lse - sum p * logit
     return logp, entropy
-
-
-def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier at optimizer step ``step`` (0-based, counted over all iterations).
-
-    Linear warm-up over ``warmup_steps`` (step 0 gets 1/warmup), then constant or a cosine from 1 down
-    to ``min_ratio`` at ``total_steps`` (held there after).
-    """
-    import math
-
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr_schedule {schedule!r}; known: constant, cosine")

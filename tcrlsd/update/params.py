@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["UpdateParams", "UpdateError", "TEACHER_MODES"]
+from tcrlsd.optim import LR_SCHEDULES
+from tcrlsd.params import check_choices, choice
+from tcrlsd.teachers import TEACHER_MODES
+from tcrlsd.update.losses import AGGREGATIONS, POLICY_LOSSES
 
-# The score stage's teacher modes (params score.teacher); the update stage keeps the weights of the
-# last two.
-TEACHER_MODES = ("current", "lagged", "ema")
+__all__ = ["UpdateParams", "UpdateError", "TEACHER_MODES"]
 
 
 class UpdateError(ValueError):
@@ -26,18 +27,19 @@ class UpdateParams:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: str = choice("constant", lambda: LR_SCHEDULES, "LR_SCHEDULES in tcrlsd/optim.py")
     warmup_steps: int = 0
     cosine_total_steps: int = 1000
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    # PPO loss
+    # policy loss
+    policy_loss: str = choice("ppo", lambda: POLICY_LOSSES, "POLICY_LOSSES in tcrlsd/update/losses.py")
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
     dual_clip: float | None = None
     entropy_coef: float = 1e-3
     kl_coef: float = 0.0
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    loss_agg_mode: str = choice("token-mean", lambda: AGGREGATIONS, "AGGREGATIONS in tcrlsd/update/losses.py")
     loss_norm_tokens: int = 96
     # off-policy correction and truncated responses (tcrlsd.offpolicy)
     rollout_is: Literal["none", "token", "sequence"] = "none"
@@ -62,6 +64,10 @@ class UpdateParams:
     teacher_ema_tau: float = 0.05
 
     def __post_init__(self) -> None:
+        check_choices(self)
+        if self.dual_clip is not None and self.policy_loss != "ppo":
+            raise ValueError(f"dual_clip applies to policy_loss ppo only (policy_loss is {self.policy_loss!r}); "
+                             "set it to null")
         for name in ("mini_batch_prompts", "ppo_epochs", "max_tokens_per_micro_batch", "logits_chunk_tokens",
                      "cosine_total_steps", "teacher_refresh_every", "loss_norm_tokens"):
             if getattr(self, name) < 1:

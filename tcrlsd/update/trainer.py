@@ -27,7 +27,8 @@ from tcrlsd.update.batching import (TrainSequence, UpdateInputs, plan_micro_batc
                                     split_for_ranks)
 from tcrlsd.update.params import UpdateError, UpdateParams
 from tcrlsd.offpolicy import rollout_is_weights
-from tcrlsd.update.losses import AggregationCounts, aggregate, head_logprobs_entropy, k3_kl, lr_factor, ppo_clip_loss
+from tcrlsd.optim import learning_rate
+from tcrlsd.update.losses import POLICY_LOSSES, AggregationCounts, ClipSettings, aggregate, head_logprobs_entropy, k3_kl
 from tcrlsd.update.state import TrainerState
 
 __all__ = ["MicroBatch", "collate", "Trainer", "IterationStats", "step_metrics"]
@@ -176,8 +177,8 @@ class Trainer:
 
         p = self.params
         logp, ent = self.engine(mb.input_ids, mb.rows, mb.cols, mb.targets)  # (N,), (N,)
-        pg, clipped = ppo_clip_loss(logp, mb.old_logprobs, mb.advantages, p.clip_ratio_low, p.clip_ratio_high,
-                                    p.dual_clip)
+        pg, clipped = POLICY_LOSSES[p.policy_loss](logp, mb.old_logprobs, mb.advantages, mb.rows,
+                                                   ClipSettings(p.clip_ratio_low, p.clip_ratio_high, p.dual_clip))
         if mb.is_weights is not None:  # truncated importance sampling: sampler -> scorer (tcrlsd.offpolicy)
             pg = pg * mb.is_weights
         agg = lambda x: aggregate(x, mb.seq_len, p.loss_agg_mode, counts)  # noqa: E731
@@ -242,8 +243,8 @@ class Trainer:
         mine = shares[self.rank]
         seqs = inputs.read([rows[j] for j in mine])
         micro = [[seqs[k] for k in mb] for mb in plans[self.rank]]
-        factor = lr_factor(self.state.global_step, p.warmup_steps, p.lr_schedule, p.cosine_total_steps, p.min_lr_ratio)
-        lr = p.lr * factor
+        lr = learning_rate(self.state.global_step, p.lr, warmup_steps=p.warmup_steps, schedule=p.lr_schedule,
+                           total_steps=p.cosine_total_steps, min_ratio=p.min_lr_ratio)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
         pg_total = torch.zeros((), dtype=torch.float64)

@@ -6,6 +6,7 @@ import math
 import time
 from typing import Iterable, Sequence
 
+from tcrlsd.optim import decay_groups, learning_rate
 from tcrlsd.warmstart.data import SftExample, build_tokenizer, sft_examples, sft_problems
 from tcrlsd.warmstart.params import IGNORE, WarmstartParams
 
@@ -42,24 +43,12 @@ def response_loss(logits, labels):
 
 def lr_at(step: int, params: WarmstartParams) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
-    if step < params.warmup_steps:
-        return params.lr * (step + 1) / params.warmup_steps
-    span = max(1, params.steps - params.warmup_steps)
-    progress = min(1.0, (step - params.warmup_steps) / span)
-    floor = params.lr * params.min_lr_ratio
-    return floor + (params.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return learning_rate(step, params.lr, warmup_steps=params.warmup_steps, schedule="cosine",
+                         total_steps=params.steps, min_ratio=params.min_lr_ratio)
 
 
 # --------------------------------------------------------------------------------------------------
 # Training
-
-
-def _param_groups(model, weight_decay: float):
-    """Weight decay on matrices only (not norms; the tied embedding counts as a matrix)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _chunks(values: list[float], n: int) -> list[list[float]]:
@@ -107,7 +96,7 @@ def train_policy(params: WarmstartParams, exclude: Iterable[str] = (), progress:
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(
-        _param_groups(model, params.weight_decay), lr=params.lr,
+        decay_groups(model.named_parameters(), params.weight_decay), lr=params.lr,
         betas=(params.adam_beta1, params.adam_beta2), eps=1e-8,
     )
     gen = torch.Generator().manual_seed(params.seed)
