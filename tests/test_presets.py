@@ -14,14 +14,41 @@ from tcrlsd.presets import apply_preset, list_presets
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"grpo", "rlsd_gold", "rlsd_self", "tc_rlsd_mult", "tc_rlsd_add", "tc_rlsd_hybrid"}
+# the peers' estimators and losses (issue 24), usable by tcrlsd experiment --presets
+BASELINES = {"rloo", "reinforce_pp", "reinforce_pp_baseline", "dr_grpo", "gspo"}
 
 
 def test_the_six_runs_are_presets():
-    assert RUNS <= set(list_presets(ROOT / "configs" / "presets"))
+    assert RUNS | BASELINES <= set(list_presets(ROOT / "configs" / "presets"))
+
+
+def test_every_preset_gives_valid_params(tmp_path):
+    """Each preset over the shipped params.yaml loads into the stages' dataclasses (registry choices
+    checked); the baselines set what their papers / verl use."""
+    from tcrlsd.advantages import AdvantagesParams
+    from tcrlsd.critique import CritiqueParams
+    from tcrlsd.params import from_mapping
+    from tcrlsd.update import UpdateParams
+
+    loaded = {}
+    for name in list_presets(ROOT / "configs" / "presets"):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text((ROOT / "params.yaml").read_text())
+        apply_preset(p, ROOT / "configs" / "presets" / f"{name}.yaml")
+        data = yaml.safe_load(p.read_text())
+        loaded[name] = (from_mapping(AdvantagesParams, data["advantages"], "advantages"),
+                        from_mapping(UpdateParams, data["update"], "update"),
+                        from_mapping(CritiqueParams, data["critique"], "critique"))
+    adv, upd, crit = loaded["dr_grpo"]
+    assert (adv.estimator, adv.norm_by_std, upd.loss_agg_mode, crit.mode) == ("grpo", False, "seq-mean-token-sum-norm", "none")
+    adv, upd, _ = loaded["gspo"]
+    assert (upd.policy_loss, upd.clip_ratio_low, upd.clip_ratio_high) == ("gspo", 3e-4, 4e-4)
+    for name in ("rloo", "reinforce_pp", "reinforce_pp_baseline"):
+        assert loaded[name][0].estimator == name and loaded[name][2].mode == "none"
 
 
 def test_every_preset_applies_to_the_shipped_params(tmp_path):
-    for name in sorted(RUNS):
+    for name in sorted(RUNS | BASELINES):
         p = tmp_path / f"{name}.yaml"
         p.write_text((ROOT / "params.yaml").read_text())
         apply_preset(p, ROOT / "configs" / "presets" / f"{name}.yaml")

@@ -27,8 +27,10 @@ pytest.importorskip("deepspeed")
 
 from tcrlsd.artifacts import write_artifact, write_table  # noqa: E402
 from tcrlsd.update.params import UpdateError, UpdateParams  # noqa: E402
-from tcrlsd.update.losses import (AGGREGATIONS, AggregationCounts, aggregate, k3_kl, lr_factor,  # noqa: E402
-                                  ppo_clip_loss)
+from tcrlsd.optim import learning_rate  # noqa: E402
+from tcrlsd.params import ParamsError, from_mapping  # noqa: E402
+from tcrlsd.update.losses import (AGGREGATIONS, POLICY_LOSSES, AggregationCounts, ClipSettings,  # noqa: E402
+                                  aggregate, gspo_loss, k3_kl, ppo_clip_loss)
 
 REPO = Path(__file__).resolve().parents[1]
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -91,26 +93,71 @@ def test_ppo_clip_hand_table():
     adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
     r = torch.tensor([1.0, 1.5, 0.5, 1.5, 0.5, 5.0])
     old = torch.zeros(6)
-    loss, clipped = ppo_clip_loss(torch.log(r), old, adv, 0.2, 0.2, None)
+    seq = torch.arange(6)
+    loss, clipped = ppo_clip_loss(torch.log(r), old, adv, seq, ClipSettings(0.2, 0.2))
     assert loss.tolist() == pytest.approx([-1.0, -1.2, -0.5, 1.5, 0.8, 5.0], rel=1e-6)
     assert clipped.tolist() == [False, True, False, False, True, False]
-    loss, clipped = ppo_clip_loss(torch.log(r), old, adv, 0.2, 0.2, 3.0)
+    loss, clipped = ppo_clip_loss(torch.log(r), old, adv, seq, ClipSettings(0.2, 0.2, 3.0))
     assert loss.tolist() == pytest.approx([-1.0, -1.2, -0.5, 1.5, 0.8, 3.0], rel=1e-6)
     assert clipped.tolist()[-1] is True
     # ratio clamp: a log-ratio of 100 is treated as 20, no overflow
-    loss, _ = ppo_clip_loss(torch.tensor([100.0]), torch.zeros(1), torch.tensor([-1.0]), 0.2, 0.2, None)
+    loss, _ = ppo_clip_loss(torch.tensor([100.0]), torch.zeros(1), torch.tensor([-1.0]), torch.zeros(1, dtype=torch.long),
+                            ClipSettings(0.2, 0.2))
     assert float(loss) == pytest.approx(float(np.exp(20.0)), rel=1e-5)
     # k3: exp(d) - d - 1 with d = ref - logp; zero at equality, positive otherwise
     kl = k3_kl(torch.tensor([0.0, -1.0]), torch.tensor([0.0, 0.0]))
     assert kl.tolist() == pytest.approx([0.0, float(np.exp(1.0) - 2.0)], rel=1e-6)
 
 
+def test_gspo_hand_table():
+    # GSPO-token (arXiv 2507.18071): one ratio per sequence s_i = exp(mean_t(logp_t − old_t)), applied to
+    # each token as sg[s_i]·π/sg[π] (value s_i, d/dlogp_t = s_i), clipped like PPO (c = 0.2 here).
+    #   seq  logp − old      A    s_i                      loss per token                   clipped  d loss/d logp_t
+    #   0    [0.1, 0.3]      +1   e^0.2  = 1.2214028       max(−1.2214, −1.2)  = −1.2       yes      0
+    #   1    [−0.6]          −1   e^−0.6 = 0.5488116       max(0.5488, 0.8)    = 0.8        yes      0
+    #   2    [0.05, −0.05]   +2   e^0    = 1               −2                                no       −2·1 = −2
+    #   3    [0.1, −0.02]    +1   e^0.04 = 1.0408108       −1.0408108                        no       −1.0408108
+    # PPO on seq 3 would give each token its own ratio (e^0.1 = 1.1051709, e^−0.02 = 0.9801987).
+    diff = torch.tensor([0.1, 0.3, -0.6, 0.05, -0.05, 0.1, -0.02], dtype=torch.float64)
+    seq = torch.tensor([0, 0, 1, 2, 2, 3, 3])
+    adv = torch.tensor([1.0, 1.0, -1.0, 2.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    old = torch.full((7,), -1.5, dtype=torch.float64)
+    logp = (old + diff).requires_grad_()
+    loss, clipped = gspo_loss(logp, old, adv, seq, ClipSettings(0.2, 0.2))
+    s3 = float(np.exp(0.04))
+    assert loss.tolist() == pytest.approx([-1.2, -1.2, 0.8, -2.0, -2.0, -s3, -s3], rel=1e-12)
+    assert clipped.tolist() == [True, True, True, False, False, False, False]
+    loss.sum().backward()
+    assert logp.grad.tolist() == pytest.approx([0.0, 0.0, 0.0, -2.0, -2.0, -s3, -s3], rel=1e-12)
+    # the same tokens under PPO: per-token ratios on seq 3
+    ppo, _ = ppo_clip_loss(old + diff, old, adv, seq, ClipSettings(0.2, 0.2))
+    assert ppo[5:].tolist() == pytest.approx([-float(np.exp(0.1)), -float(np.exp(-0.02))], rel=1e-12)
+    # a sequence's ratio is one number: order of its tokens and the other sequences do not matter
+    perm = torch.tensor([6, 2, 0, 4, 1, 3, 5])
+    loss_p, _ = gspo_loss((old + diff)[perm], old[perm], adv[perm], seq[perm], ClipSettings(0.2, 0.2))
+    assert loss_p.tolist() == pytest.approx(loss.detach()[perm].tolist(), rel=1e-12)
+    assert set(POLICY_LOSSES) == {"ppo", "gspo"}
+
+
+def test_policy_loss_param_is_a_registry_choice():
+    assert from_mapping(UpdateParams, {"policy_loss": "gspo"}, "update").policy_loss == "gspo"
+    with pytest.raises(ParamsError, match=r"update.policy_loss: 'grpo' is not one of ppo, gspo \(the keys of POLICY_LOSSES"):
+        from_mapping(UpdateParams, {"policy_loss": "grpo"}, "update")
+    with pytest.raises(ParamsError, match="dual_clip applies to policy_loss ppo only"):
+        from_mapping(UpdateParams, {"policy_loss": "gspo", "dual_clip": 3.0}, "update")
+    with pytest.raises(ParamsError, match="not one of token-mean, seq-mean-token-mean"):
+        from_mapping(UpdateParams, {"loss_agg_mode": "sum"}, "update")
+
+
 def test_lr_schedule_hand_values():
-    assert [lr_factor(s, 2, "constant", 10, 0.1) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    lr = lambda s, sched: learning_rate(s, 1.0, warmup_steps=2, schedule=sched, total_steps=10, min_ratio=0.1)  # noqa: E731
+    assert [lr(s, "constant") for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
     # cosine over steps 2..10: halfway (step 6) = 0.1 + 0.9 * 0.5 = 0.55; the end and after = 0.1
-    assert lr_factor(6, 2, "cosine", 10, 0.1) == pytest.approx(0.55)
-    assert lr_factor(10, 2, "cosine", 10, 0.1) == pytest.approx(0.1)
-    assert lr_factor(50, 2, "cosine", 10, 0.1) == pytest.approx(0.1)
+    assert lr(6, "cosine") == pytest.approx(0.55)
+    assert lr(10, "cosine") == pytest.approx(0.1)
+    assert lr(50, "cosine") == pytest.approx(0.1)
+    # constant without warm-up returns lr itself (the default run's update)
+    assert learning_rate(7, 1e-4, warmup_steps=0, schedule="constant", total_steps=10, min_ratio=0.1) == 1e-4
 
 
 # ----------------------------------------------------------------------------- inputs from the project's code
@@ -238,11 +285,15 @@ def _current_logprobs(policy, inputs):
 # ----------------------------------------------------------------------------- one update
 
 
-def test_first_ratio_is_one_and_one_update_moves_logprobs_by_the_sign_of_A(tiny_policy, signed, tmp_path):
+@pytest.mark.parametrize("loss", [{"policy_loss": "ppo"},
+                                  # GSPO with the paper's clip range (the first step's ratio is 1: no clip)
+                                  {"policy_loss": "gspo", "clip_ratio_low": 3e-4, "clip_ratio_high": 4e-4,
+                                   "loss_agg_mode": "seq-mean-token-mean"}])
+def test_first_ratio_is_one_and_one_update_moves_logprobs_by_the_sign_of_A(tiny_policy, signed, tmp_path, loss):
     from tcrlsd.update.batching import UpdateInputs
     from tcrlsd.update.stage import run_update
 
-    params = UpdateParams(**{**FAST, "lr": 1e-3})
+    params = UpdateParams(**{**FAST, "lr": 1e-3, **loss})
     m = run_update(signed["rollouts"], signed["scores"], signed["advantages"], tiny_policy, tmp_path / "p1",
                    tmp_path / "s1", params)
     # The update's own forward reproduces the score stage's stored student_logprobs: ratio 1.
