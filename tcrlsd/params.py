@@ -80,7 +80,8 @@ class Choice:
 
 
 def choice(default: Any, registry: Callable[[], Mapping[str, Any] | tuple], where: str) -> Any:
-    """A dataclass field whose value is a key of ``registry()`` (see :class:`Choice`)."""
+    """A dataclass field whose value is a key of ``registry()`` (see :class:`Choice`); ``default``
+    ``dataclasses.MISSING`` makes it a required key."""
     return dataclasses.field(default=default, metadata={"choice": Choice(registry, where)})
 
 

@@ -92,7 +92,7 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
     ),
     "critiques": (
         Column("rollout_id", pa.string()),
-        Column("mode", pa.string(), doc="string  # critique | critique_gold | gold | self | none"),
+        Column("mode", pa.string(), doc="string  # a key of MODES (tcrlsd/critique/params.py)"),
         Column("critic", pa.string(), doc="string  # backend and model that wrote the feedback"),
         Column("feedback_text", pa.string(), nullable=True, doc="string|null  # null = no feedback (teacher = student)"),
         Column("template", pa.string(), doc="string  # prompt template version id(s)"),
@@ -114,9 +114,10 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
     ),
     "advantages": (
         Column("rollout_id", pa.string()),
-        Column("group_advantage", pa.float32(), doc="float32  # GRPO A of the rollout's group"),
+        Column("group_advantage", pa.float32(),
+               doc="float32  # the estimator's outcome advantage A of the rollout (GRPO: its group's normalised reward)"),
         Column("advantages", _F32_LIST, doc="list<float32>  # per-token A_hat_t; len == len(response_token_ids)"),
-        Column("estimator", pa.string(), doc="string  # grpo | rlsd | rlsd_add | rlsd_hybrid"),
+        Column("estimator", pa.string(), doc="string  # a key of ESTIMATORS (tcrlsd/advantages/estimators.py)"),
     ),
     # One row per held-out prompt x decoding x sample (evaluate stage).
     "evaluations": (

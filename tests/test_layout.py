@@ -60,10 +60,23 @@ def _resolve(name: str) -> list[str]:
     return out
 
 
+def _walk_run(tree: ast.AST):
+    """``ast.walk`` without the bodies of ``if TYPE_CHECKING:`` (annotations only: never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and (getattr(node.test, "id", None) == "TYPE_CHECKING"
+                                         or getattr(node.test, "attr", None) == "TYPE_CHECKING"):
+            todo += node.orelse
+            continue
+        todo += list(ast.iter_child_nodes(node))
+
+
 def _imports(path: Path) -> list[list[str]]:
     """For each tcrlsd import statement (name) in ``path``: the modules it runs, outermost first."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _walk_run(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found += [_resolve(a.name) for a in node.names if a.name.split(".")[0] == "tcrlsd"]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "tcrlsd":

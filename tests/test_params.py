@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from tcrlsd.params import ParamsError, from_mapping, load_section, merge
+from tcrlsd.params import ParamsError, check_choices, choice, choices, from_mapping, load_section, merge
 
 
 @dataclass(frozen=True)
@@ -253,3 +253,51 @@ def test_load_policy_on_cpu_is_float32_even_when_a_gpu_exists(tiny_policy, monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     model, _ = load_policy(tiny_policy, device="cpu", dtype="auto")
     assert next(model.parameters()).dtype == torch.float32
+
+REGISTRY = {"grpo": None, "rloo": None}
+
+
+@dataclass(frozen=True)
+class WithChoice:
+    estimator: str = choice("grpo", lambda: REGISTRY, "REGISTRY in tests/test_params.py")
+    graders: tuple[str, ...] = choice(("grpo",), lambda: REGISTRY, "REGISTRY in tests/test_params.py")
+
+    def __post_init__(self):
+        check_choices(self)
+
+
+def test_choice_fields_take_their_values_from_the_registry():
+    assert from_mapping(WithChoice, {"estimator": "rloo", "graders": ["rloo", "grpo"]}, "demo").graders == ("rloo", "grpo")
+    with pytest.raises(ParamsError, match=r"params demo.estimator: 'ppo' is not one of grpo, rloo "
+                                          r"\(the keys of REGISTRY in tests/test_params.py\)"):
+        from_mapping(WithChoice, {"estimator": "ppo"}, "demo")
+    with pytest.raises(ParamsError, match=r"params demo.graders: 'x' is not one of grpo, rloo"):
+        from_mapping(WithChoice, {"graders": ["grpo", "x"]}, "demo")
+    with pytest.raises(ValueError, match="estimator: 'ppo' is not one of"):
+        WithChoice(estimator="ppo")  # direct construction is checked too
+    # the registry is read when checked: a new entry is a valid value at once, and listed
+    REGISTRY["reinforce_pp"] = None
+    try:
+        assert from_mapping(WithChoice, {"estimator": "reinforce_pp"}, "demo").estimator == "reinforce_pp"
+        assert choices(WithChoice, "estimator") == ("grpo", "rloo", "reinforce_pp")
+    finally:
+        del REGISTRY["reinforce_pp"]
+
+
+def test_stage_params_choices_are_their_registries():
+    from tcrlsd.advantages import ESTIMATORS, AdvantagesParams
+    from tcrlsd.critique import CRITICS, MODES, CritiqueParams
+    from tcrlsd.generate.backends import BACKENDS
+    from tcrlsd.optim import LR_SCHEDULES
+    from tcrlsd.prepare import FORMATS, SourceParams
+    from tcrlsd.score import ScoreParams
+    from tcrlsd.teachers import TEACHER_MODES
+    from tcrlsd.update import UpdateParams
+    from tcrlsd.update.losses import AGGREGATIONS, POLICY_LOSSES
+
+    for cls, name, registry in ((AdvantagesParams, "estimator", ESTIMATORS), (CritiqueParams, "critic", CRITICS),
+                                (CritiqueParams, "mode", MODES), (CritiqueParams, "self_backend", BACKENDS),
+                                (SourceParams, "format", FORMATS), (ScoreParams, "teacher", TEACHER_MODES),
+                                (UpdateParams, "loss_agg_mode", AGGREGATIONS), (UpdateParams, "policy_loss", POLICY_LOSSES),
+                                (UpdateParams, "lr_schedule", LR_SCHEDULES)):
+        assert choices(cls, name) == tuple(registry), (cls.__name__, name)

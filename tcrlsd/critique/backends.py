@@ -28,14 +28,16 @@ torch, transformers and vllm are imported inside functions: importing this modul
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from tcrlsd.critique.openai_critic import _make_openai
-from tcrlsd.critique.params import CritiqueParams
 from tcrlsd.critique.protocol import Critic, CritiqueRequest, OnReply, clean_feedback
 from tcrlsd.generation import PROMPT_TOO_LONG, Completion, SamplingConfig
 from tcrlsd.reference_critic import REFERENCE_CRITIC_ID, CriticReply, reference_critique
 from tcrlsd.templates import render_user_message
+
+if TYPE_CHECKING:  # the params module imports this registry: annotation only
+    from tcrlsd.critique.params import CritiqueParams
 
 
 class ReferenceCritic:

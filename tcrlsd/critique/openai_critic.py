@@ -17,12 +17,14 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from tcrlsd.critique.params import CritiqueParams
 from tcrlsd.critique.protocol import Critic, CriticAborted, CritiqueRequest, OnReply, clean_feedback
 from tcrlsd.generation import SamplingConfig
 from tcrlsd.reference_critic import CriticReply
+
+if TYPE_CHECKING:  # the params module imports the critic registry, which imports this: annotation only
+    from tcrlsd.critique.params import CritiqueParams
 
 # --------------------------------------------------------------------------------------------------
 # openai-compatible HTTP

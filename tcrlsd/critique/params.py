@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tcrlsd.critique.backends import CRITICS
 from tcrlsd.feedback import effective_which
+from tcrlsd.generate.backends import BACKENDS
 from tcrlsd.generation import EngineParams, SamplingConfig, SamplingParams
+from tcrlsd.params import check_choices, choice
 
 MODES = ("critique", "critique_gold", "gold", "self", "none")
 
@@ -17,9 +20,9 @@ class CritiqueError(ValueError):
 
 @dataclass(frozen=True)
 class CritiqueParams:
-    mode: Literal["critique", "critique_gold", "gold", "self", "none"] = "critique"
+    mode: str = choice("critique", lambda: MODES, "MODES in tcrlsd/critique/params.py")
     which: Literal["auto", "incorrect", "all"] = "auto"
-    critic: Literal["reference", "transformers", "vllm", "openai"] = "reference"
+    critic: str = choice("reference", lambda: CRITICS, "CRITICS in tcrlsd/critique/backends.py")
     critic_model: str = ""
     templates_dir: str | None = None
     max_response_chars: int = 6000
@@ -33,7 +36,7 @@ class CritiqueParams:
     # model critics (transformers, vllm, openai) and self mode
     sampling: SamplingParams = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=96)
     seed: int = 0
-    self_backend: Literal["transformers", "vllm"] = "transformers"
+    self_backend: str = choice("transformers", lambda: BACKENDS, "BACKENDS in tcrlsd/generate/backends.py")
     engine: EngineParams = field(default_factory=EngineParams)  # transformers / vllm critics and self mode
     chunk_rows: int = 64
     chat_template_kwargs: dict = field(default_factory=dict)
@@ -48,6 +51,7 @@ class CritiqueParams:
     abort_after_failures: int = 32
 
     def __post_init__(self):
+        check_choices(self)
         for name in ("max_response_chars", "max_feedback_chars", "rows_per_part", "chunk_rows", "max_concurrency",
                      "max_attempts"):
             if getattr(self, name) < 1:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from typing import Literal
+
+from tcrlsd.params import check_choices, choice
+from tcrlsd.prepare.sources import FORMATS, HF_HINT, PrepareError  # noqa: F401 -- re-exported
 
 # verl's MATH/GSM8K prompt (data_preprocess/math_dataset.py): the problem, one space, the instruction.
 DEFAULT_PROMPT_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{}."
-
-HF_HINT = "install tcrlsd[hf] and have network access, or give a local file"
-
-
-class PrepareError(ValueError):
-    """Raw data or prepare params are wrong; the message names the file, line and field."""
-
 
 # --------------------------------------------------------------------------------------------------
 # Params
@@ -25,7 +21,7 @@ class SourceParams:
     """One raw problem set and how much of it goes into which split."""
 
     name: str  # names the source in prompt ids, the ``source`` column and the metrics
-    format: Literal["math", "math500", "gsm8k", "synthetic"]
+    format: str = choice(MISSING, lambda: FORMATS, "FORMATS in tcrlsd/prepare/sources.py")
     split: Literal["train", "val"]
     path: str | None = None  # JSONL/Parquet file, or "hf:<dataset id>"; null for synthetic
     count: int | None = None  # rows to keep after the seeded shuffle; null = all
@@ -36,6 +32,7 @@ class SourceParams:
 
     def __post_init__(self) -> None:
         label = f"source {self.name!r}"
+        check_choices(self)
         if not self.name or "/" in self.name or "#" in self.name:
             raise ValueError(f"{label}: name must be non-empty without '/' or '#' (it prefixes prompt ids)")
         if self.count is not None and self.count < 0:

@@ -6,12 +6,21 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pyarrow as pa
 
 from tcrlsd.answers import final_boxed_answer
-from tcrlsd.prepare.params import HF_HINT, PrepareError, SourceParams
+
+if TYPE_CHECKING:  # prepare.params imports FORMATS (its formats' choices): annotation only
+    from tcrlsd.prepare.params import SourceParams
+
+HF_HINT = "install tcrlsd[hf] and have network access, or give a local file"
+
+
+class PrepareError(ValueError):
+    """Raw data or prepare params are wrong; the message names the file, line and field."""
+
 
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _CALC = re.compile(r"<<[^<>]*>>")
@@ -196,17 +205,36 @@ def _gsm8k_row(source: SourceParams, label: str, rec: RawRecord) -> Row:
     )
 
 
-FormatFn = Callable[[SourceParams, str, RawRecord], Row]
-
-# format name -> converter of one raw record (synthetic has no raw records: see _synthetic_rows).
-FORMATS: dict[str, FormatFn] = {"math": _math_row, "math500": _math500_row, "gsm8k": _gsm8k_row}
+FormatFn = Callable[["SourceParams", str, RawRecord], Row]
 
 
-
-def _missing_why(fmt: str, row: Row) -> str:
-    """Why ``row`` has no gold answer, in words for the warning and the metrics."""
-    if fmt == "gsm8k":
-        return "no '#### <answer>' in the answer field"
-    if fmt == "math" and row.answer is not None:
-        return "the last \\boxed{} of the solution is empty"
+def _no_box(row: Row) -> str:
     return "no \\boxed{} in the solution"
+
+
+def _math_missing(row: Row) -> str:
+    return "the last \\boxed{} of the solution is empty" if row.answer is not None else _no_box(row)
+
+
+def _gsm8k_missing(row: Row) -> str:
+    return "no '#### <answer>' in the answer field"
+
+
+@dataclass(frozen=True)
+class Format:
+    """One raw data format: the converter of one record, and why a converted row has no gold answer.
+
+    ``row`` None: the format has no raw records, its rows are generated (synthetic, in the stage).
+    """
+
+    row: FormatFn | None
+    missing: Callable[[Row], str] = _no_box
+
+
+# format name -> Format; the only list of formats (params prepare.sources[].format checks against it)
+FORMATS: dict[str, Format] = {
+    "math": Format(_math_row, _math_missing),
+    "math500": Format(_math500_row),
+    "gsm8k": Format(_gsm8k_row, _gsm8k_missing),
+    "synthetic": Format(None),
+}

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from tcrlsd.prepare.params import PrepareError, PrepareParams, SourceParams
-from tcrlsd.prepare.sources import FORMATS, Row, _missing_why, read_raw
+from tcrlsd.prepare.sources import FORMATS, Row, read_raw
 from tcrlsd.schemas import schema_for, validate
 from tcrlsd.templates import render_user_message
 
@@ -71,19 +71,20 @@ def _synthetic_rows(source: SourceParams, seed: int, exclude: set[str]) -> tuple
 def _source_rows(source: SourceParams, params: PrepareParams, exclude: set[str]) -> tuple[list[Row], dict]:
     what = f"source {source.name!r} ({source.split})"
     stats: dict[str, Any] = {"format": source.format, "path": source.path, "split": source.split}
-    if source.format == "synthetic":
+    fmt = FORMATS[source.format]
+    if fmt.row is None:  # generated rows: the synthetic task
         rows, redraws = _synthetic_rows(source, params.seed, exclude)
         stats.update(records_read=len(rows), skipped_no_answer=0, skipped={}, val_overlap_redrawn=redraws,
                      val_overlap_dropped=0)
         return rows, stats
     label, records = read_raw(source)
-    convert = FORMATS[source.format]
+    convert = fmt.row
     usable, skipped, overlap, n = [], {}, 0, 0
     for rec in records:
         n += 1
         row = convert(source, label, rec)
         if row.answer is None or not row.answer.strip():
-            why = _missing_why(source.format, row)
+            why = fmt.missing(row)
             if params.missing_answer == "error":
                 raise PrepareError(
                     f"{rec.where}: {row.prompt_id}: {why}, so no gold answer "
