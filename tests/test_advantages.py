@@ -464,7 +464,7 @@ def test_metrics_hand_table(tmp_path):
     assert shared["saturated_group_share"] == pytest.approx(2 / 3)
     assert shared["saturated_all_correct_share"] == pytest.approx(1 / 3)
     assert shared["saturated_all_wrong_share"] == pytest.approx(1 / 3)
-    assert shared["critique_coverage"] == 0.5 and shared["critique_coverage_source"] == "critiques"
+    assert shared["critique_coverage"] == 0.5
     assert shared["teacher_differs_share"] == pytest.approx(1 / 3)
     assert shared["delta_gap"] == pytest.approx(0.4)
     assert shared["lam"] == 0.5 and shared["tokens"] == 9 and shared["groups"] == 3
@@ -478,11 +478,25 @@ def test_metrics_hand_table(tmp_path):
     # rlsd_add |Â|: p0#0: 2 × .5a; p0#1: |−.5a + .25|, .5a, .5a + .25; p1#1: 2 × .5  -> sum / 9
     want = (2 * 0.5 * a + abs(-0.5 * a + 0.25) + 0.5 * a + 0.5 * a + 0.25 + 1.0) / 9
     assert per["rlsd_add"]["adv_abs_mean"] == pytest.approx(want, rel=1e-6)
-    # without critiques, coverage falls back to "teacher differs" (p1#0 has no tokens, so it does not count)
+    # rloo: p0 = [1, 0] -> A = ±1 (2/1·±.5); p1, p2 saturated -> 0: p0's 5 tokens, |Â| 5/9
+    assert per["rloo"]["adv_nonzero_token_share"] == pytest.approx(5 / 9)
+    assert per["rloo"]["adv_abs_mean"] == pytest.approx(5 / 9)
+    # reinforce_pp has no group baseline: saturated groups keep A ≠ 0 (all 4 of their tokens)
+    assert per["reinforce_pp"]["saturated_adv_nonzero_token_share"] == 1.0
+    # without critiques coverage and Δ-gap are unknown: no other "feedback" rule stands in (tcrlsd.signals)
     (folder / "critiques.parquet").unlink()
     shared, _ = compare_estimators(IterationInputs.find(folder), AdvantagesParams())
-    assert shared["critique_coverage"] == pytest.approx(1 / 3) and shared["critique_coverage_source"] == "scores"
-    assert shared["delta_gap"] == pytest.approx(0.4)
+    assert shared["critique_coverage"] is None and shared["delta_gap"] is None
+    assert shared["teacher_differs_share"] == pytest.approx(1 / 3)
+
+
+def test_coverage_and_delta_gap_are_one_definition_across_stages(reliability_iteration):
+    """critique, score and advantages report the same coverage and Δ-gap on one iteration."""
+    m = {s: json.loads((reliability_iteration / "metrics" / f"{s}.json").read_text())
+         for s in ("critique", "score", "advantages")}
+    assert m["critique"]["coverage"] == m["score"]["critique_coverage"] == m["advantages"]["critique_coverage"]
+    assert m["score"]["delta_gap"] is not None and m["score"]["delta_gap"] != 0
+    assert m["advantages"]["delta_gap"] == pytest.approx(m["score"]["delta_gap"], rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

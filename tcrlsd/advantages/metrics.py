@@ -51,8 +51,6 @@ class _Shared:
 
     tokens: int = 0
     saturated_tokens: int = 0
-    feedback_tokens: int = 0
-    feedback_delta_sum: float = 0.0
     delta_abs_sum: float = 0.0
     teacher_differs_rows: int = 0
 

@@ -23,6 +23,7 @@ from tcrlsd.advantages.metrics import _estimator_metrics, _group_metrics, _ratio
 from tcrlsd.advantages.params import AdvantagesParams, settings_for
 from tcrlsd.artifacts import AtomicParquetWriter
 from tcrlsd.schemas import SchemaError, schema_for
+from tcrlsd.signals import DeltaGap, coverage
 
 # ---------------------------------------------------------------------------------------------
 # The streamed pass
@@ -126,6 +127,7 @@ def _stream(
     seen = np.zeros(len(ro.group), dtype=bool)  # (R,)
     cursor = 0  # score rows read so far
     sh = _Shared()
+    gap = DeltaGap()
     totals = {name: _Totals() for name in estimators}
     for f, b in _iter_batches(inputs.scores, "scores", _SCORE_COLUMNS, batch_rows):
         ids = b.column("rollout_id")
@@ -141,12 +143,12 @@ def _stream(
         delta = teacher - student  # (N,) float32
         differs = _row_sums(delta != 0, offsets) > 0  # (B,)
         differs_row[idx] = differs
-        fb = ro.feedback[idx] if ro.feedback is not None else differs  # (B,) rows with feedback
         sat = saturated_row[idx]  # (B,)
         sh.tokens += int(len(delta))
         sh.saturated_tokens += int(lengths[sat].sum())
-        sh.feedback_tokens += int(lengths[fb].sum())
-        sh.feedback_delta_sum += float(_row_sums(delta, offsets)[fb].sum())
+        if ro.feedback is not None:  # Δ-gap: feedback rows' tokens, in float64 (tcrlsd.signals)
+            fb_tok = np.repeat(ro.feedback[idx], lengths)  # (N,) bool
+            gap.add(teacher[fb_tok].astype(np.float64) - student[fb_tok].astype(np.float64))
         sh.delta_abs_sum += float(np.abs(delta).sum(dtype=np.float64))
         for name in estimators:
             adv = token_advantages(name, adv_rows[name][idx], offsets, student, teacher, settings)  # (N,)
@@ -159,17 +161,16 @@ def _stream(
             f"{inputs.scores}: scores has no row for {int((~seen).sum())} rollout(s), "
             f"e.g. rollout_id {ro.ids[row].as_py()!r}"
         )
-    feedback_rows = ro.feedback if ro.feedback is not None else differs_row
     shared = {
         **shared_metrics,
         "tokens": sh.tokens,
         "iteration": ro.iteration,
         "lam": settings.lam,
         "lam_source": "given" if lam is not None else "schedule",
-        "critique_coverage": float(feedback_rows.mean()),
-        "critique_coverage_source": "critiques" if ro.feedback is not None else "scores",
+        # from the critiques; unknown (None) without them (tcrlsd.signals)
+        "critique_coverage": None if ro.feedback is None else coverage(int(ro.feedback.sum()), len(ro.feedback)),
         "teacher_differs_share": float(differs_row.mean()),
-        "delta_gap": _ratio(sh.feedback_delta_sum, sh.feedback_tokens),
+        "delta_gap": gap.mean,
         "delta_abs_mean": _ratio(sh.delta_abs_sum, sh.tokens),
         "settings": {k: v for k, v in asdict(params).items() if k != "estimator"},
     }

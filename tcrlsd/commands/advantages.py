@@ -134,7 +134,7 @@ def recompute(
     table = Table(title=f"{iter_dir}: {metrics['estimator']}" + (f" -> {out}" if out else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("estimator", *_SHARED_ROWS, "lam_source", "critique_coverage_source", *_ESTIMATOR_ROWS):
+    for key in ("estimator", *_SHARED_ROWS, "lam_source", *_ESTIMATOR_ROWS):
         table.add_row(key, _fmt(metrics[key]))
     for key, value in metrics["settings"].items():
         table.add_row(f"settings.{key}", _fmt(value))

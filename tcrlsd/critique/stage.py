@@ -21,6 +21,7 @@ from tcrlsd.feedback import TRUNCATED_NOT_CRITIQUED, skipped_as_truncated, wants
 from tcrlsd.reference_critic import CriticReply
 from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.schemas import schema_for
+from tcrlsd.signals import coverage
 from tcrlsd.templates import (
     Template,
     TemplateError,
@@ -339,7 +340,7 @@ def critique_metrics(critiques: pa.Table, verdicts: pa.Table, params: CritiquePa
         "incorrect_share": share(n_incorrect, n),
         "eligible_rollouts": eligible,
         "rollouts_with_feedback": n_fb,
-        "coverage": share(n_fb, n),
+        "coverage": coverage(n_fb, n),  # tcrlsd.signals: share of rollouts with feedback
         "coverage_of_eligible": share(n_fb, eligible),
         "mean_feedback_chars": share(sum(len(t) for t in texts), n_fb),
         "mean_feedback_words": share(sum(len(t.split()) for t in texts), n_fb),

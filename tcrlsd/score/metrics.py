@@ -18,6 +18,7 @@ from tcrlsd.artifacts import artifact_files, read_table
 from tcrlsd.offpolicy import MismatchSums
 from tcrlsd.schemas import SchemaError, check_token_lengths
 from tcrlsd.score.inputs import ScoringInputs
+from tcrlsd.signals import DeltaGap, coverage
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -41,8 +42,7 @@ class _Sums:
     fb_tokens: int = 0
     fb_student_sum: float = 0.0
     fb_teacher_sum: float = 0.0
-    delta_mean: float = 0.0  # running mean and sum of squared deviations (Chan et al.)
-    delta_m2: float = 0.0
+    gap: DeltaGap = field(default_factory=DeltaGap)  # the Δ-gap and its spread (tcrlsd.signals)
     delta_positive: int = 0
     row_mean_sum: float = 0.0
     row_mean_count: int = 0
@@ -72,15 +72,9 @@ class _Sums:
         self.fb_student_sum += float(student[fb_tok].sum())
         self.fb_teacher_sum += float(teacher[fb_tok].sum())
         self.nofb_equal &= bool(np.array_equal(teacher[~fb_tok], student[~fb_tok]))
-        if len(delta):
-            n_a, n_b = self.fb_tokens, len(delta)
-            mean_b = float(delta.mean())
-            m2_b = float(((delta - mean_b) ** 2).sum())
-            step = mean_b - self.delta_mean
-            self.delta_mean += step * n_b / (n_a + n_b)
-            self.delta_m2 += m2_b + step * step * n_a * n_b / (n_a + n_b)
-            self.fb_tokens += n_b
-            self.delta_positive += int((delta > 0).sum())
+        self.gap.add(delta)
+        self.fb_tokens += len(delta)
+        self.delta_positive += int((delta > 0).sum())
         decile = np.minimum((_DECILES * d_pos) // np.maximum(d_len, 1), _DECILES - 1)
         bucket = np.searchsorted(np.asarray(_ABS_EDGES), d_pos, side="right") - 1
         self.decile_sum += np.bincount(decile, weights=delta, minlength=_DECILES)
@@ -104,12 +98,12 @@ class _Sums:
         return {
             "rollouts": self.rows,
             "rollouts_with_feedback": self.feedback_rows,
-            "critique_coverage": div(self.feedback_rows, self.rows),
+            "critique_coverage": coverage(self.feedback_rows, self.rows),
             "response_tokens": self.tokens,
             "feedback_response_tokens": n_fb,
-            "delta_gap": self.delta_mean if n_fb else None,  # token mean of teacher - student, feedback rows
+            "delta_gap": self.gap.mean,  # token mean of teacher - student, feedback rows (tcrlsd.signals)
             "delta_gap_row_mean": div(self.row_mean_sum, self.row_mean_count),  # mean of feedback rows' means
-            "delta_std": float(np.sqrt(self.delta_m2 / n_fb)) if n_fb else None,
+            "delta_std": self.gap.std,
             "delta_positive_share": div(self.delta_positive, n_fb),
             "student_logprob_mean": div(self.student_sum, self.tokens),
             "student_logprob_mean_feedback_rows": div(self.fb_student_sum, n_fb),
