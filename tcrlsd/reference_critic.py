@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from tcrlsd.answers import last_boxed
+from tcrlsd.synthetic import apply_op
 
 # The reference critic's phrasing has a version id like a template file (recorded in `template`).
 REFERENCE_CRITIC_ID = "reference-critic@v1"
@@ -55,10 +56,6 @@ def parse_steps(text: str, limit: int | None = None) -> list[Step]:
     return steps
 
 
-def _apply(a: int, op: str, b: int) -> int:
-    return a + b if op == "+" else a - b if op == "-" else a * b
-
-
 def _all_right(n: int) -> str:
     return "The one step is right" if n == 1 else f"All {n} steps are right"
 
@@ -106,7 +103,7 @@ def reference_critique(response: str, solution: str | None, reveal_final_answer:
         if m.right != g.right:
             return CriticReply(f"In step {k} the problem says to {_VERB[g.op]} {g.right}, but the step uses "
                                f"{m.right}. Copy the number from the problem.")
-        true = _apply(m.left, m.op, m.right)
+        true = apply_op(m.left, m.op, m.right)
         if m.result != true:
             sym = "*" if m.op == "*" else m.op
             if i == n - 1 and not reveal_final_answer:  # the right result here IS the final answer

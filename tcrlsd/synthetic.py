@@ -14,8 +14,11 @@ multipliers up to 5, the same 2000-step warm-start reached 9% greedy accuracy in
 
 from __future__ import annotations
 
+import operator
+
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 __all__ = ["Problem", "make_problem", "make_problems", "solution_steps", "ANSWER_LINE"]
 
@@ -32,8 +35,14 @@ class Problem:
     steps: tuple[tuple[int, str, int, int], ...]  # (left, op symbol, right, result)
 
 
-def _apply(a: int, op: str, b: int) -> int:
-    return a + b if op == "+" else a - b if op == "-" else a * b
+# THE arithmetic of a step's operator symbol (the task, its reference critic and the warm start's
+# demonstrator all compute a step with it)
+OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def apply_op(a: int, op: str, b: int) -> int:
+    """``a op b`` for an operator symbol of :data:`OPS`."""
+    return OPS[op](a, b)
 
 
 VALUE_CAP = 99  # every start, operand and intermediate result stays in 0..VALUE_CAP
@@ -62,7 +71,7 @@ def make_problem(rng: random.Random, level: int, max_operand: int = 20) -> Probl
             b = rng.randint(1, min(value - 1, max_operand))
         else:
             b = rng.randint(1, min(max_operand, VALUE_CAP - value))
-        result = _apply(value, op, b)
+        result = apply_op(value, op, b)
         steps.append((value, op, b, result))
         words.append(f"{verb} {b}")
         value = result

@@ -236,13 +236,17 @@ def test_signals_table_and_report_with_command_and_doc(tmp_path):
 
 
 def test_hypothesis_line_reports_met_or_not():
-    from tcrlsd.loop.results import hypothesis_lines
+    from tcrlsd.loop.results import hypothesis_lines, load_aims
 
+    aims = load_aims(ROOT / "configs" / "aims.yaml")  # the aim is data: tc_rlsd_hybrid >= grpo + 2 points
+    assert [(a.run, a.reference, a.margin_points) for a in aims] == [("tc_rlsd_hybrid", "grpo", 2.0)]
     rows = _rows("grpo", 0, [0.5, 0.60]) + _rows("tc_rlsd_hybrid", 0, [0.5, 0.61])
-    assert "**not met** (difference +1.0 points" in hypothesis_lines(rows, ["grpo", "tc_rlsd_hybrid"])[0]
+    line = hypothesis_lines(rows, ["grpo", "tc_rlsd_hybrid"], aims)[0]
+    assert "tc_rlsd_hybrid ≥ grpo + 2 points" in line and "**not met** (difference +1.0 points" in line
     rows = _rows("grpo", 0, [0.5, 0.60]) + _rows("tc_rlsd_hybrid", 0, [0.5, 0.63])
-    assert "**met** (difference +3.0 points" in hypothesis_lines(rows, ["grpo", "tc_rlsd_hybrid"])[0]
-    assert hypothesis_lines(rows, ["grpo"]) == []
+    assert "**met** (difference +3.0 points" in hypothesis_lines(rows, ["grpo", "tc_rlsd_hybrid"], aims)[0]
+    assert hypothesis_lines(rows, ["grpo"], aims) == []
+    assert hypothesis_lines(rows, ["grpo", "tc_rlsd_hybrid"]) == []  # no aims, no line
 
 
 def test_a_run_without_any_feedback_is_called_out():

@@ -79,6 +79,8 @@ def experiment(
     doc: Path = typer.Option(None, help="Also write the report here (e.g. docs/RESULTS.md), figures beside it."),
     title: str = typer.Option("Experiment", help="Title of the report."),
     intro: Path = typer.Option(None, help="A Markdown file whose text opens the report (the setting, the question)."),
+    aims: Path = typer.Option(None, help="The research aims the report checks (a YAML list: name, run, reference, "
+                                         "margin_points; default: the project's configs/aims.yaml; none if absent)."),
     report_only: bool = typer.Option(False, "--report-only", help="Run nothing: rewrite the results and the report "
                                      "from the workspaces as they are (the recorded command omits this flag)."),
 ) -> None:
@@ -91,6 +93,7 @@ def experiment(
     import shlex
     import sys
     from tcrlsd.loop.experiment import run_experiment
+    from tcrlsd.loop.results import load_aims
     from tcrlsd.params import ParamsError, find_project, params_in_force
 
     names = [p.strip() for p in presets.split(",") if p.strip()]
@@ -104,6 +107,7 @@ def experiment(
         raise typer.Exit(2)
     params = params_in_force(params, announce="experiment")
     presets_dir = presets_dir or root / "configs" / "presets"
+    aims = aims or root / "configs" / "aims.yaml"
     try:
         argv = [a for a in sys.argv[2:] if a != "--report-only"]
         command = "tcrlsd experiment " + shlex.join(argv) if len(sys.argv) > 1 else ""
@@ -111,7 +115,7 @@ def experiment(
         run_experiment(root, params, names, list(range(seeds)), iterations, out, presets_dir, log=typer.echo,
                        jobs=max(1, jobs), command=command, doc=doc, title=title, intro=text,
                        setting=setting, report_only=report_only,
-                       cache=cache)
+                       cache=cache, aims=load_aims(aims))
     except (ParamsError, ValueError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)

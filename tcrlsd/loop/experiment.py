@@ -32,6 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 from tcrlsd.loop.results import RESULT_COLUMNS, Run, collect_results, summary_table, write_results
 
@@ -146,7 +147,7 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
                    out: Path, presets_dir: Path, log=print, jobs: int = 1, command: str = "",
                    doc: Path | None = None, title: str = "Experiment", intro: str = "",
                    setting: Path | None = None, report_only: bool = False,
-                   cache: Path | None = None) -> list[dict]:
+                   cache: Path | None = None, aims: Sequence = ()) -> list[dict]:
     """Run (or resume) every preset x seed for ``iterations`` iterations; returns the result rows.
 
     The first run's prepare and warm start go first, alone (into the shared cache); then ``jobs``
@@ -158,7 +159,7 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
     runs = [Run(p, s) for p in presets for s in seeds]
     if report_only:  # the workspaces as they are: nothing copied, nothing run
         rows = collect_results(out, runs)
-        write_results(out, rows, presets, runs, command, doc, title, intro)
+        write_results(out, rows, presets, runs, command, doc, title, intro, aims)
         return rows
     started = time.perf_counter()
     spaces = [prepare_workspace(project, base_params, run, presets_dir, out / "runs" / run.name, cache, iterations,
@@ -180,13 +181,13 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
         else:
             log(f"[{i + 1}/{len(runs)}] {runs[i].name}: done")
         with lock:  # results so far, after every run: a long experiment shows its table as it goes
-            write_results(out, collect_results(out, runs), presets, runs, command, doc, title, intro)
+            write_results(out, collect_results(out, runs), presets, runs, command, doc, title, intro, aims)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, range(len(runs))))
     _add_seconds(out / "experiment-wall.json", time.perf_counter() - started)  # every invocation, resumes included
     rows = collect_results(out, runs)
-    write_results(out, rows, presets, runs, command, doc, title, intro)
+    write_results(out, rows, presets, runs, command, doc, title, intro, aims)
     if failures:
         raise RuntimeError("; ".join(failures) + ". Rerun the same command to resume.")
     return rows

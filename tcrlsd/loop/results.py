@@ -15,9 +15,10 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-__all__ = ["RESULT_COLUMNS", "Run", "collect_results", "summary_table", "paired_table", "write_results",
-           "T_CRIT_95"]
+__all__ = ["RESULT_COLUMNS", "Aim", "Run", "collect_results", "load_aims", "summary_table", "paired_table",
+           "write_results", "T_CRIT_95"]
 
 RESULT_COLUMNS = ("preset", "seed", "iteration", "val_greedy", "val_avg_at_k", "reward_mean", "critique_coverage",
                   "delta_gap", "saturated_share", "saturated_nonzero_adv_share", "entropy", "response_length",
@@ -155,19 +156,45 @@ def paired_table(rows: list[dict], presets: list[str], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def hypothesis_lines(rows: list[dict], presets: list[str], margin: float = 2.0) -> list[str]:
-    """The method note's aim, checked on the final greedy accuracy: tc_rlsd_hybrid >= grpo + 2 points
-    (mean of seeds). Empty unless both presets ran."""
-    if not {"grpo", "tc_rlsd_hybrid"} <= set(presets):
+@dataclass(frozen=True)
+class Aim:
+    """A research aim (configs/aims.yaml): ``run``'s final greedy accuracy >= ``reference``'s + margin."""
+
+    name: str
+    run: str
+    reference: str
+    margin_points: float
+
+
+def load_aims(path: Path | None) -> list[Aim]:
+    """The aims listed in ``path`` (a YAML list of mappings with Aim's keys); none when it does not exist."""
+    import yaml
+
+    from tcrlsd.params import ParamsError, from_mapping
+
+    if path is None or not Path(path).exists():
         return []
-    final = {p: [c[-1][1] for c in _curves(rows, p, "val_greedy").values() if c] for p in ("grpo", "tc_rlsd_hybrid")}
-    if not all(final.values()):
-        return []
-    diff = 100 * (statistics.mean(final["tc_rlsd_hybrid"]) - statistics.mean(final["grpo"]))
-    met = "met" if diff >= margin else "not met"
-    return [f"The method note's aim, tc_rlsd_hybrid ≥ grpo + {margin:.0f} points of final greedy accuracy (mean of "
-            f"{len(final['grpo'])} / {len(final['tc_rlsd_hybrid'])} seeds): **{met}** (difference {diff:+.1f} "
-            "points; see the paired test above for whether it exceeds the seed spread).", ""]
+    data = yaml.safe_load(Path(path).read_text()) or []
+    if not isinstance(data, list):
+        raise ParamsError(f"{path}: expected a list of aims (name, run, reference, margin_points)")
+    return [from_mapping(Aim, item, f"{path}[{i}]") for i, item in enumerate(data)]
+
+
+def hypothesis_lines(rows: list[dict], presets: list[str], aims: Sequence[Aim] = ()) -> list[str]:
+    """Each aim whose two runs are in the experiment, checked on the final greedy accuracy (mean of seeds)."""
+    out = []
+    for aim in aims:
+        if not {aim.run, aim.reference} <= set(presets):
+            continue
+        final = {p: [c[-1][1] for c in _curves(rows, p, "val_greedy").values() if c] for p in (aim.reference, aim.run)}
+        if not all(final.values()):
+            continue
+        diff = 100 * (statistics.mean(final[aim.run]) - statistics.mean(final[aim.reference]))
+        met = "met" if diff >= aim.margin_points else "not met"
+        out += [f"{aim.name}, {aim.run} ≥ {aim.reference} + {aim.margin_points:g} points of final greedy accuracy "
+                f"(mean of {len(final[aim.reference])} / {len(final[aim.run])} seeds): **{met}** (difference "
+                f"{diff:+.1f} points; see the paired test above for whether it exceeds the seed spread).", ""]
+    return out
 
 
 def no_feedback_lines(rows: list[dict], presets: list[str]) -> list[str]:
@@ -189,7 +216,8 @@ FIGURES = (("val_greedy", "Validation greedy mean@1"), ("val_avg_at_k", "Validat
 
 
 def write_results(out: Path, rows: list[dict], presets: list[str], runs: list[Run], command: str = "",
-                  doc: Path | None = None, title: str = "Experiment", intro: str = "") -> Path:
+                  doc: Path | None = None, title: str = "Experiment", intro: str = "",
+                  aims: Sequence[Aim] = ()) -> Path:
     """``out/results.csv``, ``out/results.md`` and PNG curves; with ``doc``, the same report written
     to that path (its figures in ``<doc stem>-figures/`` beside it). Returns the report path."""
     import shutil
@@ -235,7 +263,7 @@ def write_results(out: Path, rows: list[dict], presets: list[str], runs: list[Ru
                f"of greedy accuracy. Verdict: |t| above the 95% two-sided critical value for n − 1 degrees of freedom "
                f"({', '.join(f'n={k + 1}: {v}' for k, v in list(T_CRIT_95.items())[:3])}).", "",
                paired_table(rows, presets, reference)]
-        md += hypothesis_lines(rows, presets)
+        md += hypothesis_lines(rows, presets, aims)
     md += no_feedback_lines(rows, presets)
     for col, fig_title in FIGURES:
         series = {}

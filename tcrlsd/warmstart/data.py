@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from tcrlsd.reference_critic import reference_critique
-from tcrlsd.synthetic import Problem, make_problems
+from tcrlsd.synthetic import Problem, apply_op, make_problems
 from tcrlsd.templates import default_templates_dir, load_template, render_teacher_prompt, split_student_prompt
 from tcrlsd.warmstart.params import IGNORE, PROBLEM_FIELD, WarmstartParams
 
@@ -158,7 +158,7 @@ def wrong_attempt(problem: Problem, rng: random.Random) -> str:
         out = list(steps[:k]) + [(a, op, b, wrong)]
         value = wrong
         for _, op2, b2, _ in steps[k + 1:]:
-            nxt = value + b2 if op2 == "+" else value - b2 if op2 == "-" else value * b2
+            nxt = apply_op(value, op2, b2)
             out.append((value, op2, b2, nxt))
             value = nxt
         if value >= 0 or attempt == 19:
@@ -192,7 +192,7 @@ def demonstrator_solution(problem: Problem, rng: random.Random, slip_rate: float
     out, value = [], None
     for a, op, b, _ in problem.steps:
         a = a if value is None else value
-        result = a + b if op == "+" else a - b if op == "-" else a * b
+        result = apply_op(a, op, b)
         if needs_carry(a, op, b) and rng.random() < slip_rate:
             result += -10 if op == "+" else 10
         out.append((a, op, b, result))
