@@ -92,7 +92,7 @@ def plain_loop(policy, inputs, params, device, dtype, batch_size):
 
     from tcrlsd.policy import load_policy
     from tcrlsd.update.batching import plan_mini_batches
-    from tcrlsd.update.losses import ppo_clip_loss
+    from tcrlsd.update.losses import ClipSettings, ppo_clip_loss
 
     model, _ = load_policy(policy, device=device, dtype=dtype)
     model.train()
@@ -122,7 +122,7 @@ def plain_loop(policy, inputs, params, device, dtype, batch_size):
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
             logp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)  # (B, T-1)
-            loss, _ = ppo_clip_loss(logp, old.to(device), adv.to(device), 0.2, 0.2, None)
+            loss, _ = ppo_clip_loss(logp, old.to(device), adv.to(device), None, ClipSettings(0.2, 0.2))  # per token: no seq
             loss = (loss * resp_mask.to(device)).sum() / n_tok
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
