@@ -8,7 +8,7 @@ import typer
 
 
 def preset(
-    name: str = typer.Argument(None, help="Preset name (grpo, rlsd_gold, rlsd_self, tc_rlsd_mult, tc_rlsd_add, tc_rlsd_hybrid) or a YAML path."),
+    name: str = typer.Argument(None, help="Preset name (a file stem in --presets-dir; --list lists them) or a YAML path."),
     params: Path = typer.Option(None, help="The params file to update (default: the project's params.yaml, "
                                            "found from the working directory)."),
     presets_dir: Path = typer.Option(None, help="Where named presets live (default: the project's configs/presets)."),
