@@ -8,10 +8,10 @@ under the estimator in use; more prompts are drawn until the part holds as many 
 afterwards (the same verdicts: the grading is deterministic).
 
 Where it departs from DAPO: DAPO keeps a group whose rewards are not all equal. Here "zero advantage"
-is asked of the estimator itself (:func:`groups_with_signal`): the group advantage A of the rewards
-(:func:`tcrlsd.advantages.estimators.group_advantages`) and a probe Delta of 1 on the rollouts that
-will get feedback (:mod:`tcrlsd.feedback`: mode, which, skip_truncated) go through
-``ESTIMATORS[estimator]`` once with Delta = 0 and once with A = 0, lambda at this iteration. So under
+is asked of the estimator itself (:func:`groups_with_signal`): the estimator's own outcome advantage A
+of the rewards (``ESTIMATORS[estimator].outcome``) and a probe Delta of 1 on the rollouts that
+will get feedback (:mod:`tcrlsd.feedback`: mode, which, skip_truncated) go through its token form
+``ESTIMATORS[estimator].token`` once with Delta = 0 and once with A = 0, lambda at this iteration. So under
 grpo / rlsd a group with equal rewards is dropped, while under rlsd_add / rlsd_hybrid an all-wrong
 group whose rollouts get feedback is kept (it still carries Delta), until lambda has decayed to 0.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tcrlsd.advantages.estimators import ESTIMATORS, Settings, group_advantages
+from tcrlsd.advantages.estimators import ESTIMATORS, Settings
 from tcrlsd.feedback import CRITIC_MODES, gets_feedback
 
 __all__ = ["GroupFilter", "load_group_filter", "groups_with_signal", "reserve_for_parts", "DrawRecord",
@@ -104,20 +104,14 @@ def groups_with_signal(prompt_ids, rewards, is_correct, finish_reasons, flt: Gro
 
 
 def _estimator_parts(name: str):
-    """(outcome A of a round's rewards, token form Â_t(A, Δ)) of estimator ``name``.
-
-    Two registry shapes: ``ESTIMATORS[name]`` is the token function with GRPO's group advantage
-    (main at this writing), or an entry with ``.outcome(group, rewards, lengths, settings)`` and
-    ``.token`` (issue 21's registry: rloo, REINFORCE++, ...). Once both are merged only the second
-    remains and this shim goes. Batch-whitened outcomes (REINFORCE++) whiten within the round's
-    rows here, not over the whole iteration: they give almost every group A != 0, so they drop
+    """(outcome A of a round's rewards, token form Â_t(A, Δ)) of estimator ``name``: its ``ESTIMATORS``
+    entry. Batch-whitened outcomes (REINFORCE++) whiten within the round's rows here (every rollout
+    weighing 1), not over the whole iteration: they give almost every group A != 0, so they drop
     almost nothing, as they should (they have no group baseline to cancel).
     """
     entry = ESTIMATORS[name]
-    if hasattr(entry, "outcome"):
-        return (lambda group, rewards, flt: entry.outcome(group, rewards, np.ones(len(rewards), np.int64), flt.settings),
-                entry.token)
-    return (lambda group, rewards, flt: group_advantages(group, rewards, flt.norm_by_std)), entry
+    return (lambda group, rewards, flt: entry.outcome(group, rewards, np.ones(len(rewards), np.int64), flt.settings),
+            entry.token)
 
 
 def reserve_for_parts(train_ids, chosen, num_parts: int, seed: int, iteration: int) -> list[list[str]]:
