@@ -94,7 +94,7 @@ def build(folder: Path, samples: int) -> Path:
     cfg = TinyLlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2)
     policy = save_policy(build_tiny_llama(tok, cfg, seed=0), tok, folder / "policy")
-    params = write_params(folder, generate={"samples_per_prompt": samples, "max_new_tokens": 24})
+    params = write_params(folder, generate={"samples_per_prompt": samples, "sampling": {"max_new_tokens": 24}})
     return build_iteration(folder / "it", policy, params)
 
 
