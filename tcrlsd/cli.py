@@ -32,6 +32,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("advantages", "recompute", "recompute"),
     ("advantages", "compare", "compare"),
     ("loop", "iterate", "iterate"),
+    ("loop", "prune", "prune"),
     ("loop", "report", "report"),
     ("loop", "experiment", "experiment"),
     ("inspect", "inspect", "inspect"),

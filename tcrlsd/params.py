@@ -46,6 +46,7 @@ SECTIONS = {
     "update": "tcrlsd.update.params:UpdateParams",
     "evaluate": "tcrlsd.evaluate.core:EvaluateParams",
     "tracking": "tcrlsd.tracking:TrackingParams",
+    "checkpoints": "tcrlsd.loop.retention:CheckpointParams",
 }
 
 T = TypeVar("T")

@@ -26,7 +26,13 @@ __all__ = [
     "encode_prompt",
     "resolve_dtype",
     "torch_dtype",
+    "WEIGHTS_DIGEST",
 ]
+
+# The update writes, beside a checkpoint's weights, their sha256 (tcrlsd.update.state.weights_digest)
+# in this file. DVC tracks it even where the loop's checkpoint retention keeps the weights themselves
+# out of DVC (.dvcignore; tcrlsd/loop/retention.py): the folder's DVC hash still changes with them.
+WEIGHTS_DIGEST = "weights.sha256"
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -212,6 +218,10 @@ def load_policy(
 
     p = Path(path)
     if p.exists() and not any(p.glob("*.safetensors")):
+        if (p / WEIGHTS_DIGEST).exists():
+            raise FileNotFoundError(
+                f"{p}: its weights were removed by the checkpoint retention (params checkpoints.keep_every; "
+                f"{WEIGHTS_DIGEST} still names them): start from a kept checkpoint instead")
         raise FileNotFoundError(
             f"{p}: no *.safetensors weights; tcrlsd loads safetensors only (convert pickle .bin files first)"
         )

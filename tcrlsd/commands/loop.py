@@ -1,4 +1,4 @@
-"""`tcrlsd iterate` and `tcrlsd report`: grow the run by N iterations; plot it offline."""
+"""`tcrlsd iterate`, `tcrlsd prune`, `tcrlsd report`: grow the run by N iterations; bound its storage; plot it."""
 
 from __future__ import annotations
 
@@ -9,29 +9,80 @@ from pathlib import Path
 import typer
 
 
+def _dvc_repro() -> list[str]:
+    dvc = Path(sys.executable).parent / "dvc"
+    return [str(dvc) if dvc.exists() else "dvc", "repro"]
+
+
+def _retention(params: Path):
+    from tcrlsd.loop.retention import CheckpointParams
+    from tcrlsd.params import ParamsError, load_section
+
+    try:
+        return load_section(params, "checkpoints", CheckpointParams)
+    except ParamsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+
+
 def iterate(
     n: int = typer.Argument(1, help="How many iterations to append to iterations.yaml."),
     iterations: Path = typer.Option(Path("iterations.yaml"), help="The iterations file dvc.yaml reads."),
     repro: bool = typer.Option(True, "--repro/--no-repro", help="Run `dvc repro` after appending."),
+    params: Path = typer.Option(Path("params.yaml"), help="The params file (its checkpoints section: retention)."),
 ) -> None:
-    """Append N iterations (each generating with the policy the one before it wrote) and run `dvc repro`.
+    """Append N iterations (each generating with the policy the one before it wrote) and run them.
 
-    Only the new iterations' stages (and the summary) run; earlier ones stay as they are.
+    One iteration at a time: append it, `dvc repro`, then delete what params checkpoints does not
+    keep (tcrlsd/loop/retention.py). Only the new iterations' stages (and the summary) run; earlier
+    ones stay as they are.
     """
     from tcrlsd.loop.iterations import IterationsError, append_iterations
+    from tcrlsd.loop.retention import plan_ignores, prune
 
+    keep = _retention(params)
+    root = iterations.parent
+    for _ in range(n if repro else 1):
+        try:
+            new = append_iterations(iterations, 1 if repro else n)
+        except IterationsError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        plan_ignores(root, new, keep)
+        for it in new:
+            typer.echo(f"{iterations}: added iteration {it.key} (k={it.k}): {it.policy} -> {it.next_policy}")
+        if not repro:
+            return
+        cmd = _dvc_repro()
+        typer.echo(f"running: {' '.join(cmd)}")
+        code = subprocess.call(cmd)
+        if code != 0:
+            raise typer.Exit(code)
+        for line in prune(root, iterations, keep).lines():
+            typer.echo(line)
+
+
+def prune(
+    iterations: Path = typer.Option(Path("iterations.yaml"), help="The iterations file dvc.yaml reads."),
+    params: Path = typer.Option(Path("params.yaml"), help="The params file (its checkpoints section)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be deleted."),
+) -> None:
+    """Delete the checkpoint weights and optimizer states params checkpoints does not keep.
+
+    `tcrlsd iterate` does this after each iteration; run it after a `dvc repro` of your own (never
+    while one runs). Only weights that are out of DVC are deleted, so `dvc status` stays clean.
+    """
+    from tcrlsd.loop.iterations import IterationsError
+    from tcrlsd.loop.retention import prune as prune_run
+
+    keep = _retention(params)
     try:
-        new = append_iterations(iterations, n)
+        report = prune_run(iterations.parent, iterations, keep, dry_run=dry_run)
     except IterationsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
-    for it in new:
-        typer.echo(f"{iterations}: added iteration {it.key} (k={it.k}): {it.policy} -> {it.next_policy}")
-    if repro:
-        dvc = Path(sys.executable).parent / "dvc"
-        cmd = [str(dvc) if dvc.exists() else "dvc", "repro"]
-        typer.echo(f"running: {' '.join(cmd)}")
-        raise typer.Exit(subprocess.call(cmd))
+    for line in report.lines() or ["nothing to delete"]:
+        typer.echo(("(dry run) " if dry_run else "") + line)
 
 
 def report(

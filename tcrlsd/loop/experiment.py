@@ -84,6 +84,8 @@ def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: P
     import yaml
 
     from tcrlsd.loop.iterations import append_iterations, read_iterations, truncate_iterations
+    from tcrlsd.loop.retention import CheckpointParams, plan_ignores
+    from tcrlsd.params import load_section
     from tcrlsd.presets import apply_preset, preset_path
 
     ws.mkdir(parents=True, exist_ok=True)
@@ -109,11 +111,15 @@ def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: P
         subprocess.run([_dvc(), "init", "--no-scm", "-q"], cwd=ws, check=True)
         subprocess.run([_dvc(), "config", "core.analytics", "false"], cwd=ws, check=True)
     subprocess.run([_dvc(), "config", "--local", "cache.dir", str(cache.resolve())], cwd=ws, check=True)
+    if (project / ".dvc" / "config").is_file():  # the project's cache link type (hardlinks: no second copy)
+        shutil.copyfile(project / ".dvc" / "config", ws / ".dvc" / "config")
+        subprocess.run([_dvc(), "config", "core.no_scm", "true"], cwd=ws, check=True)
     if fresh:  # a run starts at the project's first iteration, whatever the project has run since
         truncate_iterations(ws / "iterations.yaml", 1)
     have = len(read_iterations(ws / "iterations.yaml"))
     if have < iterations:
-        append_iterations(ws / "iterations.yaml", iterations - have)
+        new = append_iterations(ws / "iterations.yaml", iterations - have)
+        plan_ignores(ws, new, load_section(ws / "params.yaml", "checkpoints", CheckpointParams))
     elif have > iterations:
         raise ValueError(f"{ws}/iterations.yaml already has {have} iterations, more than --iterations {iterations}; "
                          "use another --out or a larger --iterations")
@@ -141,6 +147,14 @@ def _repro(ws: Path, target: str | None = None, threads: int = 0) -> int:
                                stderr=subprocess.STDOUT, env=env)
     _add_seconds(ws / "wall.json", time.perf_counter() - start)
     return code
+
+
+def _prune(ws: Path) -> list[str]:
+    """The run's checkpoint retention (params checkpoints) once its `dvc repro` is done."""
+    from tcrlsd.loop.retention import CheckpointParams, prune
+    from tcrlsd.params import load_section
+
+    return prune(ws, ws / "iterations.yaml", load_section(ws / "params.yaml", "checkpoints", CheckpointParams)).lines()
 
 
 def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: list[int], iterations: int,
@@ -180,6 +194,8 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
             failures.append(f"{runs[i].name}: dvc repro failed (exit {code}); see {spaces[i] / 'repro.log'}")
         else:
             log(f"[{i + 1}/{len(runs)}] {runs[i].name}: done")
+            for line in _prune(spaces[i]):
+                log(f"[{i + 1}/{len(runs)}] {runs[i].name}: {line}")
         with lock:  # results so far, after every run: a long experiment shows its table as it goes
             write_results(out, collect_results(out, runs), presets, runs, command, doc, title, intro, aims)
 

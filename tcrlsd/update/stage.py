@@ -3,9 +3,12 @@
 :func:`open_trainer` loads the policy into a DeepSpeed engine and, per :func:`resolve_state`, the
 previous iteration's optimizer state; :func:`run_update` trains one iteration and writes
 
-- ``policy_out``: the new policy, a plain Hugging Face folder (safetensors + tokenizer);
+- ``policy_out``: the new policy, a plain Hugging Face folder (safetensors + tokenizer) with the
+  weights' sha256 in ``weights.sha256`` (:data:`tcrlsd.policy.WEIGHTS_DIGEST`: where checkpoint
+  retention keeps the weights out of DVC, this file is what DVC hashes of them);
 - ``state_out``: the training state for the next iteration (:mod:`tcrlsd.update.state`), with the
-  kept teacher inside when score.teacher is lagged or ema (:mod:`tcrlsd.update.teacher`).
+  kept teacher inside when score.teacher is lagged or ema (:mod:`tcrlsd.update.teacher`). It is not a
+  DVC output: resume state, kept on disk by the loop's retention rule (tcrlsd/loop/retention.py).
 
 Both are written to temporary names and renamed when complete. Every process runs this code; rank 0
 writes the files that are not per-process.
@@ -18,6 +21,8 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from tcrlsd.artifacts import write_text
+from tcrlsd.policy import WEIGHTS_DIGEST
 from tcrlsd.tracking import Tracker
 from tcrlsd.update.batching import UpdateInputs
 from tcrlsd.update.params import TEACHER_MODES, UpdateError, UpdateParams
@@ -101,6 +106,7 @@ def save_outputs(trainer: Trainer, tokenizer, policy_out: str | os.PathLike, sta
     done = None
     if rank == 0:
         trainer.state = replace(trainer.state, policy_sha256=weights_digest(policy_out))
+        write_text(trainer.state.policy_sha256 + "\n", policy_out / WEIGHTS_DIGEST)  # what DVC tracks of the weights
         write_state_json(trainer.state, tmp)
         done = write_teacher(teacher_mode, trainer.state.iteration + 1, policy_out, teacher_previous,
                              tmp / TEACHER_DIR, refresh_every=trainer.params.teacher_refresh_every,

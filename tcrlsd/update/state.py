@@ -9,6 +9,13 @@ Saved beside the checkpoint, in the folder ``<state>/``:
   be loaded by another process count), and the sha256 of the policy folder written with it.
 - ``teacher/`` (score.teacher lagged or ema): see :mod:`tcrlsd.update.teacher`.
 
+The folder is resume state, not a DVC output: DVC neither caches it (~12 bytes per parameter: 36 GB
+at 3B parameters, per iteration) nor hashes it. It is kept on disk by the loop's retention rule
+(:mod:`tcrlsd.loop.retention`: with params checkpoints.keep_every > 0 only the latest iteration's
+state stays). Run-cache restores are off for the update (its checkpoint output is ``persist``), so a
+state on disk never meets a policy DVC brought back from another run; the sha256 check below
+refuses such a pair anyway.
+
 Rules (:func:`resolve_state`): the first iteration (k = 0) starts fresh; a later one loads the
 previous state, and a missing or mismatched state is an error unless params ``update.restart`` asks
 for a fresh optimizer explicitly (recorded in the metrics). Never a silent reset.
@@ -77,8 +84,9 @@ def resolve_state(state_dir: str | os.PathLike | None, iteration: int, policy: s
             return None, "first iteration"
         raise UpdateError(
             f"iteration {iteration}: no saved training state at {state_dir} (expected {STATE_FILE} and {ZERO_DIR}/ "
-            "written by the previous iteration's update); a fresh optimizer would silently change the algorithm. "
-            "Restore it (dvc checkout) or set params update.restart: true to start a new optimizer on purpose"
+            "written by the previous iteration's update; it is not in the DVC cache, and with checkpoints.keep_every > 0 "
+            "only the latest iteration's is kept); a fresh optimizer would silently change the algorithm. "
+            "Set params update.restart: true to start a new optimizer on purpose"
         )
     state = read_state(state_dir)
     if state.world_size != world_size or state.zero_stage != zero_stage:
