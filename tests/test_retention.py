@@ -95,8 +95,11 @@ def test_iterate_prunes_and_dvc_stays_clean(tmp_path):
     kept = work / "models/policy-0002/model.safetensors"
     assert kept.stat().st_nlink == 2 and kept.stat().st_mode & 0o222 == 0  # hardlinked to the cache, read-only
     assert (work / "models/policy-0003/model.safetensors").stat().st_nlink == 1  # out of DVC: one copy
-    # a kept checkpoint comes back from the cache; a deleted one cannot, and DVC does not ask for it
+    # why only ignored weights are deleted: a tracked output that is missing is "deleted" to DVC
+    # (and `dvc repro` would run its update again); a kept checkpoint comes back from the cache
     shutil.rmtree(work / "models/policy-0002")
+    status = json.loads(_run([str(BIN / "dvc"), "status", "--json"], work))
+    assert {"changed outs": {"models/policy-0002": "deleted"}} in status["update@0001"], status
     _run([str(BIN / "dvc"), "checkout"], work)
     assert kept.exists() and json.loads(_run([str(BIN / "dvc"), "status", "--json"], work)) == {}
 
@@ -138,3 +141,5 @@ def test_pipeline_wiring_matches_the_rule():
     assert {"${item.next_policy}": {"persist": True}} in stage["outs"]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())["checkpoints"]
     assert CheckpointParams(**params).keep_every == 0  # the embedded default keeps everything
+    gpu = yaml.safe_load((ROOT / "configs" / "gpu" / "llama3b_qwen3_4b_math.yaml").read_text())["checkpoints"]
+    assert CheckpointParams(**{**params, **gpu}).keep_every == 10
