@@ -305,6 +305,8 @@ def main() -> None:
     result: dict = {"device": torch.cuda.get_device_name() if _device(a.tiny) == "cuda" else "cpu", "errors": {}}
     argv = [sys.executable, __file__] + [x for x in sys.argv[1:]]
     for phase in ("build", "sample", "score", "update"):
+        if phase == "score" and "sample" in result["errors"]:
+            continue  # it scores the samples; the update step needs none
         t = time.perf_counter()
         limit = a.phase_timeout or (300 if a.tiny else BUDGET[phase])
         try:
@@ -316,8 +318,8 @@ def main() -> None:
         sys.stderr.write(proc.stderr[-3000:] if proc.returncode else "")
         if proc.returncode != 0:
             result["errors"][phase] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
-            if phase in ("build", "sample"):
-                break  # later phases need the model and the samples
+            if phase == "build":
+                break  # every later phase needs the model
             continue
         result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"{phase}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
