@@ -112,7 +112,7 @@ def _run(cmd: list[str], cwd: Path) -> None:
 
 def measure(variant: str, work: Path, ckpt: Path, state: Path, iterations: int, keep_every: int,
             data_mb: float) -> list[dict]:
-    from tcrlsd.loop.iterations import append_iterations, read_iterations
+    from tcrlsd.loop.iterations import append_iterations
     from tcrlsd.loop.retention import CheckpointParams, plan_ignores, prune
 
     work.mkdir(parents=True)
@@ -125,14 +125,15 @@ def measure(variant: str, work: Path, ckpt: Path, state: Path, iterations: int, 
     (work / "iterations.yaml").write_text(
         'iterations:\n  "0000": {k: 0, policy: models/policy-0000, next_policy: models/policy-0001}\n')
     keep = CheckpointParams(keep_every if variant == "keep-every" else 0, 2)
-    plan_ignores(work, read_iterations(work / "iterations.yaml"), keep)
+    plan_ignores(work, work / "iterations.yaml", keep)
     _run([str(BIN / "dvc"), "repro", "-q", "init"], work)
     seen = _inodes(work)
     cache0 = sum(_inodes(work / ".dvc" / "cache").values())
     rows = []
     for i in range(iterations):
         if i:
-            plan_ignores(work, append_iterations(work / "iterations.yaml", 1), keep)
+            append_iterations(work / "iterations.yaml", 1)
+            plan_ignores(work, work / "iterations.yaml", keep)
         _run([str(BIN / "dvc"), "repro", "-q"], work)
         freed = prune(work, work / "iterations.yaml", keep).freed_bytes if variant == "keep-every" else 0
         now = _inodes(work)

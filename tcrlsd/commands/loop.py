@@ -48,7 +48,7 @@ def iterate(
         except IterationsError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
-        plan_ignores(root, new, keep)
+        plan_ignores(root, iterations, keep)
         for it in new:
             typer.echo(f"{iterations}: added iteration {it.key} (k={it.k}): {it.policy} -> {it.next_policy}")
         if not repro:

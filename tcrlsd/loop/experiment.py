@@ -117,12 +117,13 @@ def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: P
     if fresh:  # a run starts at the project's first iteration, whatever the project has run since
         truncate_iterations(ws / "iterations.yaml", 1)
     have = len(read_iterations(ws / "iterations.yaml"))
-    if have < iterations:
-        new = append_iterations(ws / "iterations.yaml", iterations - have)
-        plan_ignores(ws, new, load_section(ws / "params.yaml", "checkpoints", CheckpointParams))
-    elif have > iterations:
+    if have > iterations:
         raise ValueError(f"{ws}/iterations.yaml already has {have} iterations, more than --iterations {iterations}; "
                          "use another --out or a larger --iterations")
+    if have < iterations:
+        append_iterations(ws / "iterations.yaml", iterations - have)
+    # checkpoint retention: weights the rule deletes later stay out of DVC from the start
+    plan_ignores(ws, ws / "iterations.yaml", load_section(ws / "params.yaml", "checkpoints", CheckpointParams))
     return ws
 
 

@@ -14,7 +14,7 @@ stages (measured with DVC 3.67, tests/test_retention.py): a deleted output or de
 finished stage is "deleted" to `dvc status` and makes `dvc repro` run the stage again (also with
 ``cache: false``), and `frozen` stages still check their outputs. A file that ``.dvcignore`` names
 is invisible to DVC: not hashed, not cached, never restored or reported, left alone by `dvc
-checkout`. So when an iteration is appended (:func:`plan_ignores`, before DVC first hashes the
+checkout`. So when iterations are appended (:func:`plan_ignores`, before DVC first hashes the
 checkpoint), the weight files (``*.safetensors``) of a checkpoint that the rule will delete are
 listed in ``.dvcignore``; DVC then tracks the rest of the folder, whose ``weights.sha256`` (written
 by the update, :data:`tcrlsd.policy.WEIGHTS_DIGEST`) changes with the weights, so the stages that
@@ -83,16 +83,17 @@ def _ignore_lines(root: Path) -> set[str]:
     return {ln.strip() for ln in path.read_text().splitlines()} if path.exists() else set()
 
 
-def plan_ignores(root: str | os.PathLike, items: list[Iteration], params: CheckpointParams) -> list[str]:
-    """List in ``root/.dvcignore`` the weights of the new ``items``' checkpoints that the rule deletes later.
+def plan_ignores(root: str | os.PathLike, iterations: str | os.PathLike, params: CheckpointParams) -> list[str]:
+    """List in ``root/.dvcignore`` the weights of the checkpoints, not written yet, that the rule deletes later.
 
-    Call it for items whose update has not run yet: a pattern added for a checkpoint DVC already hashed
-    changes that hash, and its update runs again. Returns the lines added."""
+    Only checkpoints whose folder does not exist: a pattern added for a checkpoint DVC already hashed
+    would change that hash and run its update again. Returns the lines added."""
     from tcrlsd.artifacts import write_text
 
     root = Path(root)
     have = _ignore_lines(root)
-    add = [ignore_line(it.next_policy) for it in items if not is_kept(checkpoint_index(it), params)]
+    add = [ignore_line(it.next_policy) for it in read_iterations(iterations)
+           if not is_kept(checkpoint_index(it), params) and not (root / it.next_policy).exists()]
     add = [ln for ln in dict.fromkeys(add) if ln not in have]
     if add:
         path = root / IGNORE_FILE
