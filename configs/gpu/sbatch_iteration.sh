@@ -16,7 +16,8 @@ CRITIC_PID=$!
 trap 'kill $CRITIC_PID' EXIT
 until curl -sf http://127.0.0.1:8000/v1/models > /dev/null; do sleep 10; done
 export GPU_LIST=0,1,2,3,4,5,6 GPUS_PER_NODE=7
+tcrlsd prune     # checkpoint retention, params checkpoints (docs/GPU.md, Storage): before and after
 dvc repro        # what iterations.yaml lists and is not done yet (e.g. a resumed job)
-tcrlsd prune     # checkpoint retention, params checkpoints (docs/GPU.md, Storage)
+tcrlsd prune
 # then ITERATIONS more, one `dvc repro` and one prune each: sbatch --export=ALL,ITERATIONS=10 ...
 if [ "${ITERATIONS:-0}" -gt 0 ]; then tcrlsd iterate "$ITERATIONS"; fi

@@ -69,14 +69,19 @@ def prune(
 ) -> None:
     """Delete the checkpoint weights and optimizer states params checkpoints does not keep.
 
-    `tcrlsd iterate` does this after each iteration; run it after a `dvc repro` of your own (never
-    while one runs). Only weights that are out of DVC are deleted, so `dvc status` stays clean.
+    Also lists in .dvcignore the weights of the checkpoints not written yet that the rule will delete
+    (so DVC never tracks them). `tcrlsd iterate` does both around each iteration; with a `dvc repro`
+    of your own, run it before and after (never while one runs). Only weights that are out of DVC
+    are deleted, so `dvc status` stays clean.
     """
     from tcrlsd.loop.iterations import IterationsError
-    from tcrlsd.loop.retention import prune as prune_run
+    from tcrlsd.loop.retention import plan_ignores, prune as prune_run
 
     keep = _retention(params)
     try:
+        if not dry_run:
+            for line in plan_ignores(iterations.parent, iterations, keep):
+                typer.echo(f"listed in .dvcignore: {line}")
         report = prune_run(iterations.parent, iterations, keep, dry_run=dry_run)
     except IterationsError as exc:
         typer.echo(f"error: {exc}", err=True)

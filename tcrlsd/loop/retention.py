@@ -14,16 +14,16 @@ stages (measured with DVC 3.67, tests/test_retention.py): a deleted output or de
 finished stage is "deleted" to `dvc status` and makes `dvc repro` run the stage again (also with
 ``cache: false``), and `frozen` stages still check their outputs. A file that ``.dvcignore`` names
 is invisible to DVC: not hashed, not cached, never restored or reported, left alone by `dvc
-checkout`. So when iterations are appended (:func:`plan_ignores`, before DVC first hashes the
-checkpoint), the weight files (``*.safetensors``) of a checkpoint that the rule will delete are
-listed in ``.dvcignore``; DVC then tracks the rest of the folder, whose ``weights.sha256`` (written
+checkout`. So before a `dvc repro` (:func:`plan_ignores`), the weight files (``*.safetensors``) of
+every checkpoint not written yet that the rule will delete are listed in ``.dvcignore``; DVC then
+never hashes them and tracks the rest of the folder, whose ``weights.sha256`` (written
 by the update, :data:`tcrlsd.policy.WEIGHTS_DIGEST`) changes with the weights, so the stages that
 read the checkpoint still re-run when it changes. :func:`prune` deletes only weights listed there;
-a checkpoint whose weights DVC tracks (appended by hand, or before the setting changed) is left
-alone and reported.
+a checkpoint whose weights DVC tracks (written before the setting changed, or by a `dvc repro`
+that no `tcrlsd iterate` / `tcrlsd prune` preceded) is left alone and reported.
 
-When: after each `dvc repro` of `tcrlsd iterate` (one iteration per `dvc repro`) and in `tcrlsd
-prune`. Not inside a stage: DVC orders the stages of several iterations depth-first along the
+When: `tcrlsd iterate` lists, runs `dvc repro` and deletes, one iteration at a time; `tcrlsd prune`
+lists and deletes (run it before and after a `dvc repro` of one's own). Not inside a stage: DVC orders the stages of several iterations depth-first along the
 dvc.yaml order, so every evaluate may run after every update (each evaluate reads the checkpoint
 its iteration wrote); only after a whole `dvc repro` has every reader of a checkpoint run.
 """
