@@ -162,7 +162,7 @@ def _load(a, device: str, dtype: str):
 
     from tcrlsd.policy import torch_dtype
 
-    model = AutoModelForCausalLM.from_pretrained(a.out / "model", dtype=torch_dtype(dtype), use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(a.out / "model", dtype=torch_dtype(dtype, device), use_safetensors=True)
     return model.to(device).eval()
 
 
