@@ -17,7 +17,9 @@ probability of the token it sampled at the first wrong digit (from the score sta
 student_logprobs): near 1 = a confident error, which sampling rarely avoids, so GRPO groups
 seldom contain the right alternative; near 0.5 or below = the right digit is in reach. Where the
 teacher saw feedback, Δ = teacher − student log-prob at that token against every other token: how
-precisely the teacher's signal lands on the mistake.
+precisely the teacher's signal lands on the mistake. ``--scores NAME`` reads another scores folder of
+the same rollouts (e.g. one scored after a critique stage with ``critique.control: blank``): the
+same positions under a content-free feedback block show what the block's presence alone does.
 """
 
 from __future__ import annotations
@@ -69,13 +71,13 @@ def digit_token_index(tokenizer, response_ids: list[int], text: str, step: int):
     return None
 
 
-def diagnose(folder: Path, policy: Path | None = None) -> dict:
+def diagnose(folder: Path, policy: Path | None = None, scores_name: str = "scores") -> dict:
     from tcrlsd.artifacts import read_artifact
     from tcrlsd.policy import load_tokenizer
 
     rollouts = read_artifact(folder / "rollouts", "rollouts").to_pylist()
     verdicts = {r["rollout_id"]: r for r in read_artifact(folder / "verdicts.parquet", "verdicts").to_pylist()}
-    scores = {r["rollout_id"]: r for r in read_artifact(folder / "scores", "scores").to_pylist()}
+    scores = {r["rollout_id"]: r for r in read_artifact(folder / scores_name, "scores").to_pylist()}
     key = folder.name.split("-", 1)[1]
     policy = policy or folder.parents[1] / "models" / f"policy-{key}"  # the default layout's checkpoint
     tokenizer = load_tokenizer(policy) if Path(policy).exists() else None
@@ -84,6 +86,8 @@ def diagnose(folder: Path, policy: Path | None = None) -> dict:
     probs: list[float] = []
     delta_at: list[float] = []  # teacher - student log-prob at the first wrong digit (feedback rows)
     delta_else: list[float] = []  # ... at every other token of those rows
+    delta_before: list[float] = []  # ... at the tokens before it (steps the feedback says nothing about)
+    delta_after: list[float] = []  # ... at the tokens after it
     for r in rollouts:
         if verdicts[r["rollout_id"]]["reward"] > 0:
             continue
@@ -103,10 +107,12 @@ def diagnose(folder: Path, policy: Path | None = None) -> dict:
                 if any(abs(d) > 0 for d in delta):  # the teacher saw feedback
                     delta_at.append(delta[k])
                     delta_else += delta[:k] + delta[k + 1:]
+                    delta_before += delta[:k]
+                    delta_after += delta[k + 1:]
     wrong = sum(kinds.values())
     return {"rollouts": len(rollouts), "wrong": wrong, "kinds": kinds, "facts": len(facts),
             "errors_with_a_step": sum(facts.values()), "probs": probs, "delta_at": delta_at,
-            "delta_else": delta_else}
+            "delta_else": delta_else, "delta_before": delta_before, "delta_after": delta_after}
 
 
 def main() -> int:
@@ -114,9 +120,11 @@ def main() -> int:
     ap.add_argument("folders", nargs="+", type=Path, help="iteration folders, e.g. data/iter-0000")
     ap.add_argument("--policy", type=Path, default=None,
                     help="the checkpoint that generated them, for its tokenizer (default: models/policy-<key>)")
+    ap.add_argument("--scores", default="scores",
+                    help="the scores folder inside each iteration folder (e.g. one scored with critique.control: blank)")
     args = ap.parse_args()
     for folder in args.folders:
-        d = diagnose(folder, args.policy)
+        d = diagnose(folder, args.policy, args.scores)
         w = max(1, d["wrong"])
         print(f"{folder}: {d['wrong']} wrong of {d['rollouts']} rollouts")
         print("  first error: " + ", ".join(f"{k} {v / w:.0%}" for k, v in d["kinds"].most_common()))
@@ -129,7 +137,8 @@ def main() -> int:
         if d["delta_at"]:
             print(f"  teacher - student log-prob (feedback rows): at the first wrong digit mean "
                   f"{statistics.mean(d['delta_at']):+.2f} (n = {len(d['delta_at'])}), at every other token mean "
-                  f"{statistics.mean(d['delta_else']):+.3f} (n = {len(d['delta_else'])})")
+                  f"{statistics.mean(d['delta_else']):+.3f} (n = {len(d['delta_else'])}); before it "
+                  f"{statistics.mean(d['delta_before'] or [0]):+.3f}, after it {statistics.mean(d['delta_after'] or [0]):+.3f}")
     return 0
 
 

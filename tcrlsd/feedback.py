@@ -2,7 +2,8 @@
 dynamic sampling predicts (tcrlsd/generate/dynamic.py), so both read it from here.
 
 A rollout gets feedback when the mode is not ``none`` and ``which`` covers it (``all``, or
-``incorrect`` and the rollout is wrong; ``auto`` is ``all`` for mode ``gold``, else ``incorrect``),
+``incorrect`` and the rollout is wrong; ``auto`` is ``all`` for modes ``gold`` and ``sibling``, else
+``incorrect``),
 except, with ``critique.skip_truncated``, a response cut by the token limit (finish_reason
 ``length``) in a mode that asks a critic about the response (critique, critique_gold, self): half a
 solution would get a critique of half a solution, so the row is left without feedback and records
@@ -20,10 +21,10 @@ TRUNCATED_NOT_CRITIQUED = "truncated: not critiqued (finish_reason length)"
 
 
 def effective_which(mode: str, which: str) -> str:
-    """``which`` with ``auto`` resolved: all rollouts for mode gold, the incorrect ones otherwise."""
+    """``which`` with ``auto`` resolved: all rollouts for modes gold and sibling, the incorrect ones otherwise."""
     if which != "auto":
         return which
-    return "all" if mode == "gold" else "incorrect"
+    return "all" if mode in ("gold", "sibling") else "incorrect"  # sibling: SDPO covers every sample
 
 
 def wants_feedback(mode: str, which: str, is_correct: bool) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass
 
@@ -11,6 +12,14 @@ from tcrlsd.synthetic import apply_op
 # The reference critic's phrasing has a version id like a template file (recorded in `template`).
 REFERENCE_CRITIC_ID = "reference-critic@v1"
 
+# The content-free feedback: says only that the attempt is wrong, which the verdict already says. The
+# warm start trains on it with the plain demonstrator as target, and `critique.control: blank` gives
+# it to every rollout, so a feedback block's presence alone can neither teach nor explain anything.
+CONTENT_FREE_FEEDBACK = "There is an error in this attempt."
+
+# What `critique.reference_noise` does to a noisy critique (one kind per critique, drawn uniformly).
+NOISE_KINDS = ("wrong_step", "wrong_value", "no_value")
+
 
 @dataclass(frozen=True)
 class CriticReply:
@@ -19,6 +28,8 @@ class CriticReply:
     # A transient failure (timeouts, 5xx, dropped connections, after every attempt): the row is not
     # final -- its part stays unfinished and a rerun asks it again. Permanent failures are recorded.
     retryable: bool = False
+    # What was done to the critique besides the critic's own text (``noise:<kind>``), for the row's record.
+    control: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,8 +80,75 @@ def _same_number(text: str, value: int) -> bool:
         return False
 
 
-def reference_critique(response: str, solution: str | None, reveal_final_answer: bool = False) -> CriticReply:
-    """A plain-language critique of the first wrong step of ``response`` against ``solution``."""
+def _arithmetic(k: int, m: Step, value: int | None, last: bool) -> str:
+    """The critique of an arithmetic error at step ``k`` (1-based): the right ``value``, unless ``last``
+    (the right result of the last step IS the final answer) or ``value`` is None (the step only)."""
+    sym = "*" if m.op == "*" else m.op
+    if last or value is None:
+        return (f"Step {k} has an arithmetic error: {m.left} {sym} {m.right} is not {m.result}. "
+                f"Redo this {_NOUN[m.op]} carefully.")
+    return (f"Step {k} has an arithmetic error: {m.left} {sym} {m.right} is {value}, not {m.result}. "
+            "Carry the corrected result into the steps after it.")
+
+
+def _off(value: int, rng: random.Random) -> int:
+    """A plausible wrong value near ``value``: off by a carry (10) or a slip (1..3), never negative."""
+    delta = rng.choice((-10, 10, -3, -2, -1, 1, 2, 3))
+    return value + delta if value + delta >= 0 else value + abs(delta)
+
+
+def _noisy(kind: str, mine: list[Step], i: int, true: int, n: int, reveal: bool, rng: random.Random) -> CriticReply:
+    """The critique of the first wrong step ``i`` (0-based) made wrong the way ``kind`` says.
+
+    wrong_step: another step of the attempt is named, with a wrong "right" value (a 1-step attempt
+    has no other step: wrong_value then); wrong_value: the right step, a wrong value; no_value: the
+    right step, no value (which says where, not what).
+    """
+    last = i == n - 1 and not reveal
+    if kind == "wrong_step" and len(mine[:n]) > 1:
+        j = rng.choice([x for x in range(len(mine[:n])) if x != i])
+        return CriticReply(_arithmetic(j + 1, mine[j], _off(mine[j].result, rng), j == n - 1 and not reveal),
+                           control="noise:wrong_step")
+    if kind in ("wrong_step", "wrong_value"):
+        wrong = _off(true, rng)
+        while wrong == mine[i].result:  # "is 12, not 12" would say nothing (one delta of eight can hit it)
+            wrong = _off(true, rng)
+        return CriticReply(_arithmetic(i + 1, mine[i], wrong, last), control="noise:wrong_value")
+    if kind == "no_value":
+        return CriticReply(_arithmetic(i + 1, mine[i], None, last), control="noise:no_value")
+    raise ValueError(f"unknown reference noise kind {kind!r}; known: {', '.join(NOISE_KINDS)}")
+
+
+def noise_draw(rate: float, seed: int, rollout_id: str) -> tuple[str | None, random.Random]:
+    """Whether (and how) the reference critique of ``rollout_id`` is made noisy: ``(kind or None, rng)``.
+
+    Deterministic per (seed, rollout id): a string seed is hashed by ``random.Random`` the same way
+    in every process and on every machine.
+    """
+    rng = random.Random(f"reference-noise/{seed}/{rollout_id}")
+    if rate <= 0 or rng.random() >= rate:
+        return None, rng
+    return rng.choice(NOISE_KINDS), rng
+
+
+_NAMED_STEP = re.compile(r"\bstep (\d+)\b", re.IGNORECASE)
+
+
+def named_step(feedback: str | None) -> int | None:
+    """The step number (1-based) a critique names first ("Step 2 has ...", "in step 3 ..."); None if none."""
+    m = _NAMED_STEP.search(feedback or "")
+    return int(m.group(1)) if m else None
+
+
+def reference_critique(response: str, solution: str | None, reveal_final_answer: bool = False,
+                       noise: str | None = None, noise_rng: random.Random | None = None) -> CriticReply:
+    """A plain-language critique of the first wrong step of ``response`` against ``solution``.
+
+    ``noise`` (one of :data:`NOISE_KINDS`, with ``noise_rng``; see :func:`noise_draw`) makes the
+    critique of an arithmetic error wrong on purpose (``critique.reference_noise``); critiques of
+    other errors (missing steps, wrong operands, format) are left as they are.
+    """
+    noise_rng = noise_rng or random.Random(0)
     gold = parse_steps(solution or "")
     if not gold:
         return CriticReply(None, "no step-by-step gold solution (the reference critic needs the synthetic format)")
@@ -105,12 +183,9 @@ def reference_critique(response: str, solution: str | None, reveal_final_answer:
                                f"{m.right}. Copy the number from the problem.")
         true = apply_op(m.left, m.op, m.right)
         if m.result != true:
-            sym = "*" if m.op == "*" else m.op
-            if i == n - 1 and not reveal_final_answer:  # the right result here IS the final answer
-                return CriticReply(f"Step {k} has an arithmetic error: {m.left} {sym} {m.right} is not "
-                                   f"{m.result}. Redo this {_NOUN[m.op]} carefully.")
-            return CriticReply(f"Step {k} has an arithmetic error: {m.left} {sym} {m.right} is {true}, not "
-                               f"{m.result}. Carry the corrected result into the steps after it.")
+            if noise is not None:
+                return _noisy(noise, mine, i, true, n, reveal_final_answer, noise_rng)
+            return CriticReply(_arithmetic(k, m, true, last=i == n - 1 and not reveal_final_answer))
     if len(mine) < n:
         nxt = gold[len(mine)]
         done = len(mine)

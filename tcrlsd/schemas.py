@@ -54,7 +54,7 @@ _F32_LIST = pa.list_(pa.float32())
 ARTIFACTS: dict[str, tuple[Column, ...]] = {
     "prompts": (
         Column("prompt_id", pa.string(), doc="string  # unique within the dataset, e.g. 'math500/test/algebra/1.json'"),
-        Column("split", pa.string(), doc="string  # 'train' or 'val'"),
+        Column("split", pa.string(), doc="string  # 'train', 'val' or 'test' (tcrlsd.prepare.params.SPLITS)"),
         Column("problem", pa.string(), doc="string  # the question as written in the source"),
         Column("prompt", pa.string(), doc="string  # the rendered policy input (template, chat template)"),
         Column("answer", pa.string(), doc="string  # gold final answer (last \\boxed{} of the solution, or the answer field)"),
@@ -93,7 +93,7 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
     "critiques": (
         Column("rollout_id", pa.string()),
         Column("mode", pa.string(), doc="string  # a key of MODES (tcrlsd/critique/params.py)"),
-        Column("critic", pa.string(), doc="string  # backend and model that wrote the feedback"),
+        Column("critic", pa.string(), doc="string  # backend and model that wrote the feedback; '|<tag>' = what a control did"),
         Column("feedback_text", pa.string(), nullable=True, doc="string|null  # null = no feedback (teacher = student)"),
         Column("template", pa.string(), doc="string  # prompt template version id(s)"),
         Column("teacher_prompt", pa.string(), nullable=True,

@@ -145,6 +145,16 @@ def render_user_message(tokenizer, text: str, extra_kwargs: dict | None = None) 
                                              add_generation_prompt=True, **chat_template_kwargs(extra_kwargs))
 
 
+def render_chat(tokenizer, text: str, chat_template_kwargs: dict | None = None) -> str:
+    """``text`` as one user message through the tokenizer's chat template; unchanged without one.
+
+    How a critic prompt reaches a model critic (and the policy in ``self`` mode, whose warm start is
+    trained on critic prompts rendered the same way)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return text
+    return render_user_message(tokenizer, text, chat_template_kwargs)  # fixed date unless the kwargs give one
+
+
 _SENTINEL = "\u0000TCRLSD-USER-TEXT\u0000"
 
 

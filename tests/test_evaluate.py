@@ -53,6 +53,20 @@ def test_val_ids_are_sorted_and_capped():
         val_prompt_ids(prompts.filter(pa.compute.equal(prompts["split"], "train")), None)
 
 
+
+def test_the_test_split_is_evaluated_only_when_asked():
+    prompts = _prompts(2, 3)
+    split = pa.array(["train", "train", "val", "test", "test"])
+    prompts = prompts.set_column(prompts.schema.get_field_index("split"), "split", split)
+    assert val_prompt_ids(prompts, None) == ["synthetic/val/2"]
+    assert val_prompt_ids(prompts, None, split="test") == ["synthetic/val/3", "synthetic/val/4"]
+    assert EvaluateParams(split="test").split == "test"
+    with pytest.raises(ValueError, match="evaluate.split must be val or test"):
+        EvaluateParams(split="train")
+    with pytest.raises(SchemaError, match="no rows with split == 'test'.*add a test source"):
+        val_prompt_ids(_prompts(2, 3), None, split="test")
+
+
 def test_metrics_by_hand_through_the_real_graders():
     prompts = _prompts(2, 3)
     ids = val_prompt_ids(prompts, None)

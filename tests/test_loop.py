@@ -295,3 +295,33 @@ def test_experiment_cli_uses_the_project_found_from_the_working_directory(tmp_pa
     (tmp_path / "dvc.yaml").unlink()
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and "no params.yaml + dvc.yaml" in r.stderr
+
+
+def test_controls_section_pairs_each_run_with_its_controls_by_seed(tmp_path):
+    """Final greedy, by hand: tc − grpo = +10, +12, +8 (mean 10, sd 2, t 8.66); tc − tc_blank = +4, +6,
+    +2 (mean 4, sd 2, t 3.46): the content explains 4 / 10 = 40% of the gain; tc − tc_noisy = +1, +1, +1."""
+    from tcrlsd.loop.controls import controls_lines, critique_lines
+
+    rows = []
+    for seed, (g, t) in enumerate(((0.50, 0.60), (0.40, 0.52), (0.45, 0.53))):
+        rows += _rows("grpo", seed, [0.3, g]) + _rows("tc", seed, [0.3, t])
+        rows += _rows("tc_blank", seed, [0.3, t - (0.04, 0.06, 0.02)[seed]]) + _rows("tc_noisy", seed, [0.3, t - 0.01])
+    presets = ["grpo", "tc", "tc_blank", "tc_noisy"]
+    text = "\n".join(controls_lines(rows, presets))
+    assert "| tc | gain over grpo | +10.0 (2.0) | +8.66 | 3 |" in text
+    assert "| tc | content (run − blank) | +4.0 (2.0) | +3.46 | 3 |" in text
+    assert "| tc | noise degradation (run − noisy) | +1.0 (0.0) | +inf | 3 |" in text
+    assert "| tc | content share of the gain | 40% | | |" in text
+    assert "shuffled" not in text and controls_lines(rows, ["grpo", "tc"]) == []
+
+    # the critique table: means over iterations, then over seeds; runs without feedback are skipped
+    for name, shares in (("tc-s0", (0.0, 0.2)), ("tc-s1", (0.4, 0.4))):
+        for i, x in enumerate(shares):
+            d = tmp_path / "runs" / name / "data" / "metrics" / f"iter-{i:04d}"
+            d.mkdir(parents=True)
+            (d / "critique.json").write_text(json.dumps({"rollouts_with_feedback": 5, "leakage_share": 0.0,
+                                                         "intermediate_leakage_share": x,
+                                                         "reference_step_agreement": 1.0}))
+    lines = critique_lines(tmp_path, ["grpo", "tc"], {"grpo": ["grpo-s0"], "tc": ["tc-s0", "tc-s1"]})
+    # intermediate: seed means 0.1 and 0.4 -> 25.0
+    assert "| tc | 0.0 | 25.0 | 100.0 |" in lines and not any(ln.startswith("| grpo") for ln in lines)

@@ -243,6 +243,22 @@ def test_train_and_val_streams_differ_and_match_make_problems():
     assert stream_seed(0, params.sources[0]) != stream_seed(0, params.sources[1])
 
 
+def test_test_split_is_drawn_like_val_and_shares_no_problem_with_train_or_val():
+    """A test source is built after train and val and redraws any problem they hold: on a problem space
+    of 13 level-1 problems (start 2..3, operands <= 3) the 4 test problems are redrawn away from train's
+    and val's."""
+    src = {"format": "synthetic", "path": None, "levels": [1], "max_operand": 3}
+    table, metrics = prepare(_params([{**src, "name": "s", "split": "test", "count": 4},
+                                      {**src, "name": "s", "split": "train", "count": 5},
+                                      {**src, "name": "s", "split": "val", "count": 3}]))
+    rows = table.to_pylist()
+    assert [r["split"] for r in rows] == ["test"] * 4 + ["train"] * 5 + ["val"] * 3  # the sources' order
+    by = {s: {r["problem"] for r in rows if r["split"] == s} for s in ("train", "val", "test")}
+    assert not by["test"] & (by["train"] | by["val"]) and not by["val"] & by["train"]
+    assert metrics["rows_by_split"] == {"train": 5, "val": 3, "test": 4}
+    assert metrics["sources"]["s/test"]["val_overlap_redrawn"] > 0
+
+
 def test_default_params_match_params_yaml():
     assert load_section(REPO / "params.yaml", "prepare", PrepareParams) == PrepareParams()
 
@@ -330,7 +346,7 @@ def test_val_problem_equal_to_a_train_problem_is_dropped(tmp_path):
         ({"name": "m", "format": "math", "split": "train"}, "needs a path"),
         ({"name": "m", "format": "math", "split": "train", "path": "a.jsonl", "levels": [1]}, "only apply to synthetic"),
         ({"name": "m", "format": "maths", "split": "train", "path": "a.jsonl"}, "'maths' is not one of"),
-        ({"name": "m", "format": "math", "split": "test", "path": "a.jsonl"}, "'test' is not one of"),
+        ({"name": "m", "format": "math", "split": "dev", "path": "a.jsonl"}, "'dev' is not one of"),
         ({"name": "m", "format": "math", "split": "train", "path": "a.jsonl", "size": 3}, "unknown key.*size"),
     ],
 )

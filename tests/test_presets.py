@@ -130,7 +130,8 @@ def test_git_diff_shows_only_the_preset_keys(tmp_path):
     # a block list (the data preset's sources) is rewritten item by item, at the old indentation
     _git(["checkout", "-q", "params.yaml"], tmp_path)
     apply_preset(tmp_path / "params.yaml", ROOT / "configs" / "data" / "math.yaml")
-    assert _git(["diff", "--numstat", "params.yaml"], tmp_path).split()[:2] == ["2", "2"]
+    # (MATH's two sources, train and val, replace the synthetic train, val and test: 2 added, 3 deleted)
+    assert _git(["diff", "--numstat", "params.yaml"], tmp_path).split()[:2] == ["2", "3"]
 
 
 def test_surgical_edit_keeps_comment_columns_quotes_and_nulls(tmp_path):

@@ -130,47 +130,129 @@ def test_wrong_attempts_slip_one_step_and_carry_it_through():
             assert s.result == (s.left + s.right if s.op == "+" else s.left - s.right if s.op == "-" else s.left * s.right)
 
 
-def test_teacher_context_examples_use_the_critique_stage_and_train_on_the_solution_only(tokenizer):
-    """A teacher-context example's prompt is what the critique stage writes into `teacher_prompt` for
-    that wrong attempt (reference critic, teacher-critique template); the loss is on the solution."""
+def _critique_stage_row(q, attempt: str) -> dict:
+    return {"rollout_id": "p#0", "prompt_id": "p", "response_text": attempt, "is_correct": False,
+            "reason": "incorrect", "extracted_answer": last_boxed(attempt), "problem": q.problem,
+            "prompt": render_prompt(TEMPLATE, q.problem), "answer": q.answer, "solution": q.solution}
+
+
+ROLES_PARAMS = dict(sft_problems=300, carry_slip_rate=0.7, teacher_context_fraction=0.4, blank_feedback_share=0.25,
+                    other_error_share=0.1, gold_context_fraction=0.1, critic_fraction=0.1)
+
+
+def test_every_role_is_rendered_as_the_critique_stage_renders_it(tokenizer):
+    """Teacher contexts are the critique stage's `teacher_prompt` for that feedback (critique,
+    content-free, gold); a critic example's prompt is what self mode sends the policy; the loss is on
+    the response only."""
     import random
 
     from tcrlsd.critique import CritiqueParams, ReferenceCritic, critique_rows
     from tcrlsd.critique.stage import _templates_for
     from tcrlsd.policy import encode_prompt
+    from tcrlsd.reference_critic import CONTENT_FREE_FEEDBACK, reference_critique
+    from tcrlsd.templates import render_chat, render_critic_prompt
 
-    params = replace(TINY, sft_problems=40, teacher_context_fraction=0.5)
+    params = replace(TINY, **ROLES_PARAMS)
     problems = sft_problems(params)
     examples = sft_examples(tokenizer, params, problems)
     assert examples == sft_examples(tokenizer, params, problems)  # seeded
-    flagged = [e.teacher_context for e in examples]
-    assert 0 < sum(flagged) < len(examples)
-    assert not any(e.teacher_context for e in sft_examples(tokenizer, replace(params, teacher_context_fraction=0.0),
-                                                           problems))
+    roles = {e.role for e in examples}
+    assert roles == {"student", "critique", "blank", "gold", "critic"}
+    assert not any(e.role != "student" for e in sft_examples(
+        tokenizer, replace(params, teacher_context_fraction=0.0, gold_context_fraction=0.0, critic_fraction=0.0),
+        problems))
 
     q = problems[0]
     attempt = wrong_attempt(q, random.Random(1))
     mine, feedback = teacher_context(TEMPLATE, q, attempt)
-    row = {"rollout_id": "p#0", "prompt_id": "p", "response_text": attempt, "is_correct": False, "reason": "wrong",
-           "extracted_answer": last_boxed(attempt), "problem": q.problem, "prompt": render_prompt(TEMPLATE, q.problem),
-           "answer": q.answer, "solution": q.solution}
     cp = CritiqueParams()
-    stage = critique_rows([row], cp, ReferenceCritic(), _templates_for(cp)).to_pylist()[0]
+    stage = critique_rows([_critique_stage_row(q, attempt)], cp, ReferenceCritic(), _templates_for(cp)).to_pylist()[0]
     assert stage["teacher_prompt"] == mine and stage["feedback_text"] == feedback
-    assert "<feedback>" in mine and mine.startswith(q.problem) and "Step " in feedback
+    blank = CritiqueParams(control="blank")
+    stage = critique_rows([_critique_stage_row(q, attempt)], blank, None, _templates_for(blank)).to_pylist()[0]
+    assert stage["feedback_text"] == CONTENT_FREE_FEEDBACK and stage["critic"] == "control:blank"
+    gold = CritiqueParams(mode="gold")
+    gold_prompt = critique_rows([_critique_stage_row(q, attempt)], gold, None, _templates_for(gold)).to_pylist()[0]
 
+    self_tpl = _templates_for(CritiqueParams(mode="self"))["self-incorrect"]
     for p, e in zip(problems, examples):
-        response = list(tokenizer("\n" + p.solution, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
         n = e.prompt_len
-        assert list(e.input_ids[n:]) == response and list(e.labels[n:]) == response
-        assert list(e.labels[:n]) == [IGNORE] * n
-        student = encode_prompt(tokenizer, render_prompt(TEMPLATE, p.problem))
-        if e.teacher_context:
-            text = tokenizer.decode(list(e.input_ids[:n]), skip_special_tokens=True)
-            assert text.startswith(p.problem) and "Use the feedback and correctly solve" in text
-            assert n > len(student)
+        assert list(e.labels[:n]) == [IGNORE] * n and list(e.labels[n:]) == list(e.input_ids[n:])
+        assert e.input_ids[-1] == tokenizer.eos_token_id
+        prompt = tokenizer.decode(list(e.input_ids[:n]), skip_special_tokens=True)
+        target = tokenizer.decode(list(e.input_ids[n:]), skip_special_tokens=True)
+        if e.role == "student":
+            assert list(e.input_ids[:n]) == encode_prompt(tokenizer, render_prompt(TEMPLATE, p.problem))
+        elif e.role in ("critique", "blank"):
+            assert prompt.startswith(p.problem) and "Use the feedback and correctly solve" in prompt
+            assert (CONTENT_FREE_FEEDBACK in prompt) == (e.role == "blank")
+        elif e.role == "gold":
+            assert target == "\n" + p.solution and ("<reference>\n" + p.solution) in prompt
+        else:  # critic: the self-incorrect prompt around a wrong attempt -> the reference critique of it
+            attempt = prompt.split("<attempt>\n", 1)[1].split("\n</attempt>", 1)[0]
+            assert last_boxed(attempt) != p.answer
+            row = {**_critique_stage_row(p, attempt)}
+            want = render_chat(tokenizer, render_critic_prompt(self_tpl, row, 6000))
+            assert list(e.input_ids[:n]) == encode_prompt(tokenizer, want)
+            assert target == "\n" + reference_critique(attempt, p.solution).text
+    assert gold_prompt["teacher_prompt"].startswith(q.problem) and "<reference>" in gold_prompt["teacher_prompt"]
+
+
+def _carry_steps(text: str):
+    """(index, wrote it right) for each step of ``text`` that needs a carry; asserts the demonstrator's
+    form: every step continues from the written value and is right or off by the dropped carry."""
+    from tcrlsd.reference_critic import parse_steps
+    from tcrlsd.warmstart.data import needs_carry
+
+    steps = parse_steps(text)
+    out = []
+    for i, s in enumerate(steps):
+        true = s.left + s.right if s.op == "+" else s.left - s.right if s.op == "-" else s.left * s.right
+        if i:
+            assert s.left == steps[i - 1].result
+        if needs_carry(s.left, s.op, s.right):
+            assert s.result in (true, true + (-10 if s.op == "+" else 10))
+            out.append((i, s.result == true))
         else:
-            assert list(e.input_ids[:n]) == student
+            assert s.result == true
+    return out
+
+
+def test_teacher_targets_are_the_demonstrator_except_at_the_named_step():
+    """The fairness rule, measured on 6000 problems: a critique-context target writes the step the
+    critique names right (slip rate 0 there) and slips at every other carry as the student's
+    demonstrator does (0.7); a content-free context's target slips at 0.7 everywhere, the step the
+    attempt got wrong included. The wrong attempts are the demonstrator's own: every first error a
+    dropped carry (other_error_share 0)."""
+    import random
+
+    from tcrlsd.reference_critic import named_step, reference_critique
+    from tcrlsd.synthetic import make_problems
+    from tcrlsd.warmstart.contexts import critique_teacher_example, load_templates
+    from tcrlsd.warmstart.demonstrator import wrong_demonstrator_attempt
+
+    templates = load_templates()
+    rng, slips = random.Random(0), random.Random(1)
+    at_named = {"critique": [], "blank": []}
+    elsewhere = {"critique": [], "blank": []}
+    for p in make_problems(6000, seed=11):
+        attempt = wrong_demonstrator_attempt(p, rng, 0.7, 0.0)
+        if attempt is None:
+            continue
+        k = named_step(reference_critique(attempt, p.solution).text) - 1
+        assert (k, False) in _carry_steps(attempt)  # the attempt's first error is a dropped carry
+        for role in ("critique", "blank"):
+            _, _, target = critique_teacher_example(p, attempt, TEMPLATE, slips, 0.7, templates["teacher-critique"],
+                                                    blank=role == "blank")
+            for i, right in _carry_steps(target):
+                (at_named if i == k else elsewhere)[role].append(right)
+    share_dropped = {key: {r: 1 - sum(v) / len(v) for r, v in d.items()} for key, d in
+                     (("named", at_named), ("elsewhere", elsewhere))}
+    assert min(len(v) for v in (*at_named.values(), *elsewhere.values())) > 800
+    assert share_dropped["named"]["critique"] == 0.0
+    assert abs(share_dropped["named"]["blank"] - 0.7) < 0.04
+    assert abs(share_dropped["elsewhere"]["critique"] - 0.7) < 0.04
+    assert abs(share_dropped["elsewhere"]["blank"] - 0.7) < 0.04
 
 
 def test_sft_corpus_excludes_the_prompts_problems():

@@ -6,10 +6,14 @@ Modes (``critique.mode``), i.e. where the feedback ``f`` of the teacher ``pi(y |
 - ``critique_gold``  the critic also sees the gold solution;
 - ``gold``           f = the gold solution itself (RLSD-gold);
 - ``self``           the policy critiques its own rollout through the generation backend (RLSD-self);
+- ``sibling``        f = a successful sibling rollout of the same group, never the sample itself (SDPO);
+                     no feedback when no other sample of the group is correct;
 - ``none``           no feedback anywhere (GRPO): teacher = student.
 
 Which rollouts get feedback (``critique.which``): ``incorrect`` or ``all``; the default ``auto`` means
-``all`` in ``gold`` mode and ``incorrect`` otherwise. Gold is a property of the problem, not of the
+``all`` in ``gold`` and ``sibling`` modes and ``incorrect`` otherwise. Controls (``critique.control``:
+``blank``, ``shuffled``) and the reference critic's noise (``critique.reference_noise``) are in
+``controls``; each row records what was done to it in its ``critic`` column. Gold is a property of the problem, not of the
 attempt: RLSD shows the reference solution to the teacher for every rollout, so coverage is 1.0 there;
 a critique of a correct rollout has little to say, so critique modes cover the incorrect ones and
 coverage equals the incorrect share.

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from tcrlsd.critique.openai_critic import _make_openai
 from tcrlsd.critique.protocol import Critic, CritiqueRequest, OnReply, clean_feedback
 from tcrlsd.generation import PROMPT_TOO_LONG, Completion, SamplingConfig
-from tcrlsd.reference_critic import REFERENCE_CRITIC_ID, CriticReply, reference_critique
-from tcrlsd.templates import render_user_message
+from tcrlsd.reference_critic import REFERENCE_CRITIC_ID, CriticReply, noise_draw, reference_critique
+from tcrlsd.templates import render_chat  # noqa: F401  (re-exported: tcrlsd.critique.render_chat)
 
 if TYPE_CHECKING:  # the params module imports this registry: annotation only
     from tcrlsd.critique.params import CritiqueParams
@@ -45,27 +45,23 @@ class ReferenceCritic:
     journaled = False  # instant and deterministic: nothing to lose
     template_id = REFERENCE_CRITIC_ID
 
-    def __init__(self, reveal_final_answer: bool = False):
+    def __init__(self, reveal_final_answer: bool = False, noise: float = 0.0, seed: int = 0):
         self.reveal_final_answer = reveal_final_answer
+        self.noise = noise  # critique.reference_noise: share of critiques made wrong (noise_draw)
+        self.seed = seed
 
     def critique(self, requests: Sequence[CritiqueRequest], on_reply: OnReply) -> None:
         for i, r in enumerate(requests):
-            on_reply(i, reference_critique(r.response_text, r.gold_solution, self.reveal_final_answer))
+            kind, rng = noise_draw(self.noise, self.seed, r.rollout_id)
+            on_reply(i, reference_critique(r.response_text, r.gold_solution, self.reveal_final_answer, kind, rng))
 
 
 def _make_reference(params: "CritiqueParams", model: str) -> Critic:
-    return ReferenceCritic(params.reference_reveal_final_answer)
+    return ReferenceCritic(params.reference_reveal_final_answer, params.reference_noise, params.seed)
 
 
 # --------------------------------------------------------------------------------------------------
 # transformers / vllm (and self mode): through the generation backends
-
-
-def render_chat(tokenizer, text: str, chat_template_kwargs: dict | None = None) -> str:
-    """``text`` as one user message through the tokenizer's chat template; unchanged without one."""
-    if not getattr(tokenizer, "chat_template", None):
-        return text
-    return render_user_message(tokenizer, text, chat_template_kwargs)  # fixed date unless the kwargs give one
 
 
 class GenerationCritic:

@@ -86,3 +86,4 @@ _CLAIMS_CORRECT = re.compile(
 def claims_correct(feedback: str | None) -> bool:
     """Whether a critique says the attempt is right after all (phrase match)."""
     return bool(feedback) and _CLAIMS_CORRECT.search(feedback) is not None
+

@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tcrlsd.critique.backends import CRITICS
+from tcrlsd.critique.controls import CONTROLS
 from tcrlsd.feedback import effective_which
 from tcrlsd.generate.backends import BACKENDS
 from tcrlsd.generation import EngineParams, SamplingConfig, SamplingParams
 from tcrlsd.params import check_choices, choice
 
-MODES = ("critique", "critique_gold", "gold", "self", "none")
+MODES = ("critique", "critique_gold", "gold", "self", "sibling", "none")
 
 
 class CritiqueError(ValueError):
@@ -28,6 +29,8 @@ class CritiqueParams:
     max_response_chars: int = 6000
     max_feedback_chars: int = 4000
     reference_reveal_final_answer: bool = False
+    reference_noise: float = 0.0
+    control: str = choice("none", lambda: CONTROLS, "CONTROLS in tcrlsd/critique/controls.py")
     mask_leaked_answer: bool = False
     mask_text: str = "[answer withheld]"
     skip_truncated: bool = True
@@ -60,6 +63,8 @@ class CritiqueParams:
             raise ValueError("request_timeout_s must be > 0 and the backoff times >= 0")
         if self.endpoint not in ("chat", "completions", "auto"):
             raise ValueError(f"endpoint must be chat, completions or auto, got {self.endpoint!r}")
+        if not 0 <= self.reference_noise <= 1:
+            raise ValueError(f"reference_noise must be in [0, 1], got {self.reference_noise}")
         if self.abort_after_failures < 0:
             raise ValueError(f"abort_after_failures must be >= 0 (0 = never), got {self.abort_after_failures}")
 

@@ -13,12 +13,14 @@ import pyarrow as pa
 from tcrlsd.answers import last_boxed
 from tcrlsd.artifacts import ShardSpec, read_artifact, split_evenly
 from tcrlsd.critique.backends import GenerationCritic, make_critic
+from tcrlsd.critique.controls import attach_sources, control_label
+from tcrlsd.critique.content import content_metrics
 from tcrlsd.critique.flags import claims_correct, contains_answer, mask_answer, relaxed_equal
 from tcrlsd.critique.journal import Journal, prompt_sha
 from tcrlsd.critique.params import CritiqueError, CritiqueParams
 from tcrlsd.critique.protocol import CriticRetryLater, CritiqueRequest
 from tcrlsd.feedback import TRUNCATED_NOT_CRITIQUED, skipped_as_truncated, wants_feedback
-from tcrlsd.reference_critic import CriticReply
+from tcrlsd.reference_critic import CONTENT_FREE_FEEDBACK, CriticReply
 from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.schemas import schema_for
 from tcrlsd.signals import coverage
@@ -40,7 +42,9 @@ def _critic_template_name(mode: str, is_correct: bool) -> str:
 
 
 def _teacher_template_name(mode: str) -> str:
-    return "teacher-gold" if mode == "gold" else "teacher-critique"
+    # sibling: a successful sibling rollout fills the slot a reference solution fills (SDPO's
+    # "Correct solution:" section), so it shares gold mode's context, which the warm start trains
+    return "teacher-gold" if mode in ("gold", "sibling") else "teacher-critique"
 
 
 def _templates_for(params: CritiqueParams) -> dict[str, Template]:
@@ -99,8 +103,10 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
     errors: list[str | None] = [None] * n
     template_ids: list[str] = [""] * n
     critic_labels = ["none"] * n
+    tags: list[str | None] = [None] * n  # what a control did to the row's feedback (in the critic column)
     todo: list[int] = []
     requests: list[CritiqueRequest] = []
+    shas: list[str] = []  # journal key of each request: its prompt (and, shuffled, whose row it asks about)
     for i, row in enumerate(rows):
         if not needs_feedback(mode, which, row["is_correct"]):
             if progress is not None:
@@ -112,6 +118,21 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
                 progress.update(1)
             continue
         teacher_id = templates[_teacher_template_name(mode)].id
+        src = row.get("source", row)  # the row whose text or critique becomes the feedback (controls.py)
+        if src is None or mode == "sibling" or params.control == "blank":
+            if src is None and mode != "sibling":
+                errors[i] = "shuffled control: no row of another prompt to take a critique from"
+            elif src is not None:
+                template_ids[i] = teacher_id
+                if mode == "sibling":
+                    critic_labels[i], feedback[i] = f"sibling:{src['rollout_id']}", src["response_text"]
+                else:
+                    critic_labels[i], feedback[i] = "control:blank", CONTENT_FREE_FEEDBACK
+            if progress is not None:
+                progress.update(1)
+            continue
+        if src is not row:
+            tags[i] = f"shuffled:{src['rollout_id']}"
         if mode == "gold":
             critic_labels[i] = "gold"
             template_ids[i] = teacher_id
@@ -127,28 +148,32 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
             prompt = ""
             template_ids[i] = f"{critic.template_id}+{teacher_id}"
         else:
-            tpl = templates[_critic_template_name(mode, row["is_correct"])]
-            prompt = render_critic_prompt(tpl, row, params.max_response_chars)
+            tpl = templates[_critic_template_name(mode, src["is_correct"])]
+            prompt = render_critic_prompt(tpl, src, params.max_response_chars)
             template_ids[i] = f"{tpl.id}+{teacher_id}"
-        sha = prompt_sha(prompt)
+        sha = prompt_sha(prompt if src is row else f"{src['rollout_id']}\n{prompt}")
         if journal is not None and (done := journal.get(row["rollout_id"], sha)) is not None:
             feedback[i], errors[i] = done
             if progress is not None:
                 progress.update(1)
             continue
         todo.append(i)
-        requests.append(CritiqueRequest(row["rollout_id"], prompt, row["problem"], row["response_text"],
-                                        row["solution"], row["answer"], row["is_correct"],
-                                        row["extracted_answer"]))
+        shas.append(sha)
+        # the request names THIS row (journal key, seeds, noise draw) but carries the source row's text
+        requests.append(CritiqueRequest(row["rollout_id"], prompt, src["problem"], src["response_text"],
+                                        src["solution"], src["answer"], src["is_correct"],
+                                        src["extracted_answer"]))
 
     def on_reply(j: int, reply: CriticReply) -> None:
         i = todo[j]
         feedback[i], errors[i] = reply.text, (reply.error if reply.text is None else None)
+        if reply.control:
+            tags[i] = f"{tags[i]},{reply.control}" if tags[i] else reply.control
         if reply.text is None and reply.retryable:
             if retry_later is not None:
                 retry_later.append((requests[j].rollout_id, reply.error))
         elif journal is not None:
-            journal.add(requests[j].rollout_id, prompt_sha(requests[j].prompt), reply.text, errors[i])
+            journal.add(requests[j].rollout_id, shas[j], reply.text, errors[i])
         if progress is not None:
             progress.update(1)
 
@@ -177,7 +202,7 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
     return pa.table({
         "rollout_id": pa.array([r["rollout_id"] for r in rows], pa.string()),
         "mode": pa.array([mode] * n, pa.string()),
-        "critic": pa.array(critic_labels, pa.string()),
+        "critic": pa.array([control_label(c, t) for c, t in zip(critic_labels, tags)], pa.string()),
         "feedback_text": pa.array(feedback, pa.string()),
         "template": pa.array(template_ids, pa.string()),
         "teacher_prompt": pa.array(teacher_prompts, pa.string()),
@@ -192,7 +217,7 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
 
 
 def _make_stage_critic(params: CritiqueParams, policy_path: str | None):
-    if params.mode in ("none", "gold"):
+    if params.mode in ("none", "gold", "sibling") or params.control == "blank":
         return None
     if params.mode == "self":
         if not policy_path:
@@ -257,6 +282,10 @@ def run_critique(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table, para
     transiently (their parts are left unwritten, journals kept).
     """
     rows = join_inputs(rollouts, verdicts, prompts, input_paths if isinstance(input_paths, dict) else None)
+    which = params.effective_which()
+    attach_sources(rows, [i for i, r in enumerate(rows) if needs_feedback(params.mode, which, r["is_correct"])
+                          and not skipped_as_truncated(params.mode, r.get("finish_reason"), params.skip_truncated)],
+                   params.mode, params.control, params.seed)
     templates = _templates_for(params)
     num_parts = max(1, math.ceil(len(rows) / params.rows_per_part))
     fingerprint = critique_fingerprint(params, templates, out_dir, input_paths, policy_path, len(rows))
@@ -327,6 +356,7 @@ def critique_metrics(critiques: pa.Table, verdicts: pa.Table, params: CritiquePa
     leaks_after = (sum(1 for r in rows if contains_answer(r["feedback_text"], answers.get(r["rollout_id"], "")))
                    if answers is not None else None)
     suspects = [r for r in rows if r["suspected_false_negative"]]
+    content = content_metrics(rows, correct, rollouts, prompts)
 
     def share(a: int, b: int) -> float:
         return a / b if b else 0.0
@@ -358,6 +388,13 @@ def critique_metrics(critiques: pa.Table, verdicts: pa.Table, params: CritiquePa
         "suspected_false_negatives": len(suspects),
         "suspected_false_negative_share_of_incorrect": share(len(suspects), n_incorrect),
         "templates": sorted({r["template"] for r in rows if r["template"]}),
+        "control": params.control,
+        "reference_noise": params.reference_noise,
+        # what controls did, by kind: rows whose critic column carries "|shuffled:..." / "|noise:KIND"
+        "feedback_controls": dict(sorted(Counter(
+            tag.split(":")[0] if tag.startswith("shuffled") else tag
+            for r in rows if "|" in r["critic"] for tag in r["critic"].split("|", 1)[1].split(",")).items())),
+        **content,
     }
 
 

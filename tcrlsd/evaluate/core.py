@@ -39,6 +39,7 @@ class EvaluateParams:
     """The ``evaluate:`` section of params.yaml (documented there key by key)."""
 
     max_prompts: int | None = None
+    split: str = "val"  # which prompts split is evaluated: val (the dev set) | test (the final table only)
     samples: int = 4
     seed: int = 0
     num_parts: int = 2
@@ -53,6 +54,8 @@ class EvaluateParams:
 
         if self.backend not in BACKENDS:
             raise ValueError(f"evaluate.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.split not in ("val", "test"):
+            raise ValueError(f"evaluate.split must be val or test (a held-out split of the prompts file), got {self.split!r}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"evaluate.max_prompts must be >= 1 or null (all val prompts), got {self.max_prompts}")
         if self.samples < 0:
@@ -92,12 +95,14 @@ def _stage_errors() -> tuple[type[BaseException], ...]:
 STAGE_ERRORS = _stage_errors()
 
 
-def val_prompt_ids(prompts: pa.Table, max_prompts: int | None, source: str | None = None) -> list[str]:
-    """The held-out prompt ids (split == "val"), sorted, cut to ``max_prompts``."""
-    ids = sorted(pid for pid, split in zip(prompts.column("prompt_id").to_pylist(),
-                                          prompts.column("split").to_pylist()) if split == "val")
+def val_prompt_ids(prompts: pa.Table, max_prompts: int | None, source: str | None = None,
+                   split: str = "val") -> list[str]:
+    """The held-out prompt ids (``split``: val, or test for the final table), sorted, cut to ``max_prompts``."""
+    ids = sorted(pid for pid, s in zip(prompts.column("prompt_id").to_pylist(),
+                                      prompts.column("split").to_pylist()) if s == split)
     if not ids:
-        raise SchemaError(f"{source or 'prompts'}: no rows with split == 'val'; evaluate needs held-out prompts")
+        raise SchemaError(f"{source or 'prompts'}: no rows with split == {split!r}; evaluate needs held-out prompts"
+                          + (" (add a test source to prepare.sources)" if split == "test" else ""))
     return ids[:max_prompts] if max_prompts else ids
 
 
@@ -195,7 +200,7 @@ def run_evaluate(params: EvaluateParams, verify_params, prompts_path: str | os.P
     from tcrlsd.progress import progress_bar
 
     prompts = read_artifact(prompts_path, "prompts")
-    ids = val_prompt_ids(prompts, params.max_prompts, str(prompts_path))
+    ids = val_prompt_ids(prompts, params.max_prompts, str(prompts_path), params.split)
     text_of = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
     parts = split_evenly(len(ids), params.num_parts)
     from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
@@ -239,6 +244,6 @@ def run_evaluate(params: EvaluateParams, verify_params, prompts_path: str | os.P
         return {"complete": False, "parts_total": len(parts), "parts_done": len(done)}
     table = read_artifact(out, "evaluations")
     metrics = evaluation_metrics(table, prompts, params)
-    metrics.update({"complete": True, "policy": str(policy_path), "parts_total": len(parts),
+    metrics.update({"complete": True, "policy": str(policy_path), "split": params.split, "parts_total": len(parts),
                     "parts_evaluated_now": len(pending)})
     return metrics

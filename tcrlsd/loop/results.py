@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from tcrlsd.loop.controls import controls_lines, critique_lines
+
 __all__ = ["RESULT_COLUMNS", "Aim", "Run", "collect_results", "load_aims", "summary_table", "paired_table",
            "write_results", "T_CRIT_95"]
 
@@ -264,6 +266,8 @@ def write_results(out: Path, rows: list[dict], presets: list[str], runs: list[Ru
                f"({', '.join(f'n={k + 1}: {v}' for k, v in list(T_CRIT_95.items())[:3])}).", "",
                paired_table(rows, presets, reference)]
         md += hypothesis_lines(rows, presets, aims)
+    md += controls_lines(rows, presets)  # issue 20: content and noise, paired by seed (tcrlsd/loop/controls.py)
+    md += critique_lines(out, presets, {p: [r.name for r in runs if r.preset == p] for p in presets})
     md += no_feedback_lines(rows, presets)
     for col, fig_title in FIGURES:
         series = {}

@@ -22,7 +22,7 @@ class SourceParams:
 
     name: str  # names the source in prompt ids, the ``source`` column and the metrics
     format: str = choice(MISSING, lambda: FORMATS, "FORMATS in tcrlsd/prepare/sources.py")
-    split: Literal["train", "val"]
+    split: Literal["train", "val", "test"]  # SPLITS
     path: str | None = None  # JSONL/Parquet file, or "hf:<dataset id>"; null for synthetic
     count: int | None = None  # rows to keep after the seeded shuffle; null = all
     levels: tuple[int, ...] | None = None  # synthetic only: levels to cycle through
@@ -33,6 +33,8 @@ class SourceParams:
     def __post_init__(self) -> None:
         label = f"source {self.name!r}"
         check_choices(self)
+        if self.split not in SPLITS:
+            raise ValueError(f"{label}: split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if not self.name or "/" in self.name or "#" in self.name:
             raise ValueError(f"{label}: name must be non-empty without '/' or '#' (it prefixes prompt ids)")
         if self.count is not None and self.count < 0:
@@ -56,9 +58,15 @@ class SourceParams:
             raise ValueError(f"{label}: hf_config / hf_split only apply to hf:<dataset id> paths")
 
 
+# The splits of the prompts file, in the order they are built: val excludes every train problem, test
+# every train and val problem. train feeds RL; val is the dev set (lr, lambda schedule, warm-start
+# choices, every per-iteration curve); test is drawn like val and used only for the final table.
+SPLITS = ("train", "val", "test")
+
 _DEFAULT_SOURCES = (
     SourceParams(name="synthetic", format="synthetic", split="train", count=2000, levels=(1, 2, 3, 4), max_operand=20),
     SourceParams(name="synthetic", format="synthetic", split="val", count=200, levels=(1, 2, 3, 4), max_operand=20),
+    SourceParams(name="synthetic", format="synthetic", split="test", count=200, levels=(1, 2, 3, 4), max_operand=20),
 )
 
 

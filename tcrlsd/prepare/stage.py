@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from tcrlsd.prepare.params import PrepareError, PrepareParams, SourceParams
+from tcrlsd.prepare.params import SPLITS, PrepareError, PrepareParams, SourceParams
 from tcrlsd.prepare.sources import FORMATS, Row, read_raw
 from tcrlsd.schemas import schema_for, validate
 from tcrlsd.templates import render_user_message
@@ -62,7 +62,7 @@ def _synthetic_rows(source: SourceParams, seed: int, exclude: set[str]) -> tuple
         else:
             raise PrepareError(
                 f"source {source.name!r} ({source.split}): cannot draw a level-{level} problem that is not "
-                f"already in train; the level-{level} problem space is too small for these counts"
+                f"already in an earlier split; the level-{level} problem space is too small for these counts"
             )
         rows.append(Row(f"{source.name}/{source.split}/{i}", p.problem, p.answer, p.solution, p.level, "arithmetic"))
     return rows, redraws
@@ -145,26 +145,27 @@ def _chat_tokenizer(path: str | None):
 def prepare(params: PrepareParams) -> tuple[pa.Table, dict]:
     """Build the ``prompts`` table (validated) and its metrics from ``params``.
 
-    Train sources are built first, so val sources can exclude problems already selected for train;
+    Train sources are built first, so val sources can exclude problems already selected for train, and
+    test sources those of train and val;
     the output keeps the order of ``params.sources``. Relative paths are relative to the working
     directory (the repository root under ``dvc repro``).
     """
     tokenizer = _chat_tokenizer(params.chat_template_tokenizer)
     built: dict[int, tuple[list[Row], dict]] = {}
-    train_problems: set[str] = set()
-    for pass_split in ("train", "val"):
+    earlier: set[str] = set()  # the problems of the splits built before this one
+    for pass_split in SPLITS:
+        chosen: set[str] = set()
         for i, source in enumerate(params.sources):
             if source.split != pass_split:
                 continue
-            exclude = train_problems if pass_split == "val" else set()
-            rows, stats = _source_rows(source, params, exclude)
+            rows, stats = _source_rows(source, params, set(earlier))
             built[i] = (rows, stats)
-            if pass_split == "train":
-                train_problems.update(_norm(r.problem) for r in rows)
+            chosen.update(_norm(r.problem) for r in rows)
+        earlier |= chosen
 
     columns: dict[str, list] = {f.name: [] for f in schema_for("prompts")}
     seen: dict[str, str] = {}
-    metrics: dict[str, Any] = {"sources": {}, "rows": 0, "rows_by_split": {"train": 0, "val": 0}}
+    metrics: dict[str, Any] = {"sources": {}, "rows": 0, "rows_by_split": {split: 0 for split in SPLITS}}
     for i, source in enumerate(params.sources):
         rows, stats = built[i]
         for r in rows:

@@ -12,14 +12,15 @@ that GRPO groups mix right and wrong answers. This module builds one from nothin
    solution tokenised without special tokens (it starts with ``response_prefix``) and EOS. The
    generate stage appends sampled ids right after the prompt ids, so this is the format the model
    must produce there;
-   For a seeded ``teacher_context_fraction`` of the problems the condition is a TEACHER context
-   instead: a synthetic wrong attempt (one step's result off by a slip of 1..10 or a carry error of
-   10, the wrong value carried through the later steps), the reference critic's feedback on it
-   (``tcrlsd.reference_critic.reference_critique``), rendered into the critique stage's ``teacher-critique``
-   template by ``tcrlsd.templates.render_teacher_prompt``, i.e. exactly the ``teacher_prompt`` that
-   stage writes; the target is still the correct solution. Without these the policy has never seen
-   a teacher context, and the score stage's teacher log-probs on feedback rows are out-of-distribution
-   noise (a Delta-gap of about -6 nats/token on every token);
+   For seeded shares of the problems the condition is one of the policy's OTHER roles instead
+   (``contexts``): a teacher context with the reference critic's critique of a wrong attempt of the
+   demonstrator, a content-free feedback block, the gold solution (gold mode), or the self-mode
+   critic prompt (target: the reference critique). Each is rendered exactly as the critique stage
+   renders it. Teacher targets follow the fairness rule: the demonstrator's own solution except at
+   the step the feedback names, written right -- so the teacher differs from the student only by
+   what the feedback says (a content-free block changes nothing). Without teacher contexts the
+   policy has never seen one, and the score stage's teacher log-probs on feedback rows are
+   out-of-distribution noise (a Delta-gap of about -6 nats/token on every token);
 4. greedy accuracy on the ``val`` prompts (last ``\\boxed{}`` vs ``answer``, exact string).
 
 The SFT problems come from their own seed, and any problem whose text appears in the prompts
@@ -27,8 +28,8 @@ artifact (train or val) is dropped, so the val accuracy is measured on problems 
 
 The student-context solutions come from an imperfect demonstrator (``carry_slip_rate``, default
 0.7): each step needing a carry (sum) or borrow (difference) is written without it with that
-probability and the wrong value carried through (``data.demonstrator_solution``); teacher-context
-solutions stay right. This is the embedded task's difficulty dial.
+probability and the wrong value carried through (``demonstrator.demonstrator_solution``); teacher
+contexts use the same demonstrator except at the named step. This is the embedded task's difficulty dial.
 
 Why the defaults (2 CPU cores, greedy accuracy on prepare's default 200 val problems). The earlier
 default (gold solutions, 8 x 3000 steps at lr 1e-3) stopped on a slope: 58.5% on one machine and 35%
@@ -48,7 +49,8 @@ on the same machine.
 
 torch, transformers and tokenizers are imported inside the functions: importing this module is cheap.
 
-Layout of this package: ``params``, ``data``, ``train``, ``accuracy``, ``stage`` (see docs/ARCHITECTURE.md).
+Layout of this package: ``params``, ``data``, ``demonstrator``, ``contexts``, ``train``, ``accuracy``, ``stage``
+(see docs/ARCHITECTURE.md).
 Importing it is cheap: torch and transformers are imported inside functions.
 """
 

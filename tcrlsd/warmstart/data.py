@@ -7,9 +7,22 @@ import random
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from tcrlsd.reference_critic import reference_critique
-from tcrlsd.synthetic import Problem, apply_op, make_problems
-from tcrlsd.templates import default_templates_dir, load_template, render_teacher_prompt, split_student_prompt
+from tcrlsd.reference_critic import CONTENT_FREE_FEEDBACK, reference_critique
+from tcrlsd.synthetic import Problem, make_problems
+from tcrlsd.templates import default_templates_dir, load_template, render_critic_prompt
+from tcrlsd.warmstart.contexts import (
+    critic_example,
+    critique_teacher_example,
+    gold_teacher_example,
+    load_templates,
+    teacher_prompt,
+)
+from tcrlsd.warmstart.demonstrator import (  # noqa: F401  (re-exported: bench/diagnose_errors.py, tests)
+    demonstrator_solution,
+    needs_carry,
+    wrong_attempt,
+    wrong_demonstrator_attempt,
+)
 from tcrlsd.warmstart.params import IGNORE, PROBLEM_FIELD, WarmstartParams
 
 # --------------------------------------------------------------------------------------------------
@@ -79,6 +92,22 @@ def critique_like_sentences(problems: Iterable[Problem], seed: int) -> list[str]
         out.append(f"Step {k + 1} is wrong: {a} {op} {b} is {r}, not {wrong}.")
         out.append(f"In step {k + 1} you made a mistake when {_OP_WORDS[op]} {b}; the correct value is {r}.")
         out.append(f"The final answer should be {p.answer}, not {wrong}. The first {k} steps are correct.")
+        out.append(reference_critique(wrong_attempt(p, rng), p.solution).text or "")  # the real phrasing
+    out.append(CONTENT_FREE_FEEDBACK)
+    return out
+
+
+def template_sentences(params: WarmstartParams, problems: Sequence[Problem]) -> list[str]:
+    """The fixed text of the contexts the warm start trains on (teacher and critic templates), for the tokenizer."""
+    templates = load_templates()
+    out = []
+    for p in problems:
+        attempt = p.solution
+        out.append(teacher_prompt(params.prompt_template, p.problem, CONTENT_FREE_FEEDBACK, templates["teacher-critique"]))
+        out.append(teacher_prompt(params.prompt_template, p.problem, p.solution, templates["teacher-gold"]))
+        row = {"problem": p.problem, "response_text": attempt, "is_correct": False, "reason": "incorrect",
+               "extracted_answer": p.answer, "solution": p.solution, "answer": p.answer}
+        out.append(render_critic_prompt(templates["self-incorrect"], row, 6000))
     return out
 
 
@@ -88,6 +117,7 @@ def tokenizer_corpus(params: WarmstartParams) -> list[str]:
                              max_operand=params.max_operand)
     texts = [render_prompt(params.prompt_template, p.problem) + params.response_prefix + p.solution for p in problems]
     texts += critique_like_sentences(problems[: max(1, len(problems) // 4)], seed=params.seed + 2)
+    texts += template_sentences(params, problems[: max(1, len(problems) // 40)])
     return texts
 
 
@@ -101,12 +131,22 @@ def build_tokenizer(params: WarmstartParams):
 # SFT data
 
 
+# What an example trains the policy to be: the student (student prompt -> demonstrator), the teacher
+# (critique / content-free / gold context -> the fairness rule's target) or the critic of self mode.
+ROLES = ("student", "critique", "blank", "gold", "critic")
+
+
 @dataclass(frozen=True)
 class SftExample:
     input_ids: tuple[int, ...]  # prompt ids + response ids
     labels: tuple[int, ...]  # IGNORE on the prompt, the response ids (EOS included) after it
     prompt_len: int
-    teacher_context: bool = False  # the prompt is a teacher context (problem + feedback), not the student's
+    role: str = "student"  # one of ROLES
+
+    @property
+    def teacher_context(self) -> bool:
+        """The prompt is a teacher context (problem + feedback), not the student's nor a critic prompt."""
+        return self.role in ("critique", "blank", "gold")
 
 
 def _norm(text: str) -> str:
@@ -136,70 +176,6 @@ def sft_example(tokenizer, prompt_text: str, response_text: str) -> SftExample:
     return SftExample(tuple(prompt + response), tuple([IGNORE] * len(prompt) + response), len(prompt))
 
 
-def wrong_attempt(problem: Problem, rng: random.Random) -> str:
-    """A plausible WRONG solution of ``problem``, the way the tiny policy errs.
-
-    One step gets a wrong result -- a carry error (off by 10) or an arithmetic slip of 1..10 either
-    way -- and the wrong value is carried through the remaining steps, which are computed right from
-    it; the last result is boxed. Values stay >= 0 (the draw is retried; the last try is clamped).
-    """
-    from tcrlsd.synthetic import solution_steps
-
-    steps = problem.steps
-    for attempt in range(20):
-        k = rng.randrange(len(steps))
-        a, op, b, r = steps[k]
-        delta = rng.choice((-10, 10)) if rng.random() < 0.4 else rng.choice((-1, 1)) * rng.randint(1, 10)
-        wrong = r + delta
-        if wrong < 0:
-            if attempt < 19:
-                continue
-            wrong = r + abs(delta)
-        out = list(steps[:k]) + [(a, op, b, wrong)]
-        value = wrong
-        for _, op2, b2, _ in steps[k + 1:]:
-            nxt = apply_op(value, op2, b2)
-            out.append((value, op2, b2, nxt))
-            value = nxt
-        if value >= 0 or attempt == 19:
-            return solution_steps(out, value)
-    raise AssertionError("unreachable")
-
-
-def needs_carry(a: int, op: str, b: int) -> bool:
-    """Whether ``a op b`` carries (``+``: the units overflow) or borrows (``-``: the units underflow)."""
-    if op == "+":
-        return a % 10 + b % 10 >= 10
-    if op == "-":
-        return a >= 0 and a % 10 < b % 10
-    return False
-
-
-def demonstrator_solution(problem: Problem, rng: random.Random, slip_rate: float) -> str:
-    """The worked solution as an imperfect demonstrator writes it: each step that carries or borrows
-    is written without the carry (a sum 10 too small, a difference 10 too large) with probability
-    ``slip_rate``, and the wrong value is carried through the steps after it (computed right from it,
-    slipping again at their own carries). ``slip_rate`` 0 gives the gold solution (no draw is made).
-
-    A policy imitating it to convergence keeps the slip rate at every carry: above 0.5 its greedy
-    answer drops every carry (so its greedy accuracy is the share of problems with no carry, a
-    property of the task mix), while sampling still finds the right value with 1 - slip_rate.
-    """
-    from tcrlsd.synthetic import solution_steps
-
-    if slip_rate <= 0:
-        return problem.solution
-    out, value = [], None
-    for a, op, b, _ in problem.steps:
-        a = a if value is None else value
-        result = apply_op(a, op, b)
-        if needs_carry(a, op, b) and rng.random() < slip_rate:
-            result += -10 if op == "+" else 10
-        out.append((a, op, b, result))
-        value = result
-    return solution_steps(out, value)
-
-
 def teacher_context(prompt_template: str, problem: Problem, attempt: str, template=None) -> tuple[str, str]:
     """``(teacher_prompt, feedback)`` for a wrong ``attempt`` at ``problem``, as the critique stage makes them.
 
@@ -213,30 +189,55 @@ def teacher_context(prompt_template: str, problem: Problem, attempt: str, templa
         raise ValueError(f"reference critic gave no feedback for a synthetic attempt: {reply.error}")
     if template is None:
         template = load_template(default_templates_dir(), "teacher-critique")
-    prefix, text, instruction = split_student_prompt(render_prompt(prompt_template, problem.problem), problem.problem)
-    return render_teacher_prompt(template, prefix, text, instruction, reply.text), reply.text
+    return teacher_prompt(prompt_template, problem.problem, reply.text, template), reply.text
+
+
+def draw_role(rng: random.Random, params: WarmstartParams) -> str:
+    """The role a problem is trained in: a seeded categorical draw over the params' shares."""
+    u = rng.random()
+    for role, share in (("feedback", params.teacher_context_fraction), ("gold", params.gold_context_fraction),
+                        ("critic", params.critic_fraction)):
+        if u < share:
+            return role
+        u -= share
+    return "student"
 
 
 def sft_examples(tokenizer, params: WarmstartParams, problems: Sequence[Problem]) -> list[SftExample]:
-    """The SFT sequences: the correct solution after the student prompt or, for a seeded
-    ``teacher_context_fraction`` of the problems, after a teacher context (problem + reference critique
-    of a synthetic wrong attempt), so the policy can play the teacher of the critique/score stages.
-    Either way the loss is on the solution tokens only. The student-context solutions come from the
-    imperfect demonstrator (:func:`demonstrator_solution`, ``carry_slip_rate``); the teacher-context
-    ones are always the gold solution: the feedback names the slip, and the teacher writes it right.
+    """The SFT sequences, one per problem, in a seeded role (:data:`ROLES`, :func:`draw_role`).
+
+    Student: the student prompt -> the demonstrator's solution (``carry_slip_rate``). The other roles
+    (teacher contexts and critic prompts) follow :mod:`tcrlsd.warmstart.contexts` and its fairness
+    rule: a teacher-context target is the demonstrator's solution except at the step the feedback
+    names. A ``feedback`` problem becomes a ``blank`` (content-free) example with probability
+    ``blank_feedback_share``; a ``feedback`` or ``critic`` problem without a wrong attempt (the
+    demonstrator writes it right) becomes a student example. The loss is on the response only.
     """
-    rng = random.Random(params.seed + 3)
-    slips = random.Random(params.seed + 4)  # its own stream: slip_rate 0 leaves the other draws as they were
-    template = None
+    rng = random.Random(params.seed + 3)  # roles and attempts
+    slips = random.Random(params.seed + 4)  # targets: its own stream
+    templates = None
     out = []
     for p in problems:
-        if params.teacher_context_fraction > 0 and rng.random() < params.teacher_context_fraction:
-            if template is None:
-                template = load_template(default_templates_dir(), "teacher-critique")
-            prompt, _ = teacher_context(params.prompt_template, p, wrong_attempt(p, rng), template)
-            response = params.response_prefix + p.solution
-            out.append(dataclasses.replace(sft_example(tokenizer, prompt, response), teacher_context=True))
+        role = draw_role(rng, params)
+        attempt = None
+        if role in ("feedback", "critic"):
+            attempt = wrong_demonstrator_attempt(p, rng, params.carry_slip_rate, params.other_error_share)
+            if attempt is None:
+                role = "student"
+        if role == "feedback":
+            role = "blank" if rng.random() < params.blank_feedback_share else "critique"
+        if role != "student" and templates is None:
+            templates = load_templates()
+        if role in ("critique", "blank"):
+            prompt, _, target = critique_teacher_example(p, attempt, params.prompt_template, slips,
+                                                         params.carry_slip_rate, templates["teacher-critique"],
+                                                         blank=role == "blank")
+        elif role == "gold":
+            prompt, target = gold_teacher_example(p, params.prompt_template, templates["teacher-gold"])
+        elif role == "critic":
+            prompt, target = critic_example(tokenizer, p, attempt, templates["self-incorrect"])
         else:
-            response = params.response_prefix + demonstrator_solution(p, slips, params.carry_slip_rate)
-            out.append(sft_example(tokenizer, render_prompt(params.prompt_template, p.problem), response))
+            prompt = render_prompt(params.prompt_template, p.problem)
+            target = demonstrator_solution(p, slips, params.carry_slip_rate)
+        out.append(dataclasses.replace(sft_example(tokenizer, prompt, params.response_prefix + target), role=role))
     return out

@@ -27,6 +27,14 @@ class WarmstartParams:
     tokenizer_problems: int = 4000
     # share of SFT problems shown in a teacher context (problem + critique of a wrong attempt)
     teacher_context_fraction: float = 0.25
+    # of those, the share given the content-free feedback (target: the plain demonstrator)
+    blank_feedback_share: float = 0.0
+    # share of the wrong attempts with another slip than the demonstrator's (wrong_attempt)
+    other_error_share: float = 0.0
+    # share of SFT problems shown in the gold mode's teacher context (target: the gold solution)
+    gold_context_fraction: float = 0.0
+    # share of SFT problems shown as a self-mode critic prompt (target: the reference critique)
+    critic_fraction: float = 0.0
     # share of the carry/borrow steps the demonstrator of the student-context examples gets wrong
     carry_slip_rate: float = 0.7
     # model shape (a LlamaConfig); its vocab_size is the trained tokenizer's, set above
@@ -56,8 +64,14 @@ class WarmstartParams:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not 0 <= self.carry_slip_rate <= 1:
             raise ValueError(f"carry_slip_rate must be in [0, 1]; got {self.carry_slip_rate}")
-        if not 0 <= self.teacher_context_fraction <= 1:
-            raise ValueError(f"teacher_context_fraction must be in [0, 1]; got {self.teacher_context_fraction}")
+        for name in ("teacher_context_fraction", "blank_feedback_share", "other_error_share",
+                     "gold_context_fraction", "critic_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)}")
+        roles = self.teacher_context_fraction + self.gold_context_fraction + self.critic_fraction
+        if roles > 1:
+            raise ValueError("teacher_context_fraction + gold_context_fraction + critic_fraction must be <= 1 "
+                             f"(shares of the SFT problems); got {roles:g}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}]; got {self.warmup_steps}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:

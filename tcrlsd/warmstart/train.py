@@ -7,7 +7,7 @@ import time
 from typing import Iterable, Sequence
 
 from tcrlsd.optim import decay_groups, learning_rate
-from tcrlsd.warmstart.data import SftExample, build_tokenizer, sft_examples, sft_problems
+from tcrlsd.warmstart.data import ROLES, SftExample, build_tokenizer, sft_examples, sft_problems
 from tcrlsd.warmstart.params import IGNORE, WarmstartParams
 
 
@@ -132,6 +132,7 @@ def train_policy(params: WarmstartParams, exclude: Iterable[str] = (), progress:
         "parameters": n_params,
         "sft_examples": len(examples),
         "teacher_context_examples": n_teacher,
+        "examples_by_role": {role: sum(e.role == role for e in examples) for role in ROLES},
         "steps": params.steps,
         "train_tokens": tokens,
         "train_response_tokens": response_tokens,
