@@ -98,6 +98,9 @@ def main() -> int:
           "| at other carries |")
     print("|---|---|---|---|---|---|---|")
     for name, (idx, sampled, texts) in contexts.items():
+        if not idx:
+            print(f"| {name} | 0 | | | | | |")
+            continue
         if sampled is None:
             sampled = run(texts, args.samples, 1.0, "sampled")
         else:

@@ -325,3 +325,36 @@ def test_controls_section_pairs_each_run_with_its_controls_by_seed(tmp_path):
     lines = critique_lines(tmp_path, ["grpo", "tc"], {"grpo": ["grpo-s0"], "tc": ["tc-s0", "tc-s1"]})
     # intermediate: seed means 0.1 and 0.4 -> 25.0
     assert "| tc | 0.0 | 25.0 | 100.0 |" in lines and not any(ln.startswith("| grpo") for ln in lines)
+
+
+def test_final_table_on_the_test_split_is_paired_by_seed(tmp_path, monkeypatch):
+    """The last policy of a run is evaluated with evaluate.split test (a preset beside params.yaml);
+    the table: grpo 50/40/45%, tc 60/52/53% -> tc − grpo +10, +12, +8 (mean 10, sd 2, t 8.66: differs)."""
+    import subprocess as sp
+
+    from tcrlsd.loop.final import final_evaluation, final_lines, final_paths
+    from tcrlsd.loop.results import Run
+
+    runs = [Run(p, s) for p in ("grpo", "tc") for s in range(3)]
+    for run, acc in zip(runs, (0.50, 0.40, 0.45, 0.60, 0.52, 0.53)):
+        path = tmp_path / "runs" / run.name / final_paths("test")[1]
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"greedy_mean_at_1": acc, "avg_at_k": acc / 2, "split": "test"}))
+    text = "\n".join(final_lines(tmp_path, ["grpo", "tc"], runs, "test"))
+    assert "| grpo | 3 | 45.0 ± 5.0 | 22.5 ± 2.5 |  |  |  |" in text
+    assert "| tc | 3 | 55.0 ± 4.4 | 27.5 ± 2.2 | +10.0 (2.0) | +8.66 | differs |" in text
+    assert final_lines(tmp_path, ["grpo"], runs, "val") == []
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "iterations.yaml").write_text(
+        'iterations:\n  "0000": {k: 0, policy: models/policy-0000, next_policy: models/policy-0001}\n'
+        '  "0001": {k: 1, policy: models/policy-0001, next_policy: models/policy-0002}\n')
+    seen = {}
+    monkeypatch.setattr(sp, "call", lambda cmd, cwd, **kw: seen.update(cmd=cmd, cwd=cwd) or 0)
+    assert final_evaluation(ws, "test") == 0
+    cmd = seen["cmd"]
+    assert seen["cwd"] == ws and cmd[1] == "stages/evaluate.py"
+    assert cmd[cmd.index("--policy") + 1] == "models/policy-0002"  # the last iteration's update
+    assert (ws / cmd[cmd.index("--preset") + 1]).read_text() == "evaluate:\n  split: test\n"
+    assert cmd[cmd.index("--metrics") + 1] == "data/metrics/final-test.json"

@@ -137,6 +137,9 @@ def experiment(
     intro: Path = typer.Option(None, help="A Markdown file whose text opens the report (the setting, the question)."),
     aims: Path = typer.Option(None, help="The research aims the report checks (a YAML list: name, run, reference, "
                                          "margin_points; default: the project's configs/aims.yaml; none if absent)."),
+    final_split: str = typer.Option(None, help="Evaluate each run's last policy on this held-out split of the "
+                                               "prompts file (test: prepare's test split, read by nothing else) "
+                                               "and add the final table, paired by seed, to the report."),
     report_only: bool = typer.Option(False, "--report-only", help="Run nothing: rewrite the results and the report "
                                      "from the workspaces as they are (the recorded command omits this flag)."),
 ) -> None:
@@ -171,7 +174,7 @@ def experiment(
         run_experiment(root, params, names, list(range(seeds)), iterations, out, presets_dir, log=typer.echo,
                        jobs=max(1, jobs), command=command, doc=doc, title=title, intro=text,
                        setting=setting, report_only=report_only,
-                       cache=cache, aims=load_aims(aims))
+                       cache=cache, aims=load_aims(aims), final_split=final_split)
     except (ParamsError, ValueError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)

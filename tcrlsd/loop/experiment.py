@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+from tcrlsd.loop.final import final_evaluation, final_lines
 from tcrlsd.loop.results import RESULT_COLUMNS, Run, collect_results, summary_table, write_results
 
 __all__ = ["SEED_KEYS", "RESULT_COLUMNS", "Run", "prepare_workspace", "run_experiment", "collect_results",
@@ -158,23 +159,32 @@ def _prune(ws: Path) -> list[str]:
     return prune(ws, ws / "iterations.yaml", load_section(ws / "params.yaml", "checkpoints", CheckpointParams)).lines()
 
 
+def _report(out: Path, rows: list[dict], presets: list[str], runs: list[Run], command: str, doc: Path | None,
+            title: str, intro: str, aims: Sequence, final_split: str | None) -> Path:
+    """The results and report, with the final table when the runs are evaluated on ``final_split``."""
+    extra = final_lines(out, presets, runs, final_split) if final_split else []
+    return write_results(out, rows, presets, runs, command, doc, title, intro, aims, extra)
+
+
 def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: list[int], iterations: int,
                    out: Path, presets_dir: Path, log=print, jobs: int = 1, command: str = "",
                    doc: Path | None = None, title: str = "Experiment", intro: str = "",
                    setting: Path | None = None, report_only: bool = False,
-                   cache: Path | None = None, aims: Sequence = ()) -> list[dict]:
+                   cache: Path | None = None, aims: Sequence = (), final_split: str | None = None) -> list[dict]:
     """Run (or resume) every preset x seed for ``iterations`` iterations; returns the result rows.
 
     The first run's prepare and warm start go first, alone (into the shared cache); then ``jobs``
     runs at a time, each stage process capped at ``cpu_count // jobs`` torch threads when jobs > 1
     (results then depend on ``jobs`` through float rounding: keep it in the command you publish).
+    ``final_split`` (e.g. "test"): after a run's repro, its last policy is evaluated on that split
+    (:mod:`tcrlsd.loop.final`) and the report gets the final table.
     """
     out.mkdir(parents=True, exist_ok=True)
     cache = cache or out / "cache"
     runs = [Run(p, s) for p in presets for s in seeds]
     if report_only:  # the workspaces as they are: nothing copied, nothing run
         rows = collect_results(out, runs)
-        write_results(out, rows, presets, runs, command, doc, title, intro, aims)
+        _report(out, rows, presets, runs, command, doc, title, intro, aims, final_split)
         return rows
     started = time.perf_counter()
     spaces = [prepare_workspace(project, base_params, run, presets_dir, out / "runs" / run.name, cache, iterations,
@@ -191,20 +201,25 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
     def one(i: int) -> None:
         log(f"[{i + 1}/{len(runs)}] {runs[i].name}: dvc repro in {spaces[i]} (log: {spaces[i] / 'repro.log'})")
         code = _repro(spaces[i], threads=threads)
-        if code != 0:
+        if code == 0 and final_split:
+            if final_evaluation(spaces[i], final_split, threads) != 0:
+                code = -1
+                failures.append(f"{runs[i].name}: the final {final_split} evaluation failed; see "
+                                f"{spaces[i] / 'repro.log'}")
+        if code > 0:
             failures.append(f"{runs[i].name}: dvc repro failed (exit {code}); see {spaces[i] / 'repro.log'}")
-        else:
+        elif code == 0:
             log(f"[{i + 1}/{len(runs)}] {runs[i].name}: done")
             for line in _prune(spaces[i]):
                 log(f"[{i + 1}/{len(runs)}] {runs[i].name}: {line}")
         with lock:  # results so far, after every run: a long experiment shows its table as it goes
-            write_results(out, collect_results(out, runs), presets, runs, command, doc, title, intro, aims)
+            _report(out, collect_results(out, runs), presets, runs, command, doc, title, intro, aims, final_split)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, range(len(runs))))
     _add_seconds(out / "experiment-wall.json", time.perf_counter() - started)  # every invocation, resumes included
     rows = collect_results(out, runs)
-    write_results(out, rows, presets, runs, command, doc, title, intro, aims)
+    _report(out, rows, presets, runs, command, doc, title, intro, aims, final_split)
     if failures:
         raise RuntimeError("; ".join(failures) + ". Rerun the same command to resume.")
     return rows

@@ -219,9 +219,10 @@ FIGURES = (("val_greedy", "Validation greedy mean@1"), ("val_avg_at_k", "Validat
 
 def write_results(out: Path, rows: list[dict], presets: list[str], runs: list[Run], command: str = "",
                   doc: Path | None = None, title: str = "Experiment", intro: str = "",
-                  aims: Sequence[Aim] = ()) -> Path:
+                  aims: Sequence[Aim] = (), extra: list[str] | None = None) -> Path:
     """``out/results.csv``, ``out/results.md`` and PNG curves; with ``doc``, the same report written
-    to that path (its figures in ``<doc stem>-figures/`` beside it). Returns the report path."""
+    to that path (its figures in ``<doc stem>-figures/`` beside it); ``extra`` Markdown lines go after
+    the paired comparison. Returns the report path."""
     import shutil
 
     from tcrlsd.loop.report import plot_curves
@@ -266,6 +267,7 @@ def write_results(out: Path, rows: list[dict], presets: list[str], runs: list[Ru
                f"({', '.join(f'n={k + 1}: {v}' for k, v in list(T_CRIT_95.items())[:3])}).", "",
                paired_table(rows, presets, reference)]
         md += hypothesis_lines(rows, presets, aims)
+    md += extra or []  # e.g. the final table on the test split (tcrlsd/loop/final.py)
     md += controls_lines(rows, presets)  # issue 20: content and noise, paired by seed (tcrlsd/loop/controls.py)
     md += critique_lines(out, presets, {p: [r.name for r in runs if r.preset == p] for p in presets})
     md += no_feedback_lines(rows, presets)
