@@ -199,11 +199,14 @@ def test_stage_shipped_params_and_presets(tmp_path, preset):
     metrics = json.loads((tmp_path / "prompts.json").read_text())
     splits = table.column("split").to_pylist()
     if preset is None:
-        assert metrics["rows_by_split"] == {"train": 2000, "val": 200}
-        # val is held out: no val problem text is a train problem (synthetic val redraws)
+        assert metrics["rows_by_split"] == {"train": 2000, "val": 200, "test": 200}
+        # val and test are held out: no val problem is a train problem, no test problem is either
+        # (synthetic val and test redraw)
         probs = table.column("problem").to_pylist()
         train = {p for p, s in zip(probs, splits) if s == "train"}
+        val = {p for p, s in zip(probs, splits) if s == "val"}
         assert not [p for p, s in zip(probs, splits) if s == "val" and p in train]
+        assert not [p for p, s in zip(probs, splits) if s == "test" and (p in train or p in val)]
     elif preset.endswith("math.yaml"):
         # MATH train has 7500 records; two (number_theory/7115 and 7117) have an empty \boxed{} and
         # are skipped, named in the metrics.

@@ -165,7 +165,8 @@ def prepare(params: PrepareParams) -> tuple[pa.Table, dict]:
 
     columns: dict[str, list] = {f.name: [] for f in schema_for("prompts")}
     seen: dict[str, str] = {}
-    metrics: dict[str, Any] = {"sources": {}, "rows": 0, "rows_by_split": {split: 0 for split in SPLITS}}
+    metrics: dict[str, Any] = {"sources": {}, "rows": 0, "rows_by_split": {  # the splits the sources fill
+        split: 0 for split in SPLITS if any(source.split == split for source in params.sources)}}
     for i, source in enumerate(params.sources):
         rows, stats = built[i]
         for r in rows:

@@ -26,15 +26,15 @@ class WarmstartParams:
     vocab_size: int = 512
     tokenizer_problems: int = 4000
     # share of SFT problems shown in a teacher context (problem + critique of a wrong attempt)
-    teacher_context_fraction: float = 0.25
+    teacher_context_fraction: float = 0.4
     # of those, the share given the content-free feedback (target: the plain demonstrator)
-    blank_feedback_share: float = 0.0
+    blank_feedback_share: float = 0.25
     # share of the wrong attempts with another slip than the demonstrator's (wrong_attempt)
-    other_error_share: float = 0.0
+    other_error_share: float = 0.1
     # share of SFT problems shown in the gold mode's teacher context (target: the gold solution)
-    gold_context_fraction: float = 0.0
+    gold_context_fraction: float = 0.05
     # share of SFT problems shown as a self-mode critic prompt (target: the reference critique)
-    critic_fraction: float = 0.0
+    critic_fraction: float = 0.1
     # share of the carry/borrow steps the demonstrator of the student-context examples gets wrong
     carry_slip_rate: float = 0.7
     # model shape (a LlamaConfig); its vocab_size is the trained tokenizer's, set above
