@@ -193,3 +193,12 @@ def test_critique_metrics_report_controls_leaks_and_agreement():
     table = pa.Table.from_pylist(_run(rows, control="shuffled"))
     m = critique_metrics(table, verdicts, shuffled, rollouts, prompts)
     assert m["feedback_controls"] == {"shuffled": 12}
+
+
+def test_shuffled_gold_shows_another_prompts_solution():
+    rows = _groups(3)
+    out = _run(rows, mode="gold", control="shuffled")
+    for r, g in zip(out, rows):
+        src = r["critic"].split("|shuffled:")[1]
+        other = next(x for x in rows if x["rollout_id"] == src)
+        assert other["prompt_id"] != g["prompt_id"] and r["feedback_text"] == other["solution"]

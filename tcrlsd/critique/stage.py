@@ -136,8 +136,8 @@ def critique_rows(rows: Sequence[dict], params: CritiqueParams, critic, template
         if mode == "gold":
             critic_labels[i] = "gold"
             template_ids[i] = teacher_id
-            if row["solution"]:
-                feedback[i] = row["solution"]
+            if src["solution"]:  # shuffled: another prompt's gold solution
+                feedback[i] = src["solution"]
             else:
                 errors[i] = "no gold solution in the prompts row"
             if progress is not None:
