@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 __all__ = [
     "ARTIFACTS",
+    "CONDITIONAL_COLUMNS",
     "SchemaError",
     "schema_for",
     "validate",
@@ -134,7 +135,34 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
         Column("reason", pa.string(), doc="string  # correct | incorrect | no_answer | unparsable | timeout"),
     ),
 }
-# fmt: on
+# Columns a writer adds only in the runs that use them (not in schema_for: absent otherwise, so a run
+# that does not use them writes exactly the bytes it wrote before they existed). Checked where present
+# by validate's one loop, like a required=False column (which new writers always add). Extra teacher contexts (K > 1): the critique stage
+# writes K - 1 extra teacher prompts per row (critique.wrong_hints), the score stage one list of
+# log-probs per extra context; `teacher_prompt` / `teacher_logprobs` stay the primary context, so
+# every reader of those columns works unchanged at any K.
+CONDITIONAL_COLUMNS: dict[str, tuple[Column, ...]] = {
+    "critiques": (
+        Column("extra_teacher_prompts", pa.list_(pa.string()),
+               doc="list<string|null>  # len == K - 1 (the same on every row); the rendered extra teacher "
+                   "contexts (same template as teacher_prompt, other feedback); null entry = no text (the row "
+                   "has no feedback, or the critic failed): that context is scored as the student"),
+        Column("extra_teacher_kinds", pa.list_(pa.string()), same_length_as="extra_teacher_prompts",
+               doc="list<string>  # kind of each extra context: 'wrong_hint' (feedback written against "
+                   "another prompt's gold solution)"),
+        Column("extra_hint_prompt_ids", pa.list_(pa.string()), same_length_as="extra_teacher_prompts",
+               doc="list<string|null>  # the prompt whose gold solution each wrong hint was written against"),
+    ),
+    "scores": (
+        Column("extra_teacher_logprobs", pa.list_(_F32_LIST), same_length_as="extra_teacher_kinds",
+               doc="list<list<float32>>  # len == K - 1; entry j: log pi(y_t | x, f_j, y_<t), each inner "
+                   "len == len(response_token_ids); = student_logprobs where context j has no text"),
+        Column("extra_teacher_kinds", pa.list_(pa.string()),
+               doc="list<string>  # kind of each extra context, copied from the critiques"),
+    ),
+}
+# Nested token columns: every inner list is as long as this row's value of the named token column.
+NESTED_TOKEN_COLUMNS: dict[str, dict[str, str]] = {"scores": {"extra_teacher_logprobs": "student_logprobs"}}
 
 # Columns holding per-response-token values, by artifact; checked against rollouts by
 # check_token_lengths.
@@ -207,7 +235,11 @@ def validate(table: pa.Table, name: str, source: str | None = None) -> pa.Table:
             f"{where}{name} is missing column(s) {', '.join(missing)}; "
             f"expected columns: {', '.join(c.name for c in expected if c.required)}; found: {', '.join(table.column_names)}"
         )
-    expected = tuple(c for c in expected if c.name in table.column_names)  # optional ones only where present
+    conditional = tuple(c for c in CONDITIONAL_COLUMNS.get(name, ()) if c.name in table.column_names)
+    for col in conditional:
+        if col.same_length_as and col.same_length_as not in table.column_names:
+            raise SchemaError(f"{where}{name}: column {col.name!r} needs column {col.same_length_as!r} beside it")
+    expected = tuple(c for c in expected if c.name in table.column_names) + conditional  # optional ones where present
     for col in expected:
         arr = table.column(col.name)
         if not _compatible(arr.type, col.type):
@@ -228,16 +260,18 @@ def validate(table: pa.Table, name: str, source: str | None = None) -> pa.Table:
                 f"{where}{name}: column {col.name!r} has {arr.null_count} null value(s) (first at row {row}); "
                 "nulls are not allowed there"
             )
-        value_type = col.type.value_type if pa.types.is_list(col.type) else col.type
+        value_type, depth = col.type, 0
+        while pa.types.is_list(value_type):
+            value_type, depth = value_type.value_type, depth + 1
         if pa.types.is_floating(value_type) and len(arr):
-            flat = pc.list_flatten(arr) if pa.types.is_list(col.type) else arr
+            flat, levels = arr, []
+            for _ in range(depth):  # peel list levels, keeping each level's parent indices
+                levels.append(pc.list_parent_indices(flat))
+                flat = pc.list_flatten(flat)
             if len(flat) and pc.all(pc.is_finite(flat)).as_py() is False:
-                bad = pc.invert(pc.is_finite(flat))
-                if pa.types.is_list(col.type):
-                    parents = pc.list_parent_indices(arr)
-                    row = int(parents[_first_bad_row(bad)].as_py())
-                else:
-                    row = _first_bad_row(bad)
+                row = _first_bad_row(pc.invert(pc.is_finite(flat)))
+                for parents in reversed(levels):
+                    row = int(parents[row].as_py())
                 raise SchemaError(f"{where}{name}: column {col.name!r} has NaN or inf at row {row}; expected finite values")
     for col in expected:
         if col.same_length_as:
@@ -250,6 +284,9 @@ def validate(table: pa.Table, name: str, source: str | None = None) -> pa.Table:
                     f"{where}{name}: row {row}: len({col.name}) = {a[row].as_py()} but "
                     f"len({col.same_length_as}) = {b[row].as_py()}; they must be equal"
                 )
+    for col, outer in NESTED_TOKEN_COLUMNS.get(name, {}).items():
+        if col in table.column_names:
+            _check_nested_lengths(table.column(col), table.column(outer), col, outer, f"{where}{name}")
     ids = "rollout_id" if "rollout_id" in table.column_names else UNIQUE_KEY.get(name)
     if ids and table.num_rows:
         n_unique = pc.count_distinct(table.column(ids)).as_py()
@@ -258,6 +295,22 @@ def validate(table: pa.Table, name: str, source: str | None = None) -> pa.Table:
             dup = next(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
             raise SchemaError(f"{where}{name}: {ids} {dup!r} appears more than once; {ids} must be unique")
     return table
+
+
+def _check_nested_lengths(nested, token, col: str, outer: str, where: str) -> None:
+    """Every inner list of ``nested`` (list<list<...>>) is as long as its row's ``token`` list."""
+    nested = nested.combine_chunks() if isinstance(nested, pa.ChunkedArray) else nested
+    inner = pc.list_flatten(nested)  # one entry per (row, context)
+    if not len(inner):
+        return
+    rows = pc.list_parent_indices(nested)  # (entries,) row of each inner list
+    want = pc.take(pc.list_value_length(token), rows)
+    neq = pc.not_equal(pc.list_value_length(inner), want)
+    if pc.any(neq).as_py():
+        k = _first_bad_row(neq)
+        row = int(rows[k].as_py())
+        raise SchemaError(f"{where}: row {row}: an entry of {col} has {pc.list_value_length(inner)[k].as_py()} "
+                          f"values but len({outer}) = {want[k].as_py()}; each must be as long as the response")
 
 
 def check_token_lengths(

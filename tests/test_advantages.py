@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from tcrlsd.advantages import (
     ESTIMATORS,
+    READS_CONTRAST,
     AdvantagesParams,
     IterationInputs,
     Settings,
@@ -38,6 +39,7 @@ from tcrlsd.params import ParamsError, from_mapping
 from tcrlsd.schemas import SchemaError, schema_for
 
 ADDITIVE = ("rlsd_add", "rlsd_hybrid")
+PLAIN = [e for e in ESTIMATORS if e not in READS_CONTRAST]  # the estimators that read Δ_t only
 STAGE = Path(__file__).resolve().parents[1] / "stages" / "advantages.py"
 
 
@@ -52,6 +54,7 @@ class Row:
     student: list
     teacher: list
     feedback: bool = False
+    wrong: list | None = None  # log-probs under each wrong-hint context (extra teacher contexts)
 
 
 def _tables(rows: list[Row], iteration: int = 0) -> dict[str, pa.Table]:
@@ -86,7 +89,19 @@ def _tables(rows: list[Row], iteration: int = 0) -> dict[str, pa.Table]:
             "rollout_id": ids, "student_logprobs": pa.array([r.student for r in rows], f32),
             "teacher_logprobs": pa.array([r.teacher for r in rows], f32), "teacher_checkpoint": ["policy"] * n,
         }),
-    }
+    } if all(r.wrong is None for r in rows) else _with_contexts(_tables([dataclasses.replace(r, wrong=None) for r in rows],
+                                                                          iteration), rows)
+
+
+def _with_contexts(tables: dict[str, pa.Table], rows: list[Row]) -> dict[str, pa.Table]:
+    """The scores with extra_teacher_logprobs / extra_teacher_kinds (K' = len(wrong) on every row)."""
+    k = len(rows[0].wrong)
+    tables["scores"] = (tables["scores"]
+                        .append_column("extra_teacher_logprobs", pa.array([r.wrong for r in rows],
+                                                                          pa.list_(pa.list_(pa.float32()))))
+                        .append_column("extra_teacher_kinds", pa.array([["wrong_hint"] * k] * len(rows),
+                                                                       pa.list_(pa.string()))))
+    return tables
 
 
 def make_iteration(folder, rows: list[Row], iteration: int = 0, critiques: bool = True, scores_parts: int = 0):
@@ -164,7 +179,7 @@ def reference_outcomes(name: str, rows: list[Row], norm_by_std: bool) -> list[fl
     centred = [0.0 if a == 0.0 else x - sum(groups[r.prompt_id]) / len(groups[r.prompt_id])
                for r, x, a in zip(rows, xs, [_group_ref(groups[r.prompt_id], x, False) for r, x in zip(rows, xs)])]
     return {
-        "grpo": group_a, "rlsd": group_a, "rlsd_add": group_a, "rlsd_hybrid": group_a,
+        "grpo": group_a, "rlsd": group_a, "rlsd_add": group_a, "rlsd_hybrid": group_a, "rlcsd": group_a,
         "rloo": [_rloo_ref(groups[r.prompt_id], x) for r, x in zip(rows, xs)],
         "reinforce_pp": _whiten_ref(xs, lengths),
         "reinforce_pp_baseline": _whiten_ref(centred, lengths),
@@ -179,7 +194,8 @@ def reference_iteration(rows: list[Row], params: AdvantagesParams, iteration: in
     for r, a in zip(rows, outcome):
         i = idx.get(r.prompt_id, 0)
         idx[r.prompt_id] = i + 1
-        out[f"{r.prompt_id}#{i}"] = (a, reference_token_advantages(params.estimator, a, r.student, r.teacher, s))
+        out[f"{r.prompt_id}#{i}"] = (a, reference_token_advantages(params.estimator, a, r.student, r.teacher, s,
+                                                                    r.wrong or ()))
     return out
 
 
@@ -264,7 +280,7 @@ _GRPO = [0.5 / _S, -0.5 / _S, -0.5 / _S, 0.5 / _S, (2 / 3) / _S, -(1 / 3) / _S, 
 _RPP = [x / math.sqrt(9 / 34 + 1e-8) for x in (9 / 17, -8 / 17)]
 _X = [0.5, -0.5, -0.5, 0.5, 2 / 3, -1 / 3, -1 / 3, 0, 0, 0]
 OUTCOME_HAND = {
-    **{k: _GRPO for k in ("grpo", "rlsd", "rlsd_add", "rlsd_hybrid")},
+    **{k: _GRPO for k in ("grpo", "rlsd", "rlsd_add", "rlsd_hybrid", "rlcsd")},
     "rloo": [2 / 3, -2 / 3, -2 / 3, 2 / 3, 1, -0.5, -0.5, 0, 0, 0],
     "reinforce_pp": [_RPP[0] if r else _RPP[1] for r in _R],
     "reinforce_pp_baseline": [(x + 1 / 51) / math.sqrt(53 / 306 + 1e-8) for x in _X],
@@ -272,7 +288,8 @@ OUTCOME_HAND = {
 
 
 def test_every_estimator_has_a_hand_table():
-    assert set(OUTCOME_HAND) == set(ESTIMATORS) and all(set(t) == set(ESTIMATORS) for t in HAND.values())
+    assert set(OUTCOME_HAND) == set(ESTIMATORS) and all(set(t) == set(PLAIN) for t in HAND.values())
+    assert READS_CONTRAST == {"rlcsd"}  # its token table reads e_t, not Δ_t: RLCSD_HAND below
 
 
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
@@ -286,7 +303,7 @@ def test_outcome_advantages_hand_table(estimator):
                                atol=1e-15)
 
 
-@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+@pytest.mark.parametrize("estimator", PLAIN)
 def test_token_advantages_hand_table(estimator):
     s = Settings(lam=0.5, eps_w=0.2, alpha=0.7, beta=0.3)
     delta = np.array([0.0, 0.1, -0.5, 2.0], dtype=np.float32)
@@ -360,7 +377,8 @@ def test_saturated_group_only_additive_forms_keep_a_signal():
         delta = np.array([0.3, -0.2, 0.0] * 4, np.float32)
         s = Settings(lam=0.5, eps_w=0.2, alpha=0.7, beta=0.3)
         for name in ESTIMATORS:
-            got = token_advantages(name, a, offsets, np.zeros(12, np.float32), delta, s)
+            extra = np.zeros((1, 12), np.float32) if name in READS_CONTRAST else None  # e_t = Δ_t here
+            got = token_advantages(name, a, offsets, np.zeros(12, np.float32), delta, s, extra)
             if name in ADDITIVE:
                 assert (got != 0).sum() == 8, name  # every token with Δ ≠ 0
             else:
@@ -374,13 +392,112 @@ def test_large_delta_does_not_overflow():
     np.testing.assert_allclose(got, [1.2, -0.8], rtol=1e-6)
 
 
+# rlcsd, τ = 0.5, β_c = 1, λ = 0.5, δ = 0.1, c = 0.4. Correct-hint Q and two wrong hints per token:
+#   t0: Q = .5,  wrong .5, .5 -> mean .5, e = 0                       -> r = 0
+#   t1: Q = .6,  wrong .2, .4 -> mean .3, e = ln 2; e/τ = ln 4, tanh = 15/17; .5·15/17 = .4411765 -> clip .4
+#   t2: Q = .3,  wrong .3, .5 -> mean .4, e = ln .75; e/τ = ln .5625, tanh = (.31640625 − 1)/(.31640625 + 1)
+#       = −.5192878                                                    -> r = −.2596439
+#   t3: Q = .22, wrong .2, .2 -> e = ln 1.1; e/τ = ln 1.21, tanh = .4641/2.4641 = .1883446; r = .0941723 <= δ -> 0
+# A = +1:   A + r = [1, 1.4, .7403561, 1]       (all > 0: kept)
+# A = −0.3: A + r = [−.3, .1, −.5596439, −.3]   -> min(·, 0) = [−.3, 0, −.5596439, −.3] (the verifier's sign kept)
+# A = 0:    0 everywhere (a saturated group gets no signal from the contrast)
+RLCSD_Q = [0.5, 0.6, 0.3, 0.22]
+RLCSD_WRONG = [[0.5, 0.2, 0.3, 0.2], [0.5, 0.4, 0.5, 0.2]]
+RLCSD_HAND = {1.0: [1.0, 1.4, 0.7403561, 1.0], -0.3: [-0.3, 0.0, -0.5596439, -0.3], 0.0: [0.0] * 4}
+
+
+def test_rlcsd_hand_table():
+    s = Settings(lam=0.5, eps_w=0.2, alpha=0.7, beta=0.3, contrast_temperature=0.5, contrast_weight=1.0,
+                 contrast_threshold=0.1, contrast_clip=0.4)
+    q = np.log(np.array(RLCSD_Q, np.float32))
+    wrong = np.log(np.array(RLCSD_WRONG, np.float32))  # (K' = 2, N = 4)
+    student = np.full(4, -3.0, np.float32)  # rlcsd never reads the student
+    for a, want in RLCSD_HAND.items():
+        got = token_advantages("rlcsd", np.array([a]), np.array([0, 4]), student, q, s, wrong)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=2e-6, err_msg=f"A={a}")
+        ref = reference_token_advantages("rlcsd", a, student.tolist(), q.tolist(), s, wrong.tolist())
+        np.testing.assert_allclose(ref, want, atol=2e-6)
+    with pytest.raises(ValueError, match="wrong-hint"):
+        token_advantages("rlcsd", np.array([1.0]), np.array([0, 4]), student, q, s)
+
+
+def test_contrast_gap_one_context_and_identical_contexts():
+    from tcrlsd.advantages import contrast_gap
+
+    q = np.array([-1.0, -2.5, -0.1], np.float32)
+    w = np.array([-2.0, -2.0, -0.3], np.float32)
+    np.testing.assert_allclose(contrast_gap(q, w[None]), q - w, atol=1e-7)  # K' = 1: log Q − log Q_w
+    # a row without feedback scores every context as the student: the gap is exactly 0
+    assert not contrast_gap(q, np.stack([q, q, q])).any()
+
+
+def contrast_rows(seed: int, k: int) -> list[Row]:
+    """random_rows plus k wrong-hint contexts per row (= the student where the row has no feedback)."""
+    rng = np.random.default_rng(seed + 100)
+    out = []
+    for r in random_rows(seed, 8, 6, 12):
+        st = np.array(r.student, np.float32)
+        wrong = [(st + rng.normal(0, 1, len(st))).astype(np.float32).tolist() if r.feedback else r.student
+                 for _ in range(k)]
+        out.append(dataclasses.replace(r, wrong=wrong))
+    return out
+
+
+@pytest.mark.parametrize("seed,k", [(0, 1), (1, 2), (2, 3)])
+def test_rlcsd_streamed_equals_per_row_loop(tmp_path, seed, k):
+    rows = contrast_rows(seed, k)
+    folder = make_iteration(tmp_path / "it", rows, iteration=3, scores_parts=seed % 3)
+    rng = random.Random(seed)
+    params = AdvantagesParams(estimator="rlcsd", lam0=rng.uniform(0.2, 1), contrast_temperature=rng.uniform(0.05, 1),
+                              contrast_weight=rng.uniform(0.5, 2), contrast_threshold=rng.uniform(0, 0.1),
+                              contrast_clip=rng.uniform(0.1, 1))
+    m = compute_advantages(IterationInputs.find(folder), params, tmp_path / "a.parquet", batch_rows=rng.choice([1, 5, 99]))
+    got, want = _read_out(tmp_path / "a.parquet"), reference_iteration(rows, params, 3)
+    assert list(got) == list(want)
+    for rid, (a, toks) in want.items():
+        np.testing.assert_allclose(got[rid][1], toks, rtol=2e-6, atol=2e-6, err_msg=rid)
+    for r, (a, toks) in zip(rows, want.values()):
+        if not r.feedback:  # every context is the student: Â = A exactly
+            assert toks == [a] * len(r.student) or a == 0
+    assert m["teacher_contexts"] == 1 + k and m["contrast_gap"] is not None
+    # the other estimators read the same scores and ignore the extra contexts
+    plain = compute_advantages(IterationInputs.find(folder), dataclasses.replace(params, estimator="rlsd"))
+    assert plain["teacher_contexts"] == 1 + k and plain["estimator"] == "rlsd"
+
+
+def test_rlcsd_needs_contexts_and_checks_them(tmp_path):
+    rows = random_rows(3, 4, 4, 6)
+    folder = make_iteration(tmp_path / "plain", rows)
+    with pytest.raises(SchemaError, match=r"no extra_teacher_logprobs; set critique.wrong_hints >= 1"):
+        compute_advantages(IterationInputs.find(folder), AdvantagesParams(estimator="rlcsd"))
+    assert "teacher_contexts" not in compute_advantages(IterationInputs.find(folder), AdvantagesParams())  # K = 1 keys
+    rows = contrast_rows(4, 2)
+    long = next(i for i, r in enumerate(rows) if r.student)
+    bad = [dataclasses.replace(r, wrong=r.wrong[:1]) if i == 1 else r for i, r in enumerate(rows)]
+    rid = _tables(bad)["scores"].column("rollout_id")[1].as_py()
+    folder = make_iteration(tmp_path / "count", rows)
+    _write_raw(_tables(bad)["scores"], folder / "scores.parquet")  # (the artifact writer refuses it)
+    with pytest.raises(SchemaError, match=rf"rollout_id '{re.escape(rid)}' has 1 extra teacher contexts, expected 2"):
+        compute_advantages(IterationInputs.find(folder), AdvantagesParams(estimator="rlcsd"), batch_rows=1)
+    t = _tables(rows)["scores"]
+    cut = [[w[:-1] if i == long else w for w in r.wrong] for i, r in enumerate(rows)]
+    folder = make_iteration(tmp_path / "len", rows)
+    _write_raw(t.set_column(4, "extra_teacher_logprobs", pa.array(cut, pa.list_(pa.list_(pa.float32())))),
+               folder / "scores.parquet")
+    with pytest.raises(SchemaError, match=rf"rollout_id '{re.escape(t.column('rollout_id')[long].as_py())}': an "
+                                          r"extra_teacher_logprobs entry has \d+ values but the response has"):
+        compute_advantages(IterationInputs.find(folder), AdvantagesParams(estimator="rlcsd"))
+
+
 def test_params_checks():
     assert from_mapping(AdvantagesParams, {"estimator": "grpo", "delta_clip": None}, "advantages").estimator == "grpo"
     with pytest.raises(ParamsError, match="valid keys"):
         from_mapping(AdvantagesParams, {"lambda": 0.5}, "advantages")
     with pytest.raises(ParamsError, match="not one of"):
         from_mapping(AdvantagesParams, {"estimator": "ppo"}, "advantages")
-    for bad in ({"lam0": 1.5}, {"lam_decay_steps": 0}, {"eps_w": -0.1}, {"delta_clip": -1.0}):
+    for bad in ({"lam0": 1.5}, {"lam_decay_steps": 0}, {"eps_w": -0.1}, {"delta_clip": -1.0},
+                {"contrast_temperature": 0.0}, {"contrast_clip": -1.0}, {"contrast_threshold": -0.1}):
         with pytest.raises(ParamsError):
             from_mapping(AdvantagesParams, bad, "advantages")
 
@@ -404,7 +521,7 @@ def test_streamed_parquet_equals_per_row_loop(tmp_path, seed, n_groups, max_grou
     iteration = rng.randrange(0, 60)
     folder = make_iteration(tmp_path / "it", rows, iteration=iteration, scores_parts=seed % 3)
     inputs = IterationInputs.find(folder)
-    for name in ESTIMATORS:
+    for name in PLAIN:
         params = AdvantagesParams(estimator=name, alpha=rng.uniform(0, 1), beta=rng.uniform(0, 1),
                                   lam0=rng.uniform(0, 1), eps_w=rng.uniform(0, 0.5),
                                   norm_by_std=rng.random() < 0.7, delta_clip=rng.choice([None, 0.5, 3.0]))
@@ -548,7 +665,8 @@ def test_stage_cli_writes_schema_and_metrics_byte_identically(tmp_path, params_f
     assert set(t.column("estimator").to_pylist()) == {"rlsd_add"}
     m = json.loads((tmp_path / "run0" / "metrics" / "advantages.json").read_text())
     assert m["lam"] == pytest.approx(0.4) and m["iteration"] == 10 and m["estimator"] == "rlsd_add"
-    assert set(m["settings"]) == {"alpha", "beta", "lam0", "lam_decay_steps", "eps_w", "norm_by_std", "delta_clip"}
+    assert set(m["settings"]) == {"alpha", "beta", "lam0", "lam_decay_steps", "eps_w", "norm_by_std", "delta_clip",
+                                  "contrast_temperature", "contrast_weight", "contrast_threshold", "contrast_clip"}
     assert [q.name for q in (tmp_path / "run0").iterdir()] != [] and not list((tmp_path / "run0").glob(".*.tmp"))
 
 
@@ -640,6 +758,15 @@ def test_recompute_cli(tmp_path, params_file, monkeypatch):
     res = runner.invoke(app, ["recompute", str(folder), "-e", "grpo"])
     assert res.exit_code == 0 and "saturated_group_share" in res.stdout and "0.6667" in res.stdout
     # errors are one line, exit code 2
+    # rlcsd: the recompute of an iteration scored with wrong-hint contexts
+    ctx = make_iteration(tmp_path / "ctx", contrast_rows(5, 2), iteration=2)
+    res = runner.invoke(app, ["recompute", str(ctx), "-e", "rlcsd", "--out", str(tmp_path / "c.parquet"), "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    assert m["estimator"] == "rlcsd" and m["teacher_contexts"] == 3 and m["settings"]["contrast_temperature"] == 0.02
+    assert read_artifact(tmp_path / "c.parquet", "advantages").column("estimator").unique().to_pylist() == ["rlcsd"]
+    res = runner.invoke(app, ["recompute", str(folder), "-e", "rlcsd"])
+    assert res.exit_code == 2 and "critique.wrong_hints" in res.stderr
     res = runner.invoke(app, ["recompute", str(folder), "-e", "ppo"])
     assert res.exit_code == 2 and "not one of" in res.stderr
     res = runner.invoke(app, ["recompute", str(tmp_path / "nope"), "-e", "grpo"])
@@ -666,7 +793,7 @@ def test_compare_cli(tmp_path):
     res = runner.invoke(app, ["compare", str(folder)])
     assert res.exit_code == 0 and "rlsd_hybrid" in res.stdout and "saturated_adv_nonzero_token_share" in res.stdout
     res = runner.invoke(app, ["compare", str(folder), "--json"])
-    assert set(json.loads(res.stdout)["estimators"]) == set(ESTIMATORS)
+    assert set(json.loads(res.stdout)["estimators"]) == set(PLAIN)  # no wrong-hint contexts: rlcsd left out
     res = runner.invoke(app, ["compare", str(folder), "--format", "html"])
     assert res.exit_code == 2
 

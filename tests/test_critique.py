@@ -324,6 +324,50 @@ def test_stage_default_reference_coverage_and_determinism(tmp_path):
     assert first == {p.name: p.read_bytes() for p in out2.glob("part-*.parquet")}
 
 
+def test_stage_wrong_hints_critique_the_rollout_against_other_prompts(tmp_path):
+    from tcrlsd.critique.wrong_hints import pick_donors
+
+    paths = make_iteration(tmp_path)  # 4 prompts x 3 samples
+    prompts = {r["prompt_id"]: r for r in read_artifact(paths["prompts"], "prompts").to_pylist()}
+    rollouts = {r["rollout_id"]: r for r in read_artifact(paths["rollouts"], "rollouts").to_pylist()}
+    out, metrics_path = tmp_path / "critiques", tmp_path / "m.json"
+    run_stage(paths, write_params(tmp_path, wrong_hints=2, rows_per_part=5), out, metrics_path)
+    table = read_artifact(out, "critiques")  # validated, optional columns included
+    n_fb = 0
+    for row in table.to_pylist():
+        assert row["extra_teacher_kinds"] == ["wrong_hint"] * 2
+        if row["teacher_prompt"] is None:  # no feedback: no context to contrast with
+            assert row["extra_teacher_prompts"] == [None, None] and row["extra_hint_prompt_ids"] == [None, None]
+            continue
+        n_fb += 1
+        own = prompts[row["rollout_id"].split("#")[0]]
+        donors = row["extra_hint_prompt_ids"]
+        assert len(set(donors)) == 2 and own["prompt_id"] not in donors
+        for donor, context in zip(donors, row["extra_teacher_prompts"]):
+            # the same critic, given the other prompt's gold solution: the rollout's own wrong steps
+            # become "departs from the other problem", rendered around the rollout's own problem
+            want = reference_critique(rollouts[row["rollout_id"]]["response_text"], prompts[donor]["solution"]).text
+            assert want and want != row["feedback_text"]
+            prefix, _, _ = row["teacher_prompt"].partition(row["feedback_text"])
+            assert context == row["teacher_prompt"].replace(row["feedback_text"], want) and context.startswith(prefix)
+            assert own["problem"] in context and prompts[donor]["problem"] not in context
+    assert n_fb > 0
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["wrong_hints"] == 2 and metrics["wrong_hint_contexts"] == 2 * n_fb
+    assert metrics["wrong_hint_failures"] == 0
+    # the draw depends on (seed, rollout id) and the iteration's prompts, not on how rows are cut into parts
+    out2 = tmp_path / "critiques2"
+    run_stage(paths, write_params(tmp_path, wrong_hints=2, rows_per_part=3), out2)
+    assert read_artifact(out2, "critiques").equals(table)
+    pool = [{"prompt_id": "a", "problem": "x"}, {"prompt_id": "b", "problem": "y"}, {"prompt_id": "c", "problem": "x"}]
+    assert pick_donors("a#0", "x", pool, 3, seed=0) == [pool[1]]  # never the same problem text
+    # wrong_hints = 0 (the default) writes the critiques of before: no extra columns
+    out3 = tmp_path / "critiques3"
+    run_stage(paths, write_params(tmp_path), out3)
+    assert read_artifact(out3, "critiques").column_names == [c for c in table.column_names
+                                                              if not c.startswith("extra_")]
+
+
 def test_stage_gold_covers_all_and_reports_leakage(tmp_path):
     paths = make_iteration(tmp_path)
     out, metrics_path = tmp_path / "critiques", tmp_path / "m.json"

@@ -124,3 +124,27 @@ def test_reader_accepts_file_and_folder_of_shards(tmp_path):
     two = read_artifact(folder, "scores")
     assert one.equals(two)
     assert read_artifact(tmp_path / "b" / "scores.parquet", "scores").equals(one)
+
+
+def test_optional_extra_context_columns_are_validated_when_present():
+    base = _scores(lengths=(2, 3, 1))
+    nested = pa.list_(pa.list_(pa.float32()))
+    kinds = pa.array([["wrong_hint"] * 2] * 3, pa.list_(pa.string()))
+    good = [[[-1.0] * k] * 2 for k in (2, 3, 1)]
+    t = base.append_column("extra_teacher_logprobs", pa.array(good, nested)).append_column("extra_teacher_kinds", kinds)
+    assert validate(t, "scores").column_names[-2:] == ["extra_teacher_logprobs", "extra_teacher_kinds"]
+    assert validate(base, "scores").column_names == schema_for("scores").names  # absent: nothing required
+    # row 1's second context is one value short of its response
+    short = [good[0], [[-1.0] * 3, [-1.0] * 2], good[2]]
+    with pytest.raises(SchemaError, match=r"row 1: an entry of extra_teacher_logprobs has 2 values but "
+                                          r"len\(student_logprobs\) = 3"):
+        validate(base.append_column("extra_teacher_logprobs", pa.array(short, nested))
+                 .append_column("extra_teacher_kinds", kinds), "scores")
+    nan = [good[0], good[1], [[-1.0], [math.nan]]]
+    with pytest.raises(SchemaError, match=r"'extra_teacher_logprobs' has NaN or inf at row 2"):
+        validate(base.append_column("extra_teacher_logprobs", pa.array(nan, nested))
+                 .append_column("extra_teacher_kinds", kinds), "scores")
+    with pytest.raises(SchemaError, match=r"row 0: len\(extra_teacher_logprobs\) = 2 but len\(extra_teacher_kinds\) = 1"):
+        validate(t.set_column(5, "extra_teacher_kinds", pa.array([["wrong_hint"]] * 3, pa.list_(pa.string()))), "scores")
+    with pytest.raises(SchemaError, match=r"'extra_teacher_logprobs' needs column 'extra_teacher_kinds'"):
+        validate(base.append_column("extra_teacher_logprobs", pa.array(good, nested)), "scores")

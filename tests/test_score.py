@@ -14,6 +14,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
 from tcrlsd.artifacts import read_artifact, write_artifact
+from tcrlsd.schemas import schema_for, validate
 from tcrlsd.score import (
     ScoreParams,
     build_inputs,
@@ -168,6 +169,65 @@ def test_student_and_teacher_match_reference(tiny_policy, teacher_mode):
             ctx = encode_prompt(tok, inputs.teacher_prompts[i])
             np.testing.assert_allclose(row["teacher_logprobs"], _reference(t_model, ctx, resp), atol=1e-5)
             assert row["teacher_logprobs"] != row["student_logprobs"]
+
+
+def _with_wrong_hints(critiques: pa.Table, k: int = 2) -> pa.Table:
+    """critiques plus k extra teacher contexts per row: text on rows with feedback, except one
+    missing hint (row 1, slot 1: a critic failure), None on rows without feedback."""
+    texts = []
+    for i, tp in enumerate(critiques.column("teacher_prompt").to_pylist()):
+        texts.append([None if tp is None or (i, j) == (1, 1) else f"{tp[:30]}\nWrong hint {j}: step {j + 2} is off."
+                      for j in range(k)])
+    strings = pa.list_(pa.string())
+    return (critiques.append_column("extra_teacher_prompts", pa.array(texts, strings))
+            .append_column("extra_teacher_kinds", pa.array([["wrong_hint"] * k] * len(texts), strings))
+            .append_column("extra_hint_prompt_ids", pa.array([[None] * k] * len(texts), strings)))
+
+
+@pytest.mark.parametrize("teacher_mode", ["current", "lagged"])
+def test_extra_teacher_contexts_each_match_a_direct_forward(tiny_policy, teacher_mode):
+    from tcrlsd.policy import encode_prompt
+
+    student, tok = _load(tiny_policy)
+    teacher = _load(tiny_policy, seed=7)[0] if teacher_mode == "lagged" else None
+    t_model = teacher if teacher is not None else student
+    rollouts, critiques = _tables(tok, n=10, seed=3)
+    params = ScoreParams(max_tokens_per_batch=96, logits_chunk_tokens=7)
+    part = build_inputs(rollouts, _with_wrong_hints(critiques)).part(range(10))  # K = 3
+    assert build_inputs(rollouts, _with_wrong_hints(critiques)).extra_contexts == 2
+    table, counts = score_part(part, student, teacher, tok, params, "ckpt")
+    assert table.column_names[-2:] == ["extra_teacher_logprobs", "extra_teacher_kinds"]
+    validate(table, "scores")
+    one, one_counts = score_part(build_inputs(rollouts, critiques).part(range(10)), student, teacher, tok, params, "ckpt")
+    assert one.schema == schema_for("scores")  # K = 1: the columns of before, nothing added
+    extra_tokens = 0
+    for i, row in enumerate(table.to_pylist()):
+        resp = part.responses[i]
+        assert row["extra_teacher_kinds"] == ["wrong_hint", "wrong_hint"]
+        np.testing.assert_allclose(row["teacher_logprobs"], one.column("teacher_logprobs")[i].as_py(), atol=1e-5)
+        for j, (text, lp) in enumerate(zip(part.extra_teacher_prompts[i], row["extra_teacher_logprobs"])):
+            assert len(lp) == len(resp)
+            if text is None:
+                assert lp == row["student_logprobs"]  # no text: the student's, bit for bit
+            elif resp:
+                ctx = encode_prompt(tok, text)
+                extra_tokens += len(ctx) + len(resp)
+                np.testing.assert_allclose(lp, _reference(t_model, ctx, resp), atol=1e-5, err_msg=f"row {i} ctx {j}")
+                assert lp != row["teacher_logprobs"]  # another context, another distribution
+    assert extra_tokens > 0 and counts["forward_tokens"] == one_counts["forward_tokens"] + extra_tokens
+
+
+def test_stage_cli_with_three_teacher_contexts(tiny_policy, tmp_path):
+    _, tok = _load(tiny_policy)
+    rollouts, critiques = _tables(tok, n=12)
+    write_artifact(rollouts, tmp_path / "rollouts.parquet", "rollouts")
+    write_artifact(_with_wrong_hints(critiques), tmp_path / "critiques.parquet", "critiques")
+    _params(tmp_path)
+    assert _stage_main(_args(tmp_path, tiny_policy, tmp_path / "scores")) == 0
+    scores = read_artifact(tmp_path / "scores", "scores")  # validates the optional columns too
+    assert scores.column("extra_teacher_logprobs").type == pa.list_(pa.list_(pa.float32()))
+    metrics = json.loads((tmp_path / "metrics" / "scores.json").read_text())
+    assert metrics["run"]["teacher_contexts"] == 3
 
 
 # ----------------------------------------------------------------------------- a teacher that can copy
@@ -412,3 +472,40 @@ def _approx_equal(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return a == pytest.approx(b, abs=1e-12)
     return a == b
+
+
+# ----------------------------------------------------------------------------- K contexts through the stages
+
+
+def test_wrong_hints_through_critique_score_and_rlcsd(reliability_iteration, tmp_path):
+    """critique (wrong_hints: 2) -> score (K = 3) -> advantages (rlcsd), each stage through its main,
+    on the harness iteration's rollouts; then `tcrlsd recompute -e rlcsd` reproduces the stage."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from harness import run_stage, stage_argv, write_params
+    from tcrlsd.cli import app
+
+    src = reliability_iteration
+    for name in ("prompts.parquet", "rollouts", "verdicts.parquet"):
+        (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, tmp_path / name)
+    params = write_params(tmp_path, critique={"wrong_hints": 2}, advantages={"estimator": "rlcsd"})
+    for stage in ("critique", "score", "advantages"):
+        assert run_stage(stage, stage_argv(stage, tmp_path, tmp_path, src / "policy", params)) == 0, stage
+    scores = read_artifact(tmp_path / "scores", "scores")
+    critiques = read_artifact(tmp_path / "critiques", "critiques")
+    has_fb = critiques.column("teacher_prompt").is_valid().to_pylist()
+    assert any(has_fb)
+    for row, fb, texts in zip(scores.to_pylist(), has_fb, critiques.column("extra_teacher_prompts").to_pylist()):
+        assert len(row["extra_teacher_logprobs"]) == 2
+        assert (texts != [None, None]) == fb  # wrong hints exactly where there is a correct one
+        if not fb:
+            assert row["extra_teacher_logprobs"] == [row["student_logprobs"]] * 2
+    metrics = json.loads((tmp_path / "metrics" / "advantages.json").read_text())
+    assert metrics["estimator"] == "rlcsd" and metrics["teacher_contexts"] == 3
+    res = CliRunner().invoke(app, ["recompute", str(tmp_path), "--params", str(params), "-e", "rlcsd",
+                                   "--out", str(tmp_path / "re.parquet")])
+    assert res.exit_code == 0, res.output
+    assert read_artifact(tmp_path / "re.parquet", "advantages").equals(read_artifact(tmp_path / "advantages.parquet",
+                                                                                      "advantages"))

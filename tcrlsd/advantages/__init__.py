@@ -12,6 +12,9 @@ Formulas (ARCHITECTURE.md, exactly)::
     rlsd         Â_t = A · m_t
     rlsd_add     Â_t = (1 − λ) · A + λ · Δ_t
     rlsd_hybrid  Â_t = α · A · m_t + β · Δ_t
+    rlcsd        e_t = log Q_t − log mean_j Q_t^(j)      Q^(j): the teacher under wrong hint j
+                 r_t = clip(β_c · λ · tanh(e_t / τ), ±c), 0 where |r_t| <= δ
+                 Â_t = max(A + r_t, 0) if A > 0, min(A + r_t, 0) if A < 0, 0 if A = 0
 
     outcome-only estimators (the teacher unused), each with its own A:
     rloo                   A = r − mean of the group's other rewards = n/(n−1) · (r − mean_group)
@@ -46,10 +49,12 @@ from __future__ import annotations
 from tcrlsd.advantages.compare import compare_estimators  # noqa: F401
 from tcrlsd.advantages.estimators import (  # noqa: F401
     ESTIMATORS,
+    READS_CONTRAST,
     STD_EPS,
     Estimator,
     Settings,
     batch_whitened,
+    contrast_gap,
     group_advantages,
     group_baseline,
     group_centred_batch_whitened,
@@ -57,6 +62,7 @@ from tcrlsd.advantages.estimators import (  # noqa: F401
     outcome_advantages,
     outcome_only,
     reference_token_advantages,
+    rlcsd,
     rlsd,
     rlsd_add,
     rlsd_hybrid,

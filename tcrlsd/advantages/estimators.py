@@ -28,6 +28,13 @@ class Settings:
     beta: float
     delta_clip: float | None = None
     norm_by_std: bool = True  # the GRPO outcome: divide by the group std
+    # rlcsd (RLCSD, arXiv 2606.11709): r_t = clip(weight · λ · tanh(e_t / temperature), ±clip), dropped
+    # where |r_t| <= threshold. Defaults: the paper's released configs (tau 0.02, beta 1.0, delta
+    # 0.02, residual clip ±2.0).
+    contrast_temperature: float = 0.02
+    contrast_weight: float = 1.0
+    contrast_threshold: float = 0.02
+    contrast_clip: float = 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +127,8 @@ def group_centred_batch_whitened(group, rewards, lengths, s: Settings) -> np.nda
 # ---------------------------------------------------------------------------------------------
 # Token forms: Â_t from A and Δ.
 #   adv:   (N,) float32  the rollout's outcome advantage A, repeated over its tokens
-#   delta: (N,) float32  Δ_t = teacher − student log-prob
+#   delta: (N,) float32  Δ_t = teacher − student log-prob (the contrastive gap e_t where the entry's
+#                        gap is "contrast": see :func:`contrast_gap`)
 #   returns (N,) Â_t, same dtype
 # Token math runs in float32, the dtype of the inputs and of the stored output: float64 gave the
 # same values to a few float32 ulps at twice the time (the outcome advantage itself is float64).
@@ -156,13 +164,42 @@ def rlsd_hybrid(adv: np.ndarray, delta: np.ndarray, s: Settings) -> np.ndarray:
     return s.alpha * adv * _reweight(adv, delta, s) + s.beta * _additive_delta(delta, s)
 
 
+def _contrast_residual(gap: np.ndarray, s: Settings) -> np.ndarray:
+    """r_t = clip(weight · λ · tanh(e_t / temperature), ±clip), 0 where |r_t| <= threshold."""
+    r = np.clip(s.contrast_weight * s.lam * np.tanh(gap / s.contrast_temperature), -s.contrast_clip, s.contrast_clip)
+    return np.where(np.abs(r) > s.contrast_threshold, r, 0.0)
+
+
+def rlcsd(adv: np.ndarray, gap: np.ndarray, s: Settings) -> np.ndarray:
+    """A + r_t with the verifier's sign kept: A > 0 -> max(A + r, 0), A < 0 -> min(A + r, 0), A = 0 -> 0.
+
+    ``gap`` is the contrastive gap e_t (:func:`contrast_gap`), not Δ_t (the entry's ``gap``).
+    """
+    raw = adv + _contrast_residual(gap, s)
+    return np.where(adv > 0, np.maximum(raw, 0.0), np.where(adv < 0, np.minimum(raw, 0.0), 0.0))
+
+
+def contrast_gap(teacher: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """e_t = log Q_t − log((1/K') Σ_j Q_t^(j)): ``teacher`` (N,) the correct-hint log-probs, ``extra``
+    (K', N) the wrong-hint contexts' log-probs; the wrong side is the log of their mean probability
+    (RLCSD's K-marginal), computed in float64 and rounded to float32 before the difference, which is
+    taken in float32 like Δ_t: K' copies of one context give that context back exactly, so a row
+    whose contexts are all the student's gets e_t = 0 exactly. Returns (N,) float32."""
+    extra = np.asarray(extra, dtype=np.float64)  # (K', N)
+    mixture = (np.logaddexp.reduce(extra, axis=0) - math.log(extra.shape[0])).astype(np.float32)  # (N,)
+    return np.asarray(teacher, dtype=np.float32) - mixture
+
+
 @dataclass(frozen=True)
 class Estimator:
-    """One registry entry: which outcome advantage A, and how Â_t is formed from A and Δ."""
+    """One registry entry: which outcome advantage A, and how Â_t is formed from A and a teacher gap."""
 
     outcome: Outcome
     token: TokenForm
     doc: str = ""  # one line for --help and the docs
+    # The gap the token form reads: "delta" (Δ_t = log Q − log P) or "contrast" (e_t, the correct-hint
+    # teacher against the wrong-hint teachers: needs scores with extra teacher contexts).
+    gap: str = "delta"
 
 
 ESTIMATORS: dict[str, Estimator] = {
@@ -174,7 +211,12 @@ ESTIMATORS: dict[str, Estimator] = {
     "reinforce_pp": Estimator(batch_whitened, outcome_only, "Â = r whitened over the batch's tokens"),
     "reinforce_pp_baseline": Estimator(group_centred_batch_whitened, outcome_only,
                                        "Â = (r − group mean) whitened over the batch's tokens"),
+    "rlcsd": Estimator(group_baseline, rlcsd, "Â = A + r_t(e_t), A's sign kept (needs critique.wrong_hints)",
+                       gap="contrast"),
 }
+
+# The estimators that read the contrastive gap e_t (need scores with extra teacher contexts).
+READS_CONTRAST: frozenset[str] = frozenset(n for n, e in ESTIMATORS.items() if e.gap == "contrast")
 
 
 def outcome_advantages(estimator: str, group, rewards, lengths, settings: Settings) -> np.ndarray:
@@ -193,16 +235,23 @@ def token_advantages(
     student: np.ndarray,
     teacher: np.ndarray,
     settings: Settings,
+    extra: np.ndarray | None = None,
 ) -> np.ndarray:
     """Â for a batch of rows given as flat token arrays.
 
     ``group_adv``: (B,) A per row; ``offsets``: (B+1,) start of each row in the flat arrays (0-based);
-    ``student``/``teacher``: (N,) log-probs. Returns (N,) float32.
+    ``student``/``teacher``: (N,) log-probs; ``extra``: (K', N) wrong-hint log-probs (needed by the
+    estimators of :data:`READS_CONTRAST`). Returns (N,) float32.
     """
     lengths = np.diff(offsets)  # (B,)
     adv_tok = np.repeat(np.asarray(group_adv, dtype=np.float32), lengths)  # (N,)
-    delta = np.asarray(teacher, dtype=np.float32) - np.asarray(student, dtype=np.float32)  # (N,)
-    return ESTIMATORS[estimator].token(adv_tok, delta, settings).astype(np.float32, copy=False)
+    if estimator in READS_CONTRAST:
+        if extra is None:
+            raise ValueError(f"estimator {estimator!r} needs the wrong-hint contexts' log-probs (extra)")
+        gap = contrast_gap(teacher, extra)  # (N,) e_t
+    else:
+        gap = np.asarray(teacher, dtype=np.float32) - np.asarray(student, dtype=np.float32)  # (N,) Δ_t
+    return ESTIMATORS[estimator].token(adv_tok, gap, settings).astype(np.float32, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,17 +267,28 @@ _REFERENCE: dict[str, Callable[[float, float, float, float, Settings], float]] =
     "rloo": lambda a, d, m, dd, s: a,
     "reinforce_pp": lambda a, d, m, dd, s: a,
     "reinforce_pp_baseline": lambda a, d, m, dd, s: a,
+    "rlcsd": lambda a, e, m, dd, s: _reference_rlcsd(a, e, s),  # e = the contrastive gap
 }
 
 
+def _reference_rlcsd(a: float, e: float, s: Settings) -> float:
+    r = min(max(s.contrast_weight * s.lam * math.tanh(e / s.contrast_temperature), -s.contrast_clip), s.contrast_clip)
+    r = r if abs(r) > s.contrast_threshold else 0.0
+    return max(a + r, 0.0) if a > 0 else min(a + r, 0.0) if a < 0 else 0.0
+
+
 def reference_token_advantages(
-    estimator: str, group_adv: float, student: Sequence[float], teacher: Sequence[float], s: Settings
+    estimator: str, group_adv: float, student: Sequence[float], teacher: Sequence[float], s: Settings,
+    extra: Sequence[Sequence[float]] = (),
 ) -> list[float]:
-    """Â for one row, one token at a time (slow; for tests and benchmarks only)."""
+    """Â for one row, one token at a time (slow; for tests and benchmarks only). ``extra``: one list
+    of log-probs per wrong-hint context (the estimators of :data:`READS_CONTRAST`)."""
     sign = (group_adv > 0) - (group_adv < 0)
     out = []
-    for p, q in zip(student, teacher):
+    for t, (p, q) in enumerate(zip(student, teacher)):
         d = float(q) - float(p)
+        if estimator in READS_CONTRAST:  # e_t = log Q − log(mean_j exp(log Q_j))
+            d = float(q) - math.log(sum(math.exp(float(w[t])) for w in extra) / len(extra))
         try:
             w = math.exp(sign * d)
         except OverflowError:

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tcrlsd.artifacts import artifact_files, artifact_path
-from tcrlsd.schemas import ARTIFACTS, SchemaError, schema_for, validate
+from tcrlsd.schemas import ARTIFACTS, CONDITIONAL_COLUMNS, SchemaError, schema_for, validate
 
 # ---------------------------------------------------------------------------------------------
 # Inputs: artifact files, schema checks, streamed batches
@@ -76,7 +76,7 @@ def _check_schema(file: Path, name: str, needed: Sequence[str]) -> None:
 
 def _iter_batches(path: Path, name: str, columns: list[str], batch_rows: int) -> Iterator[tuple[Path, pa.RecordBatch]]:
     """Batches of ``columns`` of artifact ``name``, file by file, cast to the contract's types."""
-    types = {c.name: c.type for c in ARTIFACTS[name]}
+    types = {c.name: c.type for c in ARTIFACTS[name] + CONDITIONAL_COLUMNS.get(name, ())}
     target = pa.schema([pa.field(c, types[c]) for c in columns])
     files = artifact_files(path, name)
     for f in files:
@@ -117,6 +117,23 @@ def _flat(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     offsets = arr.offsets.to_numpy().astype(np.int64)  # (B+1,)
     values = arr.values.to_numpy(zero_copy_only=False)  # nulls inside lists become NaN
     return values[offsets[0]:offsets[-1]], offsets - offsets[0]
+
+
+def _flat_nested(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values (M,), inner offsets (E+1,) from 0, outer offsets (B+1,) from 0) of a list<list<...>> array:
+    row i holds inner lists outer[i]..outer[i+1]-1, inner list e holds values inner[e]..inner[e+1]-1."""
+    outer = arr.offsets.to_numpy().astype(np.int64)  # (B+1,)
+    values, inner = _flat(arr.values.slice(outer[0], outer[-1] - outer[0]))
+    return values, inner, outer - outer[0]
+
+
+def scores_have_contexts(path: Path) -> bool:
+    """Whether the scores artifact at ``path`` holds extra teacher contexts (read from a footer)."""
+    files = artifact_files(path, "scores")
+    try:
+        return "extra_teacher_logprobs" in pq.read_schema(files[0]).names
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SchemaError(f"{files[0]}: not a readable Parquet file: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

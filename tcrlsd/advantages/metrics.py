@@ -52,6 +52,8 @@ class _Shared:
     tokens: int = 0
     saturated_tokens: int = 0
     delta_abs_sum: float = 0.0
+    feedback_contrast_sum: float = 0.0  # Σ e_t over rows with feedback (extra teacher contexts only)
+    feedback_contrast_tokens: int = 0  # their tokens
     teacher_differs_rows: int = 0
 
 

@@ -27,6 +27,10 @@ class AdvantagesParams:
     eps_w: float = 0.2  # clip of w_t to [1 − ε_w, 1 + ε_w]
     norm_by_std: bool = True  # A divided by the group std (+1e-6); false → A = r − mean
     delta_clip: float | None = None  # clip Δ_t to [−c, c] in the additive term; None = off
+    contrast_temperature: float = 0.02  # rlcsd: τ of tanh(e_t / τ)
+    contrast_weight: float = 1.0  # rlcsd: β of r_t = clip(β · λ · tanh(e_t / τ), ±contrast_clip)
+    contrast_threshold: float = 0.02  # rlcsd: r_t with |r_t| <= this is dropped
+    contrast_clip: float = 2.0  # rlcsd: |r_t| bound
 
     def __post_init__(self):
         check_choices(self)
@@ -39,6 +43,12 @@ class AdvantagesParams:
             raise ValueError(f"lam_decay_steps must be a positive integer, got {self.lam_decay_steps}")
         if not 0.0 <= self.eps_w <= 1.0:
             raise ValueError(f"eps_w must lie in [0, 1], got {self.eps_w}")
+        for name in ("contrast_temperature", "contrast_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("contrast_weight", "contrast_threshold"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
         if self.delta_clip is not None and not (self.delta_clip > 0 and math.isfinite(self.delta_clip)):
             raise ValueError(f"delta_clip must be a positive number or null, got {self.delta_clip}")
 
@@ -57,4 +67,6 @@ def settings_for(params: AdvantagesParams, iteration: int, lam: float | None = N
     elif not (0.0 <= lam <= 1.0):
         raise ValueError(f"λ must lie in [0, 1], got {lam}")
     return Settings(lam=float(lam), eps_w=params.eps_w, alpha=params.alpha, beta=params.beta,
-                    delta_clip=params.delta_clip, norm_by_std=params.norm_by_std)
+                    delta_clip=params.delta_clip, norm_by_std=params.norm_by_std,
+                    contrast_temperature=params.contrast_temperature, contrast_weight=params.contrast_weight,
+                    contrast_threshold=params.contrast_threshold, contrast_clip=params.contrast_clip)

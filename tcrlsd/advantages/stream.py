@@ -10,14 +10,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tcrlsd.advantages.estimators import ESTIMATORS, token_advantages
+from tcrlsd.advantages.estimators import ESTIMATORS, READS_CONTRAST, contrast_gap, token_advantages
 from tcrlsd.advantages.inputs import (
     IterationInputs,
     _attach_critiques,
     _attach_verdicts,
     _flat,
+    _flat_nested,
     _iter_batches,
     _load_rollouts,
+    scores_have_contexts,
 )
 from tcrlsd.advantages.metrics import _estimator_metrics, _group_metrics, _ratio, _row_sums, _Shared, _Totals
 from tcrlsd.advantages.params import AdvantagesParams, settings_for
@@ -87,6 +89,40 @@ def _check_score_batch(
             )
 
 
+def _wrong_hint_matrix(f: Path, ids: pa.Array, column: pa.Array, lengths: np.ndarray, offsets: np.ndarray,
+                       contexts: int | None) -> np.ndarray:
+    """(K', N) log-probs of the extra teacher contexts of a batch, token-aligned with ``offsets``.
+
+    Each row must hold the same K' >= 1 contexts as every other row (``contexts``: K' of earlier
+    batches), each as long as the response, all finite; errors name the rollout.
+    """
+    values, inner, outer = _flat_nested(column)
+    per_row = np.diff(outer)  # (B,) contexts per row
+    k = int(per_row[0]) if len(per_row) else (contexts or 1)
+    want_k = contexts if contexts is not None else k
+    bad = np.flatnonzero(per_row != want_k)
+    if want_k < 1 or len(bad):
+        row = int(bad[0]) if len(bad) else 0
+        raise SchemaError(f"{f}: scores: rollout_id {ids[row].as_py()!r} has {int(per_row[row])} extra teacher "
+                          f"contexts, expected {max(want_k, 1)} like every other row")
+    got = np.diff(inner).reshape(len(lengths), want_k)  # (B, K') values per context
+    bad = np.flatnonzero((got != lengths[:, None]).any(axis=1))
+    if len(bad):
+        row = int(bad[0])
+        raise SchemaError(f"{f}: scores: rollout_id {ids[row].as_py()!r}: an extra_teacher_logprobs entry has "
+                          f"{int(got[row][got[row] != lengths[row]][0])} values but the response has {int(lengths[row])}")
+    if not np.isfinite(values).all():
+        row = int(np.searchsorted(inner, int(np.flatnonzero(~np.isfinite(values))[0]), side="right") - 1) // want_k
+        raise SchemaError(f"{f}: scores: column 'extra_teacher_logprobs' has NaN or inf for rollout_id "
+                          f"{ids[row].as_py()!r}; expected finite log-probabilities")
+    # Row i's contexts are stored one after another: token t of context j sits at
+    # inner[outer[i]] + j * L_i + t.
+    row_of = np.repeat(np.arange(len(lengths)), lengths)  # (N,)
+    pos = np.arange(offsets[-1]) - offsets[:-1][row_of]  # (N,) token index within its row
+    base = inner[outer[:-1]][row_of] + pos  # (N,)
+    return values[base[None, :] + np.arange(want_k)[:, None] * lengths[row_of][None, :]]  # (K', N)
+
+
 def _advantages_table(ids: pa.Array, group_adv: np.ndarray, offsets: np.ndarray, adv: np.ndarray, name: str) -> pa.Table:
     """The advantages artifact rows of one batch; lists built from the offsets, no per-row loop."""
     return pa.Table.from_arrays(
@@ -110,6 +146,14 @@ def _stream(
     batch_rows: int,
 ) -> tuple[dict, dict[str, dict]]:
     """One pass over the scores: every estimator in ``estimators``; ``params.estimator``'s to ``out``."""
+    has_contexts = scores_have_contexts(inputs.scores)  # K > 1: extra teacher contexts were scored
+    needs = [n for n in estimators if n in READS_CONTRAST]
+    if needs and not has_contexts:
+        raise SchemaError(f"{inputs.scores}: estimator {needs[0]!r} contrasts the teacher under the correct hint with "
+                          "the teacher under wrong hints, but these scores have no extra_teacher_logprobs; set "
+                          "critique.wrong_hints >= 1 and rerun critique and score")
+    columns = _SCORE_COLUMNS + (["extra_teacher_logprobs"] if has_contexts else [])
+    contexts = None  # K' of the first batch: every batch must agree
     ro = _load_rollouts(inputs.rollouts, batch_rows, iteration)
     _attach_verdicts(ro, inputs.verdicts, batch_rows)
     if inputs.critiques is not None:
@@ -129,7 +173,7 @@ def _stream(
     sh = _Shared()
     gap = DeltaGap()
     totals = {name: _Totals() for name in estimators}
-    for f, b in _iter_batches(inputs.scores, "scores", _SCORE_COLUMNS, batch_rows):
+    for f, b in _iter_batches(inputs.scores, "scores", columns, batch_rows):
         ids = b.column("rollout_id")
         idx = _row_index(ro.ids, ids, cursor, f)  # (B,) rollout row of each score row
         cursor += len(idx)
@@ -141,6 +185,10 @@ def _stream(
         seen[idx] = True
         lengths = np.diff(offsets)  # (B,)
         delta = teacher - student  # (N,) float32
+        wrong = None  # (K', N) the wrong-hint contexts' log-probs, when the scores have extra contexts
+        if has_contexts:
+            wrong = _wrong_hint_matrix(f, ids, b.column("extra_teacher_logprobs"), lengths, offsets, contexts)
+            contexts = wrong.shape[0]
         differs = _row_sums(delta != 0, offsets) > 0  # (B,)
         differs_row[idx] = differs
         sat = saturated_row[idx]  # (B,)
@@ -150,8 +198,12 @@ def _stream(
             fb_tok = np.repeat(ro.feedback[idx], lengths)  # (N,) bool
             gap.add(teacher[fb_tok].astype(np.float64) - student[fb_tok].astype(np.float64))
         sh.delta_abs_sum += float(np.abs(delta).sum(dtype=np.float64))
+        if wrong is not None and ro.feedback is not None:  # contrast gap: mean e_t over feedback rows' tokens
+            fb = ro.feedback[idx]  # (B,)
+            sh.feedback_contrast_sum += float(_row_sums(contrast_gap(teacher, wrong), offsets)[fb].sum())
+            sh.feedback_contrast_tokens += int(lengths[fb].sum())
         for name in estimators:
-            adv = token_advantages(name, adv_rows[name][idx], offsets, student, teacher, settings)  # (N,)
+            adv = token_advantages(name, adv_rows[name][idx], offsets, student, teacher, settings, wrong)  # (N,)
             totals[name].add(adv, offsets, sat)
             if out is not None and name == params.estimator:
                 out.write(_advantages_table(ids, adv_rows[name][idx], offsets, adv, name))
@@ -174,4 +226,7 @@ def _stream(
         "delta_abs_mean": _ratio(sh.delta_abs_sum, sh.tokens),
         "settings": {k: v for k, v in asdict(params).items() if k != "estimator"},
     }
+    if has_contexts:  # K > 1 only, so the K = 1 metrics keep their keys
+        shared["teacher_contexts"] = 1 + (contexts or 0)
+        shared["contrast_gap"] = _ratio(sh.feedback_contrast_sum, sh.feedback_contrast_tokens)  # None: no critiques
     return shared, {name: _estimator_metrics(totals[name], sh) for name in estimators}

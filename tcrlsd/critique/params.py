@@ -23,6 +23,7 @@ class CritiqueError(ValueError):
 class CritiqueParams:
     mode: str = choice("critique", lambda: MODES, "MODES in tcrlsd/critique/params.py")
     which: Literal["auto", "incorrect", "all"] = "auto"
+    wrong_hints: int = 0  # extra teacher contexts per rollout with feedback (K - 1; tcrlsd.critique.wrong_hints)
     critic: str = choice("reference", lambda: CRITICS, "CRITICS in tcrlsd/critique/backends.py")
     critic_model: str = ""
     templates_dir: str | None = None
@@ -65,6 +66,10 @@ class CritiqueParams:
             raise ValueError(f"endpoint must be chat, completions or auto, got {self.endpoint!r}")
         if not 0 <= self.reference_noise <= 1:
             raise ValueError(f"reference_noise must be in [0, 1], got {self.reference_noise}")
+        if self.wrong_hints < 0:
+            raise ValueError(f"wrong_hints must be >= 0 (0 = one teacher context), got {self.wrong_hints}")
+        if self.wrong_hints and self.mode == "none":
+            raise ValueError("wrong_hints > 0 needs feedback to contrast with: mode 'none' gives the teacher none")
         if self.abort_after_failures < 0:
             raise ValueError(f"abort_after_failures must be >= 0 (0 = never), got {self.abort_after_failures}")
 

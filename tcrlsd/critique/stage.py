@@ -19,6 +19,7 @@ from tcrlsd.critique.flags import claims_correct, contains_answer, mask_answer, 
 from tcrlsd.critique.journal import Journal, prompt_sha
 from tcrlsd.critique.params import CritiqueError, CritiqueParams
 from tcrlsd.critique.protocol import CriticRetryLater, CritiqueRequest
+from tcrlsd.critique.wrong_hints import add_wrong_hints, donor_pool, wrong_hint_metrics
 from tcrlsd.feedback import TRUNCATED_NOT_CRITIQUED, skipped_as_truncated, wants_feedback
 from tcrlsd.reference_critic import CONTENT_FREE_FEEDBACK, CriticReply
 from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
@@ -298,6 +299,7 @@ def run_critique(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table, para
     wrap = _chat_wrap_from(params)
     from tcrlsd.progress import progress_bar
 
+    pool = donor_pool(rows) if params.wrong_hints else []  # wrong-hint donors: the whole iteration's prompts
     total = sum(len(ranges[p]) for p in pending)
     retry_later: list[tuple[str, str]] = []
     unfinished = []
@@ -309,6 +311,10 @@ def run_critique(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table, para
             failed: list[tuple[str, str]] = []
             try:
                 table = critique_rows(part_rows, params, critic, templates, wrap, journal, bar, failed)
+                if params.wrong_hints:  # extra teacher contexts, from the same critic (journal, retries)
+                    table = add_wrong_hints(
+                        table, part_rows, params, templates[_teacher_template_name(params.mode)], pool,
+                        lambda views, p: critique_rows(views, p, critic, templates, wrap, journal, None, failed), wrap)
             finally:
                 if journal is not None:
                     journal.close()
@@ -395,6 +401,7 @@ def critique_metrics(critiques: pa.Table, verdicts: pa.Table, params: CritiquePa
             tag.split(":")[0] if tag.startswith("shuffled") else tag
             for r in rows if "|" in r["critic"] for tag in r["critic"].split("|", 1)[1].split(",")).items())),
         **content,
+        **wrong_hint_metrics(critiques),
     }
 
 

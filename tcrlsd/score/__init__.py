@@ -9,6 +9,13 @@ where c is the rendered teacher context (problem + feedback). The response ids a
 ones, never re-tokenised text. Rows without feedback get teacher = student, copied, with no second
 forward pass (Delta_t = 0 there, as in the method note).
 
+Several teacher contexts (K > 1): when the critiques carry ``extra_teacher_prompts`` (K - 1 per
+row, ``critique.wrong_hints``), each extra context is scored the same way into
+``extra_teacher_logprobs[j]`` (``teacher_logprobs`` stays the primary context); an extra context
+without text is the student's copy, by the rule above. All contexts of a part share one pool of
+sequences: K contexts cost K teacher passes over the part's rows with feedback, and memory stays
+bounded by one part. At K = 1 nothing changes: same sequences, same order, same bytes.
+
 Which weights play the teacher is a param: ``current`` (the student's checkpoint, the method note),
 ``lagged`` (a copy the update stage refreshes every K iterations, as RLSD's scripts do) or ``ema``
 (a moving average kept by the update stage, as SDPO does). For the last two the caller passes the

@@ -24,6 +24,10 @@ class PartInputs:
     prompts: list[list[int]]  # student context = prompt_token_ids
     responses: list[list[int]]  # the sampled ids (a "stop" row ends with its stop id)
     teacher_prompts: list[str | None]  # rendered teacher context text; None = no feedback
+    # K - 1 extra teacher contexts per row (critique.wrong_hints; empty lists at K = 1): text or None
+    # (no text: scored as the student), and each context's kind
+    extra_teacher_prompts: Sequence[Sequence[str | None]] = ()
+    extra_teacher_kinds: Sequence[Sequence[str]] = ()
 
     def __len__(self) -> int:
         return len(self.rollout_ids)
@@ -37,18 +41,30 @@ class ScoringInputs:
     list of every token of the iteration."""
 
     table: pa.Table  # rollout_id, prompt_token_ids, response_token_ids, teacher_prompt (null = no feedback),
-    # and sampler_logprobs where the rollouts have it
+    # sampler_logprobs where the rollouts have it, [extra_teacher_prompts, extra_teacher_kinds] where the
+    # critiques have extra contexts
 
     def __len__(self) -> int:
         return self.table.num_rows
+
+    @property
+    def extra_contexts(self) -> int:
+        """K - 1: extra teacher contexts per row (0 when the critiques have none)."""
+        if "extra_teacher_prompts" not in self.table.column_names or not len(self):
+            return 0
+        return int(pc.list_value_length(self.table.column("extra_teacher_prompts"))[0].as_py())
 
     def part(self, rows: range) -> PartInputs:
         """The contiguous rows ``rows`` (a part of the stage's plan) as Python lists."""
         if rows.step != 1 or rows.start < 0 or rows.stop > len(self):
             raise ValueError(f"a part is a contiguous range of rows within 0..{len(self)}; got {rows}")
         t = self.table.slice(rows.start, len(rows))
+        extra = {}
+        if "extra_teacher_prompts" in t.column_names:
+            extra = {"extra_teacher_prompts": t.column("extra_teacher_prompts").to_pylist(),
+                     "extra_teacher_kinds": t.column("extra_teacher_kinds").to_pylist()}
         return PartInputs(t.column("rollout_id").to_pylist(), t.column("prompt_token_ids").to_pylist(),
-                          t.column("response_token_ids").to_pylist(), t.column("teacher_prompt").to_pylist())
+                          t.column("response_token_ids").to_pylist(), t.column("teacher_prompt").to_pylist(), **extra)
 
     def has_feedback(self) -> np.ndarray:
         """(rows,) bool: the row has a teacher context."""
@@ -90,6 +106,15 @@ def build_inputs(rollouts: pa.Table, critiques: pa.Table, *, critiques_source: s
     }
     if "sampler_logprobs" in rollouts.column_names:  # for the sampler-mismatch metrics (tcrlsd.offpolicy)
         columns["sampler_logprobs"] = rollouts.column("sampler_logprobs")
+    if "extra_teacher_prompts" in crit.column_names:  # K > 1: the same number of extra contexts on every row
+        counts = pc.list_value_length(crit.column("extra_teacher_prompts"))
+        odd = pc.not_equal(counts, counts[0])
+        if pc.any(odd).as_py():
+            k = pc.indices_nonzero(odd)[0].as_py()
+            raise ScoreError(f"{where}rollout_id {ids[k].as_py()!r}: {counts[k].as_py()} extra teacher contexts, but "
+                             f"rollout_id {ids[0].as_py()!r} has {counts[0].as_py()}; every row must have the same number")
+        columns["extra_teacher_prompts"] = crit.column("extra_teacher_prompts")
+        columns["extra_teacher_kinds"] = crit.column("extra_teacher_kinds")
     return ScoringInputs(pa.table(columns))
 
 
@@ -128,21 +153,30 @@ def score_part(
     teacher_checkpoint: str,
     on_batch: Callable[[int], None] | None = None,
     teacher_contexts: Sequence[list[int] | None] | None = None,
+    extra_contexts: Sequence[Sequence[list[int] | None]] | None = None,
 ) -> tuple[pa.Table, dict]:
     """Scores table of one part's rows, and token counts of the work done.
 
     ``teacher`` is None when the student's weights play the teacher (``current``): then student
     and teacher sequences are batched together through one model. ``teacher_contexts`` may hold
     the part's teacher prompts already encoded (:func:`encode_teacher_context`; None where a row
-    has no feedback); else they are encoded here.
+    has no feedback), ``extra_contexts`` the extra contexts' (row -> K - 1 entries); else they are
+    encoded here. Every context of a part goes through one pool of sequences, so K contexts cost K
+    teacher passes over the part's rows with feedback, and memory stays that of one part.
     """
     if teacher_contexts is None:
         teacher_contexts = [None if t is None else encode_teacher_context(tokenizer, t) for t in part.teacher_prompts]
+    if extra_contexts is None:
+        extra_contexts = [[None if t is None else encode_teacher_context(tokenizer, t) for t in row]
+                          for row in part.extra_teacher_prompts]
     responses = part.responses
-    fb = [j for j, t in enumerate(part.teacher_prompts) if t is not None]
+    # Teacher sequences: the primary contexts of the rows with feedback first (at K = 1 exactly the
+    # sequences, in the order, scored before extra contexts existed), then every extra context with text.
+    jobs = [(j, -1, teacher_contexts[j]) for j, t in enumerate(part.teacher_prompts) if t is not None]
+    jobs += [(j, s, c) for j, row in enumerate(extra_contexts) for s, c in enumerate(row) if c is not None]
     s_ctx = part.prompts
-    t_ctx = [teacher_contexts[j] for j in fb]
-    t_resp = [responses[j] for j in fb]
+    t_ctx = [c for _, _, c in jobs]
+    t_resp = [responses[j] for j, _, _ in jobs]
     kw = dict(max_tokens_per_batch=params.max_tokens_per_batch, logits_chunk_tokens=params.logits_chunk_tokens,
               on_batch=on_batch)
     if teacher is None:
@@ -152,8 +186,12 @@ def score_part(
         student_lp = response_logprobs(student, s_ctx, responses, **kw)
         teacher_fb = response_logprobs(teacher, t_ctx, t_resp, **kw)
     teacher_lp = list(student_lp)  # no feedback: teacher = student, no second pass
-    for j, lp in zip(fb, teacher_fb):
-        teacher_lp[j] = lp
+    extra_lp = [[student_lp[j]] * len(row) for j, row in enumerate(extra_contexts)]  # the same rule per context
+    for (j, s, _), lp in zip(jobs, teacher_fb):
+        if s < 0:
+            teacher_lp[j] = lp
+        else:
+            extra_lp[j][s] = lp
     schema = schema_for("scores")
     table = pa.table(
         {
@@ -164,6 +202,11 @@ def score_part(
         },
         schema=schema,
     )
+    if part.extra_teacher_prompts:  # K > 1: columns of their own; absent at K = 1 (bytes unchanged)
+        table = table.append_column("extra_teacher_logprobs", pa.array(
+            [[a.tolist() for a in row] for row in extra_lp], pa.list_(schema.field("teacher_logprobs").type)))
+        table = table.append_column("extra_teacher_kinds", pa.array(
+            [list(k) for k in part.extra_teacher_kinds], pa.list_(pa.string())))
     counts = {
         "rows": len(part),
         "forward_tokens": sum(len(c) + len(r) for c, r in zip(s_ctx + t_ctx, responses + t_resp) if r),

@@ -118,6 +118,8 @@ def run_score(
     sink = ShardedOutput(out, "scores", len(plan), fingerprint, restart=restart)
     pending = sink.pending(shard)
     stats = ScoreRunStats(device=device, dtype=dtype)
+    if inputs.extra_contexts:  # K > 1 only: the K = 1 metrics keep their keys
+        stats.extra["teacher_contexts"] = 1 + inputs.extra_contexts
     stats.parts_skipped = sum(1 for p in range(len(plan)) if shard.owns(p)) - len(pending)
     if not pending:
         stats.complete = sink.complete()
@@ -160,16 +162,20 @@ def run_score(
         for part in pending:
             rows = inputs.part(plan[part])  # this part's rows only, as Python lists
             t_ids = [None if t is None else encode_teacher_context(tokenizer, t) for t in rows.teacher_prompts]
+            x_ids = [[None if t is None else encode_teacher_context(tokenizer, t) for t in row]
+                     for row in rows.extra_teacher_prompts]  # K - 1 extra contexts a row ([] at K = 1)
             bar.total += sum(len(c) for c, r in zip(t_ids, rows.responses) if c is not None and r)
+            bar.total += sum(len(c) + len(r) for row, r in zip(x_ids, rows.responses) for c in row
+                             if c is not None and r)
             bar.refresh()
             table, counts = score_part(rows, student, teacher, tokenizer, params, teacher_ckpt,
-                                       on_batch=bar.update, teacher_contexts=t_ids)
+                                       on_batch=bar.update, teacher_contexts=t_ids, extra_contexts=x_ids)
             sink.write(part, table)
             stats.parts_done += 1
             stats.rows += counts["rows"]
             stats.forward_tokens += counts["forward_tokens"]
             stats.response_tokens_scored += counts["response_tokens_scored"]
-            del rows, t_ids, table
+            del rows, t_ids, x_ids, table
     finally:
         bar.close()
     if device.startswith("cuda"):
