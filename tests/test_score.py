@@ -509,3 +509,13 @@ def test_wrong_hints_through_critique_score_and_rlcsd(reliability_iteration, tmp
     assert res.exit_code == 0, res.output
     assert read_artifact(tmp_path / "re.parquet", "advantages").equals(read_artifact(tmp_path / "advantages.parquet",
                                                                                       "advantages"))
+    # inspect shows every context of a sample: the texts, and log Q − log Q_wrong per wrong hint
+    rid = critiques.column("rollout_id")[has_fb.index(True)].as_py()
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path), "--id", rid, "--policy", str(src / "policy")])
+    assert res.exit_code == 0, res.output
+    assert "Extra teacher context 1: wrong_hint (exact)" in res.stdout and "log Q − log Q_wrong" in res.stdout
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path), "--id", rid, "--format", "jsonl"])
+    sample = json.loads(res.stdout)
+    assert len(sample["stats"]["hint_gaps"]) == 2 and "extra_teacher_logprobs" not in sample["score"]
+    assert sample["critique"]["extra_teacher_prompts"] == critiques.column("extra_teacher_prompts")[
+        has_fb.index(True)].as_py()

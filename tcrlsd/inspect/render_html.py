@@ -133,6 +133,8 @@ def _card(d: dict, i: int, scale: float) -> str:
         parts.append(f'<div class="pre">{_e(c["feedback_text"])}</div>' if c["feedback_text"] is not None
                      else '<div class="kv">(no feedback: the teacher is the student for this row)</div>')
         section("Teacher context (exact)", c["teacher_prompt"])
+        for j, (kind, text) in enumerate(zip(c.get("extra_teacher_kinds") or [], c.get("extra_teacher_prompts") or [])):
+            section(f"Extra teacher context {j + 1}: {_e(kind)} (exact)", text, "(no text: scored as the student)")
     parts.append("<h3>Signals</h3>")
     parts.append(_kv([(k, _e(v)) for k, v in signal_pairs(d)]))
     for name in ("scores", "advantages"):

@@ -170,6 +170,9 @@ def render_sample(console: Console, d: dict, scale: float = DEFAULT_SCALE, token
         console.print(Text(visible(c["feedback_text"])) if c["feedback_text"] is not None
                       else Text("(no feedback: the teacher is the student for this row)", style="dim"))
         _section(console, "Teacher context (exact)", c["teacher_prompt"])
+        for j, (kind, text) in enumerate(zip(c.get("extra_teacher_kinds") or [], c.get("extra_teacher_prompts") or [])):
+            _section(console, f"Extra teacher context {j + 1}: {one_line(kind)} (exact)", text,
+                     "(no text: scored as the student)")
     console.print(Text("Signals", style="bold cyan"))
     console.print(_kv([(k, one_line(v)) for k, v in signal_pairs(d)]))
     for name in ("scores", "advantages"):

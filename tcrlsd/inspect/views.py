@@ -95,10 +95,13 @@ def format_value(v, fmt: str = ".3f") -> str:
 def signal_pairs(d: dict) -> list[tuple[str, str]]:
     """The "Signals" line of one sample (:func:`details` row) as (label, unescaped text) pairs."""
     st, a, sc = d["stats"], d["advantage"], d["score"]
-    return [("Δ-gap", format_value(st["delta_gap"], "+.4f")), ("Δ min", format_value(st["delta_min"], "+.3f")),
-            ("Δ max", format_value(st["delta_max"], "+.3f")), ("A", format_value(st["group_advantage"], "+.4f")),
-            ("mean Â", format_value(st["adv_mean"], "+.4f")), ("mean |Â|", format_value(st["adv_abs_mean"], ".4f")),
-            ("estimator", a["estimator"] if a else "–"), ("teacher", sc["teacher_checkpoint"] if sc else "–")]
+    pairs = [("Δ-gap", format_value(st["delta_gap"], "+.4f")), ("Δ min", format_value(st["delta_min"], "+.3f")),
+             ("Δ max", format_value(st["delta_max"], "+.3f")), ("A", format_value(st["group_advantage"], "+.4f")),
+             ("mean Â", format_value(st["adv_mean"], "+.4f")), ("mean |Â|", format_value(st["adv_abs_mean"], ".4f")),
+             ("estimator", a["estimator"] if a else "–"), ("teacher", sc["teacher_checkpoint"] if sc else "–")]
+    if st.get("hint_gaps"):  # several teacher contexts: mean_t(log Q − log Q_j) per extra context j
+        pairs.append(("log Q − log Q_wrong", " ".join(format_value(g, "+.4f") for g in st["hint_gaps"])))
+    return pairs
 
 
 def _require(it: Iteration, what: str, name: str) -> None:
@@ -272,6 +275,7 @@ def details(it: Iteration, ids: list[str], policy=None) -> list[dict]:
         s, a = got["scores"], got["advantages"]
         logp = s["student_logprobs"] if s else None
         logq = s["teacher_logprobs"] if s else None
+        extra = s.pop("extra_teacher_logprobs", None) if s else None  # K - 1 lists (several teacher contexts)
         adv = a["advantages"] if a else None
         texts = tok.pieces(ids_) if tok is not None else None
         tokens = [
@@ -292,6 +296,8 @@ def details(it: Iteration, ids: list[str], policy=None) -> list[dict]:
             "adv_mean": sum(advs) / len(advs) if advs else None,
             "adv_abs_mean": sum(abs(x) for x in advs) / len(advs) if advs else None,
         }
+        if extra is not None:  # how far each wrong-hint context is below the correct-hint one, on average
+            stats["hint_gaps"] = [sum(q - w for q, w in zip(logq, lw)) / len(lw) if lw else 0.0 for lw in extra]
         ro.pop("response_token_ids")
         out.append({
             "rollout_id": rid, "rollout": ro, "prompt": prompt, "verdict": got["verdicts"],
