@@ -69,7 +69,8 @@ class CritiqueParams:
         if self.wrong_hints < 0:
             raise ValueError(f"wrong_hints must be >= 0 (0 = one teacher context), got {self.wrong_hints}")
         if self.wrong_hints and self.mode == "none":
-            raise ValueError("wrong_hints > 0 needs feedback to contrast with: mode 'none' gives the teacher none")
+            raise ValueError("wrong_hints > 0 needs feedback to contrast with: mode 'none' gives the teacher none "
+                             "(set critique.wrong_hints: 0)")
         if self.abort_after_failures < 0:
             raise ValueError(f"abort_after_failures must be >= 0 (0 = never), got {self.abort_after_failures}")
 
