@@ -18,6 +18,10 @@ attempt: RLSD shows the reference solution to the teacher for every rollout, so 
 a critique of a correct rollout has little to say, so critique modes cover the incorrect ones and
 coverage equals the incorrect share.
 
+Wrong hints (``critique.wrong_hints``, default 0): each row with feedback also gets that many extra
+teacher contexts whose feedback the same critic wrote as if the rollout answered another prompt of
+the iteration (``wrong_hints``; the score stage scores them, the ``rlcsd`` estimator contrasts them).
+
 Each row's ``teacher_prompt`` is the full teacher context the score stage tokenises and puts before
 the same response ids: the student's own prompt text with the feedback inserted after the problem
 and the original question asked again (``configs/templates/teacher-*.txt``). The student prompt is
@@ -43,7 +47,7 @@ stage ends with :class:`CriticRetryLater`; a rerun asks only those rows again. P
 (a 4xx, an empty reply) are journaled, written with their ``error`` and named in the metrics.
 
 
-Layout of this package: ``params``, ``protocol``, ``backends``, ``flags``, ``journal``, ``stage`` (see
+Layout of this package: ``params``, ``protocol``, ``backends``, ``flags``, ``journal``, ``wrong_hints``, ``stage`` (see
 docs/ARCHITECTURE.md). Importing it is cheap: torch and transformers are imported inside functions.
 """
 
