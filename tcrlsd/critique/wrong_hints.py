@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import pyarrow as pa
 
+from tcrlsd.critique.flags import contains_answer, mask_answer
 from tcrlsd.critique.params import CritiqueError, CritiqueParams
 from tcrlsd.templates import Template, TemplateError, render_teacher_prompt, split_student_prompt
 
@@ -72,7 +73,9 @@ def add_wrong_hints(
     ``ask(views, params)`` returns the critiques table of critic views (the stage's
     :func:`~tcrlsd.critique.stage.critique_rows` with its critic, journal and retry list bound): each
     view is a row with the donor's problem, prompt, answer and solution and the rollout id
-    ``<rollout_id>~wrong<j>`` (its own journal key and sampling seed); only its ``feedback_text`` is used.
+    ``<rollout_id>~wrong<j>`` (its own journal key and sampling seed); only its ``feedback_text`` is used
+    (the donor's answer masked there when ``mask_leaked_answer`` is on; the row's own answer is masked
+    here, should the wrong hint contain it).
     """
     k = params.wrong_hints
     has_fb = table.column("teacher_prompt").is_valid().to_pylist()
@@ -93,6 +96,8 @@ def add_wrong_hints(
             if text is None:
                 continue
             row = rows[i]
+            if params.mask_leaked_answer and contains_answer(text, row["answer"]):  # this row's gold, by chance
+                text = mask_answer(text, row["answer"], params.mask_text)
             try:
                 prefix, problem, instruction = split_student_prompt(row["prompt"], row["problem"], wrap)
             except TemplateError as exc:
