@@ -368,6 +368,41 @@ def test_stage_wrong_hints_critique_the_rollout_against_other_prompts(tmp_path):
                                                               if not c.startswith("extra_")]
 
 
+def test_wrong_hints_unit_mask_own_answer_and_null_entries():
+    from tcrlsd.critique.wrong_hints import add_wrong_hints, donor_pool
+    from tcrlsd.templates import default_templates_dir, load_template
+
+    def row(pid, problem, answer, i=0):
+        return {"rollout_id": f"{pid}#{i}", "prompt_id": pid, "problem": problem, "prompt": problem + SUFFIX,
+                "answer": answer, "solution": f"sol {answer}", "response_text": "x", "is_correct": False,
+                "extracted_answer": None}
+
+    rows = [row("a", "Start with 3. Add 4.", "7"), row("b", "Start with 5. Add 2.", "7"), row("c", "Start with 1.", "1")]
+    table = pa.table({"rollout_id": [r["rollout_id"] for r in rows],
+                      "teacher_prompt": pa.array(["ctx", None, "ctx"], pa.string())})  # b: no feedback
+    asked = []
+
+    def ask(views, p):  # a critic that writes the donor's answer into its feedback
+        asked.extend(views)
+        assert p.which == "all" and p.wrong_hints == 0
+        return pa.table({"feedback_text": pa.array([f"the result is {v['answer']}" if v["answer"] != "1" else None
+                                                    for v in views], pa.string())})
+
+    params = CritiqueParams(wrong_hints=2, mask_leaked_answer=True)
+    tpl = load_template(default_templates_dir(), "teacher-critique")
+    out = add_wrong_hints(table, rows, params, tpl, donor_pool(rows), ask).to_pylist()
+    assert sorted(v["rollout_id"] for v in asked) == ["a#0~wrong0", "a#0~wrong1", "c#0~wrong0", "c#0~wrong1"]
+    assert {v["prompt_id"] for v in asked if v["rollout_id"].startswith("a#0")} == {"b", "c"}  # never its own
+    a, b, c = out
+    assert b["extra_teacher_prompts"] == [None, None] and b["extra_hint_prompt_ids"] == [None, None]
+    by_donor = dict(zip(a["extra_hint_prompt_ids"], a["extra_teacher_prompts"]))
+    assert "the result is [answer withheld]" in by_donor["b"]  # b's answer 7 is a's gold too: masked
+    assert by_donor["c"] is None  # the critic failed for that hint: no text
+    assert a["extra_teacher_prompts"][0] is None or a["extra_teacher_prompts"][0].startswith("Start with 3. Add 4.")
+    assert all(t is None or "Start with 1." in t for t in c["extra_teacher_prompts"])
+    assert {d: t for d, t in zip(c["extra_hint_prompt_ids"], c["extra_teacher_prompts"])}["a"].count("the result is 7")
+
+
 def test_stage_gold_covers_all_and_reports_leakage(tmp_path):
     paths = make_iteration(tmp_path)
     out, metrics_path = tmp_path / "critiques", tmp_path / "m.json"
