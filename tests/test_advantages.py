@@ -783,17 +783,20 @@ def test_compare_cli(tmp_path):
     res = runner.invoke(app, ["compare", str(folder), "--format", "csv"])
     assert res.exit_code == 0, res.output
     lines = res.stdout.strip().splitlines()
-    assert lines[0] == "metric," + ",".join(ESTIMATORS)
+    assert lines[0] == "metric," + ",".join(PLAIN)  # no wrong-hint contexts here: rlcsd left out
     rows = {line.split(",")[0]: line.split(",")[1:] for line in lines[1:]}
     assert rows["saturated_adv_nonzero_token_share"][:5] == ["0", "0", "0.5", "0.5", "0"]
-    assert rows["reward_mean"] == ["0.5"] * len(ESTIMATORS)
+    assert rows["reward_mean"] == ["0.5"] * len(PLAIN)
     res = runner.invoke(app, ["compare", str(folder), "--format", "markdown", "--lam", "0.2"])
-    assert res.exit_code == 0 and res.stdout.startswith("| metric | " + " | ".join(ESTIMATORS) + " |")
+    assert res.exit_code == 0 and res.stdout.startswith("| metric | " + " | ".join(PLAIN) + " |")
     assert "λ=0.2 (given)" in res.stdout
     res = runner.invoke(app, ["compare", str(folder)])
     assert res.exit_code == 0 and "rlsd_hybrid" in res.stdout and "saturated_adv_nonzero_token_share" in res.stdout
     res = runner.invoke(app, ["compare", str(folder), "--json"])
-    assert set(json.loads(res.stdout)["estimators"]) == set(PLAIN)  # no wrong-hint contexts: rlcsd left out
+    assert set(json.loads(res.stdout)["estimators"]) == set(PLAIN)
+    ctx = make_iteration(tmp_path / "ctx", contrast_rows(6, 2))  # scored with wrong hints: every estimator
+    res = runner.invoke(app, ["compare", str(ctx), "--json"])
+    assert res.exit_code == 0 and set(json.loads(res.stdout)["estimators"]) == set(ESTIMATORS)
     res = runner.invoke(app, ["compare", str(folder), "--format", "html"])
     assert res.exit_code == 2
 
