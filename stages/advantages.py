@@ -12,18 +12,16 @@ batch; the output is written to a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from tcrlsd.advantages import AdvantagesParams, IterationInputs, compute_advantages
-from tcrlsd.artifacts import STAGE_ERRORS, artifact_path, write_json
+from tcrlsd.artifacts import artifact_path
 from tcrlsd.params import load_section
+from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", required=True, help="params.yaml (section 'advantages')")
-    ap.add_argument("--preset", default=None, help="params-shaped YAML merged over --params")
+    ap = stage_parser(__doc__, sections=("advantages",))
     ap.add_argument("--rollouts", required=True, help="rollouts artifact (NAME.parquet or NAME/ of shards)")
     ap.add_argument("--verdicts", required=True, help="verdicts artifact")
     ap.add_argument("--scores", required=True, help="scores artifact")
@@ -31,21 +29,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output advantages Parquet file")
     ap.add_argument("--metrics", default=None, help="output metrics JSON")
     args = ap.parse_args(argv)
+    return run_stage("advantages", lambda: _run(args))
 
-    try:
-        params = load_section(args.params, "advantages", AdvantagesParams, preset=args.preset)
-        inputs = IterationInputs(
-            rollouts=artifact_path(args.rollouts),
-            verdicts=artifact_path(args.verdicts),
-            scores=artifact_path(args.scores),
-            critiques=artifact_path(args.critiques) if args.critiques else None,
-        )
-        metrics = compute_advantages(inputs, params, args.out)  # validates inputs, writes atomically
-        if args.metrics:
-            write_json(metrics, args.metrics)
-    except STAGE_ERRORS as exc:
-        print(f"advantages: error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args) -> int:
+    params = load_section(args.params, "advantages", AdvantagesParams, preset=args.preset)
+    inputs = IterationInputs(
+        rollouts=artifact_path(args.rollouts),
+        verdicts=artifact_path(args.verdicts),
+        scores=artifact_path(args.scores),
+        critiques=artifact_path(args.critiques) if args.critiques else None,
+    )
+    metrics = compute_advantages(inputs, params, args.out)  # validates inputs, writes atomically
+    write_metrics(metrics, args.metrics)
     print(
         f"advantages: {metrics['estimator']} λ={metrics['lam']:.4g} on {metrics['rollouts']} rollouts, "
         f"{metrics['tokens']} tokens -> {args.out}",

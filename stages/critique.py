@@ -13,20 +13,18 @@ share the parts; the worker that finds the artifact complete writes the metrics.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from tcrlsd.artifacts import STAGE_ERRORS, ShardSpec, read_artifact, write_json
+from tcrlsd.artifacts import ShardSpec, read_artifact
 from tcrlsd.critique import CriticAborted, CriticRetryLater, CritiqueParams, critique_metrics, read_inputs, run_critique
 from tcrlsd.params import load_section
+from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
 
 EX_TEMPFAIL = 75  # some rows failed transiently (or the critic went down): rerun later (sysexits.h)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", required=True, help="params.yaml (section 'critique')")
-    ap.add_argument("--preset", default=None, help="params-shaped YAML merged over --params")
+    ap = stage_parser(__doc__, sections=("critique",))
     ap.add_argument("--prompts", required=True, help="prompts artifact")
     ap.add_argument("--rollouts", required=True, help="rollouts artifact (file or folder of shards)")
     ap.add_argument("--verdicts", required=True, help="verdicts artifact")
@@ -37,31 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restart", action="store_true",
                     help="delete finished parts made with other code/inputs/params (refused while another worker runs)")
     args = ap.parse_args(argv)
+    return run_stage("critique", lambda: _run(args), exits={(CriticAborted, CriticRetryLater): (EX_TEMPFAIL, "unfinished")})
 
-    try:
-        shard = ShardSpec.parse(args.shard)
-        params = load_section(args.params, "critique", CritiqueParams, preset=args.preset)
-        rollouts, verdicts, prompts = read_inputs(args.prompts, args.rollouts, args.verdicts)
-        complete = run_critique(rollouts, verdicts, prompts, params, args.out, shard, args.policy,
-                                input_paths={"prompts": args.prompts, "rollouts": args.rollouts,
-                                             "verdicts": args.verdicts}, restart=args.restart)
-    except (CriticAborted, CriticRetryLater) as exc:
-        print(f"critique: unfinished: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
-    except STAGE_ERRORS as exc:
-        print(f"critique: error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args) -> int:
+    shard = ShardSpec.parse(args.shard)
+    params = load_section(args.params, "critique", CritiqueParams, preset=args.preset)
+    rollouts, verdicts, prompts = read_inputs(args.prompts, args.rollouts, args.verdicts)
+    complete = run_critique(rollouts, verdicts, prompts, params, args.out, shard, args.policy,
+                            input_paths={"prompts": args.prompts, "rollouts": args.rollouts,
+                                         "verdicts": args.verdicts}, restart=args.restart)
     if not complete:
         print(f"critique: shard {shard.index}/{shard.count} done; other parts still pending", file=sys.stderr)
         return 0
-    try:
-        critiques = read_artifact(args.out, "critiques")
-        metrics = critique_metrics(critiques, verdicts, params, rollouts, prompts)
-        if args.metrics:
-            write_json(metrics, args.metrics)
-    except STAGE_ERRORS as exc:
-        print(f"critique: error: {exc}", file=sys.stderr)
-        return 2
+    critiques = read_artifact(args.out, "critiques")
+    metrics = critique_metrics(critiques, verdicts, params, rollouts, prompts)
+    write_metrics(metrics, args.metrics)
     print(f"critique: {metrics['rollouts_with_feedback']}/{metrics['rollouts']} rollouts with feedback "
           f"(coverage {metrics['coverage']:.3f}, {metrics['failures']} failures, "
           f"leakage {metrics['leakage_share']:.3f}) in {args.out}", file=sys.stderr)

@@ -11,17 +11,15 @@ metrics JSON (overall, by source and by level).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from tcrlsd.artifacts import ShardSpec, write_json
-from tcrlsd.evaluate import STAGE_ERRORS, load_params, run_evaluate
+from tcrlsd.artifacts import ShardSpec
+from tcrlsd.evaluate import load_params, run_evaluate
+from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="params file (sections `evaluate` and `verify`)")
-    ap.add_argument("--preset", default=None, help="params-shaped YAML merged over --params")
+    ap = stage_parser(__doc__, sections=("evaluate", "verify"))
     ap.add_argument("--prompts", required=True, help="the prompts artifact (rows with split == val are evaluated)")
     ap.add_argument("--policy", required=True, help="policy checkpoint folder (Hugging Face format, safetensors)")
     ap.add_argument("--out", required=True, help="output folder of the evaluations artifact")
@@ -31,20 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restart", action="store_true",
                     help="delete finished parts made with other code/inputs/params (refused while another worker runs)")
     args = ap.parse_args(argv)
+    return run_stage("evaluate", lambda: _run(args))
 
-    try:
-        params, verify_params = load_params(args.params, args.preset)
-        metrics = run_evaluate(params, verify_params, args.prompts, args.policy, args.out,
-                               shard=ShardSpec.parse(args.shard), progress=not args.no_progress,
-                               restart=args.restart)
-    except STAGE_ERRORS as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args) -> int:
+    params, verify_params = load_params(args.params, args.preset)
+    metrics = run_evaluate(params, verify_params, args.prompts, args.policy, args.out,
+                           shard=ShardSpec.parse(args.shard), progress=not args.no_progress, restart=args.restart)
     if not metrics["complete"]:
         print(f"evaluate: {metrics['parts_done']}/{metrics['parts_total']} parts done", file=sys.stderr)
         return 0
-    if args.metrics:
-        write_json(metrics, args.metrics)
+    write_metrics(metrics, args.metrics)
     avg = "" if metrics["avg_at_k"] is None else f", avg@{metrics['samples']} {metrics['avg_at_k']:.4f}"
     print(f"evaluate: {args.policy}: {metrics['prompts']} val prompts, greedy mean@1 "
           f"{metrics['greedy_mean_at_1']:.4f}{avg}", file=sys.stderr)

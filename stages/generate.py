@@ -11,17 +11,16 @@ the artifact is complete (a worker that finishes early leaves them to the last o
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from tcrlsd.artifacts import STAGE_ERRORS, ShardSpec, write_json
+from tcrlsd.artifacts import ShardSpec
 from tcrlsd.generate import GenerateParams, load_group_filter, run_generate
 from tcrlsd.params import load_section
+from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="params file (section `generate`)")
+    ap = stage_parser(__doc__, sections=("generate",))
     ap.add_argument("--prompts", required=True, help="the prompts artifact (rows with split == train are sampled)")
     ap.add_argument("--policy", required=True, help="policy checkpoint folder (Hugging Face format, safetensors)")
     ap.add_argument("--iteration", type=int, required=True, help="training step k (selects the prompts, seeds)")
@@ -32,19 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restart", action="store_true",
                     help="delete finished parts made with other code/inputs/params (refused while another worker runs)")
     args = ap.parse_args(argv)
+    return run_stage("generate", lambda: _run(args))
 
-    try:
-        params = load_section(args.params, "generate", GenerateParams)
-        # dynamic sampling grades as verify does and asks the estimator (advantages, critique sections)
-        dynamic = load_group_filter(args.params, args.iteration) if params.dynamic_sampling else None
-        metrics = run_generate(params, args.prompts, args.policy, args.iteration, args.out,
-                               shard=ShardSpec.parse(args.shard), progress=not args.no_progress, restart=args.restart,
-                               dynamic=dynamic)
-        if args.metrics and metrics["complete"]:
-            write_json(metrics, args.metrics)
-    except STAGE_ERRORS as exc:
-        print(f"generate: error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args) -> int:
+    params = load_section(args.params, "generate", GenerateParams, preset=args.preset)
+    # dynamic sampling grades as verify does and asks the estimator (advantages, critique sections)
+    dynamic = load_group_filter(args.params, args.iteration) if params.dynamic_sampling else None
+    metrics = run_generate(params, args.prompts, args.policy, args.iteration, args.out,
+                           shard=ShardSpec.parse(args.shard), progress=not args.no_progress, restart=args.restart,
+                           dynamic=dynamic)
+    if metrics["complete"]:
+        write_metrics(metrics, args.metrics)
     print(f"generate: {metrics['parts_done']}/{metrics['parts_total']} parts done, "
           f"{metrics['rollouts_generated_now']} rollouts now, {metrics['tokens_per_second']} tokens/s",
           file=sys.stderr)

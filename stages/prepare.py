@@ -6,31 +6,27 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from tcrlsd.artifacts import STAGE_ERRORS, write_artifact, write_json
+from tcrlsd.artifacts import write_artifact
 from tcrlsd.params import load_section
-from tcrlsd.prepare import PrepareError, PrepareParams, prepare
+from tcrlsd.prepare import PrepareParams, prepare
+from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", required=True, help="params.yaml (section 'prepare')")
-    ap.add_argument("--preset", default=None, help="params-shaped YAML merged over --params (e.g. configs/data/math.yaml)")
+    ap = stage_parser(__doc__, sections=("prepare",))
     ap.add_argument("--out", required=True, help="output prompts Parquet file")
     ap.add_argument("--metrics", default=None, help="output JSON: rows per source, split and level; skipped records")
     args = ap.parse_args(argv)
+    return run_stage("prepare", lambda: _run(args))
 
-    try:
-        params = load_section(args.params, "prepare", PrepareParams, preset=args.preset)
-        table, metrics = prepare(params)
-        write_artifact(table, args.out, "prompts")
-        if args.metrics:
-            write_json(metrics, args.metrics)
-    except (*STAGE_ERRORS, PrepareError) as exc:
-        print(f"prepare: error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args) -> int:
+    params = load_section(args.params, "prepare", PrepareParams, preset=args.preset)
+    table, metrics = prepare(params)
+    write_artifact(table, args.out, "prompts")
+    write_metrics(metrics, args.metrics)
     by_split = ", ".join(f"{k} {v}" for k, v in metrics["rows_by_split"].items())
     print(f"prepare: wrote {table.num_rows} prompts ({by_split}) to {args.out}", file=sys.stderr)
     return 0

@@ -2,7 +2,7 @@
 
     python stages/score.py --params params.yaml --rollouts data/iter-0000/rollouts \
         --critiques data/iter-0000/critiques --policy models/policy-0000 \
-        [--teacher-policy models/teacher-0000] --out data/iter-0000/scores \
+        [--teacher-policy DIR] --out data/iter-0000/scores \
         [--shard i/N] --metrics data/iter-0000/metrics/score.json
 
 Writes the folder artifact ``scores/`` part by part (resumable; ``--shard i/N`` workers split the
@@ -12,21 +12,22 @@ whichever run finds the artifact complete.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from tcrlsd.artifacts import STAGE_ERRORS, ShardSpec, artifact_path, read_artifact, write_json
+from tcrlsd.artifacts import ShardSpec, artifact_path, read_artifact
 from tcrlsd.params import load_section
 from tcrlsd.score import ScoreParams, artifact_metrics, build_inputs, run_score
+from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", required=True, help="params.yaml (section `score`)")
+    ap = stage_parser(__doc__, sections=("score",))
     ap.add_argument("--rollouts", required=True, help="rollouts artifact (file or folder of shards)")
     ap.add_argument("--critiques", required=True, help="critiques artifact (file or folder of shards)")
     ap.add_argument("--policy", required=True, help="student policy checkpoint folder")
-    ap.add_argument("--teacher-policy", default=None, help="teacher checkpoint folder (score.teacher lagged or ema)")
+    ap.add_argument("--teacher-policy", default=None,
+                    help="score.teacher lagged / ema: the teacher checkpoint folder (default: the one kept in "
+                         "--policy's teacher/ folder, else --policy itself: the starting policy)")
     ap.add_argument("--out", required=True, help="scores artifact folder to write")
     ap.add_argument("--shard", default=None, help="i/N: this worker does parts p with p %% N == i")
     ap.add_argument("--metrics", default=None, help="metrics JSON, written once the artifact is complete")
@@ -34,16 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restart", action="store_true",
                     help="delete finished parts made with other code/inputs/params (refused while another worker runs)")
     args = ap.parse_args(argv)
-
-    try:
-        return _run(args)
-    except STAGE_ERRORS as exc:
-        print(f"score: error: {exc}", file=sys.stderr)
-        return 2
+    return run_stage("score", lambda: _run(args))
 
 
 def _run(args) -> int:
-    params = load_section(args.params, "score", ScoreParams)
+    params = load_section(args.params, "score", ScoreParams, preset=args.preset)
     rollouts = read_artifact(args.rollouts, "rollouts")
     critiques = read_artifact(args.critiques, "critiques")
     inputs = build_inputs(rollouts, critiques, critiques_source=str(artifact_path(args.critiques)))
@@ -58,8 +54,7 @@ def _run(args) -> int:
     metrics = artifact_metrics(args.out, inputs)  # one part file at a time, each validated
     metrics["teacher"] = params.teacher
     metrics["run"] = stats.as_dict()
-    if args.metrics:
-        write_json(metrics, args.metrics)
+    write_metrics(metrics, args.metrics)
     print(f"score: {metrics['rollouts']} rollouts, coverage {metrics['critique_coverage']}, "
           f"delta_gap {metrics['delta_gap']}, {stats.as_dict()['tokens_per_s']} tok/s", file=sys.stderr)
     return 0

@@ -10,31 +10,30 @@ rows also go to the live tracking folder (params `tracking`: DVCLive, optional T
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from tcrlsd.artifacts import write_json
+from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
 from tcrlsd.summarize import collect_rows, headline, track_rows, write_table
-from tcrlsd.tracking import Tracker, TrackingError, load_tracking
+from tcrlsd.tracking import Tracker, load_tracking
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = stage_parser(__doc__)  # no params but the optional tracking section (--params below)
     ap.add_argument("--metrics-dir", required=True, help="folder of the stages' detail metrics JSONs")
     ap.add_argument("--table", required=True, help="output CSV: one row per iteration")
     ap.add_argument("--headline", required=True, help="output JSON: headline numbers (DVC metrics)")
     ap.add_argument("--params", default=None, help="params.yaml: its `tracking` section (live per-iteration series)")
     args = ap.parse_args(argv)
-    try:
-        rows = collect_rows(args.metrics_dir)
-        write_table(rows, args.table)
-        write_json(headline(args.metrics_dir, rows), args.headline)
-        if args.params:
-            with Tracker(load_tracking(args.params)) as tracker:
-                track_rows(rows, tracker)
-    except (ValueError, TrackingError) as exc:
-        print(f"summarize: error: {exc}", file=sys.stderr)
-        return 2
+    return run_stage("summarize", lambda: _run(args))
+
+
+def _run(args) -> int:
+    rows = collect_rows(args.metrics_dir)
+    write_table(rows, args.table)
+    write_metrics(headline(args.metrics_dir, rows), args.headline)
+    if args.params:
+        with Tracker(load_tracking(args.params)) as tracker:
+            track_rows(rows, tracker)
     print(f"summarize: {len(rows)} iteration(s) -> {args.table}", file=sys.stderr)
     return 0
 

@@ -10,41 +10,37 @@ part: it regrades everything and writes its outputs atomically (a killed run lea
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from tcrlsd.artifacts import STAGE_ERRORS, read_artifact, write_artifact, write_json
+from tcrlsd.artifacts import read_artifact, write_artifact
 from tcrlsd.params import load_section
-from tcrlsd.verify import VerifyError, VerifyParams, WorkerStartError, verify_rollouts
+from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
+from tcrlsd.verify import VerifyParams, verify_rollouts
 from tcrlsd.verify.params import response_token_limit
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", required=True, help="params.yaml (section 'verify')")
-    ap.add_argument("--preset", default=None, help="params-shaped YAML merged over --params")
+    ap = stage_parser(__doc__, sections=("verify",))
     ap.add_argument("--prompts", required=True, help="prompts Parquet (prompt_id, answer, source)")
     ap.add_argument("--rollouts", required=True, help="rollouts artifact: NAME.parquet or a folder of shards")
     ap.add_argument("--out", required=True, help="output verdicts Parquet file")
     ap.add_argument("--metrics", default=None, help="output JSON: reward mean, counts by reason / source / grader")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = ap.parse_args(argv)
+    return run_stage("verify", lambda: _run(args))
 
+
+def _run(args) -> int:
     started = time.monotonic()
-    try:
-        params = load_section(args.params, "verify", VerifyParams, preset=args.preset)
-        prompts = read_artifact(args.prompts, "prompts")
-        rollouts = read_artifact(args.rollouts, "rollouts")
-        limit = response_token_limit(args.params, args.preset) if params.overlong_penalty_buffer else None
-        verdicts, metrics = verify_rollouts(rollouts, prompts, params, progress=not args.no_progress,
-                                            prompts_source=args.prompts, overlong_max_tokens=limit)
-        write_artifact(verdicts, args.out, "verdicts")
-        if args.metrics:
-            write_json(metrics, args.metrics)
-    except (*STAGE_ERRORS, VerifyError, WorkerStartError) as exc:
-        print(f"verify: error: {exc}", file=sys.stderr)
-        return 2
+    params = load_section(args.params, "verify", VerifyParams, preset=args.preset)
+    prompts = read_artifact(args.prompts, "prompts")
+    rollouts = read_artifact(args.rollouts, "rollouts")
+    limit = response_token_limit(args.params, args.preset) if params.overlong_penalty_buffer else None
+    verdicts, metrics = verify_rollouts(rollouts, prompts, params, progress=not args.no_progress,
+                                        prompts_source=args.prompts, overlong_max_tokens=limit)
+    write_artifact(verdicts, args.out, "verdicts")
+    write_metrics(metrics, args.metrics)
     took = time.monotonic() - started
     reasons = ", ".join(f"{k} {v}" for k, v in metrics["by_reason"].items() if v)
     print(

@@ -10,36 +10,33 @@ accuracy on the val prompts (overall and per level) with the training statistics
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from tcrlsd.artifacts import STAGE_ERRORS, read_artifact, write_json
+from tcrlsd.artifacts import read_artifact
 from tcrlsd.params import load_section
+from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
 from tcrlsd.warmstart import WarmstartParams, run_warmstart
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", required=True, help="params.yaml (section 'warmstart')")
-    ap.add_argument("--preset", default=None, help="params-shaped YAML merged over --params")
+    ap = stage_parser(__doc__, sections=("warmstart",))
     ap.add_argument("--prompts", required=True, help="prompts artifact (its val split is the eval set)")
     ap.add_argument("--out", required=True, help="output checkpoint folder (Hugging Face format)")
     ap.add_argument("--metrics", required=True, help="output JSON: greedy val accuracy, training statistics")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
+    return run_stage("warmstart", lambda: _run(args))
 
-    try:
-        params = load_section(args.params, "warmstart", WarmstartParams, preset=args.preset)
-        prompts = read_artifact(args.prompts, "prompts")
-        model, tokenizer, metrics = run_warmstart(params, prompts, source=args.prompts, progress=not args.no_progress)
 
-        from tcrlsd.policy import save_policy
+def _run(args) -> int:
+    params = load_section(args.params, "warmstart", WarmstartParams, preset=args.preset)
+    prompts = read_artifact(args.prompts, "prompts")
+    model, tokenizer, metrics = run_warmstart(params, prompts, source=args.prompts, progress=not args.no_progress)
 
-        save_policy(model, tokenizer, args.out)
-        write_json(metrics, args.metrics)
-    except STAGE_ERRORS as exc:
-        print(f"warmstart: error: {exc}", file=sys.stderr)
-        return 2
+    from tcrlsd.policy import save_policy
+
+    save_policy(model, tokenizer, args.out)
+    write_metrics(metrics, args.metrics)
     levels = ", ".join(f"L{k} {v:.0%}" for k, v in metrics["accuracy_by_level"].items())
     print(
         f"warmstart: {metrics['parameters']:,} parameters, {metrics['steps']} steps in "

@@ -33,6 +33,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tcrlsd.errors import TcrlsdError
 from tcrlsd.schemas import SchemaError, validate
 
 __all__ = [
@@ -63,15 +64,16 @@ ROW_GROUP_ROWS = 1024
 PARQUET_OPTIONS = dict(compression="zstd", use_dictionary=False, write_statistics=False)
 
 
-class StaleOutputError(RuntimeError):
+class StaleOutputError(TcrlsdError, RuntimeError):
     """Finished parts on disk were made with another fingerprint (or a live worker disagrees)."""
 
 
-# What a stage's ``main`` reports as ``<stage>: error: <message>`` with exit status 2 instead of a
-# traceback: bad inputs and params (SchemaError, ParamsError and the stages' own errors are
-# ValueErrors), files that are missing, unreadable or cannot be written (a full disk included),
-# and resume conflicts. Every message names the file, row, column or key.
-STAGE_ERRORS = (ValueError, OSError, StaleOutputError)
+# What a stage reports as ``<stage>: error: <message>`` with exit status 2 instead of a traceback
+# (tcrlsd.stagecli): the project's own errors (bad params and inputs, resume conflicts: every
+# message names the file, row, column or key) and files that are missing, unreadable or cannot be
+# written (a full disk included). Not ValueError as such: a bug inside numpy or pyarrow keeps its
+# traceback.
+STAGE_ERRORS = (TcrlsdError, OSError)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping, TypeVar
 
 import yaml
 
+from tcrlsd.errors import TcrlsdError
+
 __all__ = ["Choice", "ParamsError", "PROJECT_FILES", "SECTIONS", "check_choices", "choice", "choices", "find_project",
            "section_class", "from_mapping", "load_section", "load_yaml", "merge", "params_in_force",
            "section_in_force", "value_in_force"]
@@ -52,7 +54,7 @@ SECTIONS = {
 T = TypeVar("T")
 
 
-class ParamsError(ValueError):
+class ParamsError(TcrlsdError, ValueError):
     """A params file or section is wrong (unknown key, wrong type, missing section)."""
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tcrlsd.errors import TcrlsdError
+
 __all__ = [
     "ARTIFACTS",
     "CONDITIONAL_COLUMNS",
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 
-class SchemaError(ValueError):
+class SchemaError(TcrlsdError, ValueError):
     """A Parquet file or table does not match its contract."""
 
 

@@ -11,11 +11,13 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from tcrlsd.errors import TcrlsdError
+
 # --------------------------------------------------------------------------------------------------
 # Templates
 
 
-class TemplateError(ValueError):
+class TemplateError(TcrlsdError, ValueError):
     """A template file is missing or malformed, or a prompt does not fit its template."""
 
 

@@ -396,19 +396,35 @@ def test_stage_cli_writes_scores_reruns_identically_and_resumes(tiny_policy, tmp
 
 
 def test_stage_lagged_teacher_uses_the_given_checkpoint(tiny_policy, tmp_path, capsys):
+    import shutil
+
     from tcrlsd.policy import save_policy
 
     model, tok = _load(tiny_policy, seed=3)
     teacher_dir = save_policy(model, tok, tmp_path / "teacher")
     _write_inputs(tmp_path, tok, n=6)
     _params(tmp_path, teacher="lagged")
-    _stage_fails(capsys, "--teacher-policy", _args(tmp_path, tiny_policy, tmp_path / "s"))
     assert _stage_main(_args(tmp_path, tiny_policy, tmp_path / "s", teacher_policy=teacher_dir)) == 0
     scores = read_artifact(tmp_path / "s", "scores")
     assert set(scores.column("teacher_checkpoint").to_pylist()) == {str(teacher_dir)}
+    # Without --teacher-policy: the teacher kept in the policy's folder (as the update writes it) ...
+    kept = tmp_path / "policy-with-teacher"
+    shutil.copytree(tiny_policy, kept)
+    shutil.copytree(teacher_dir, kept / "teacher")
+    assert _stage_main(_args(tmp_path, kept, tmp_path / "k")) == 0
+    by_kept = read_artifact(tmp_path / "k", "scores")
+    assert set(by_kept.column("teacher_checkpoint").to_pylist()) == {str(kept / "teacher")}
+    assert by_kept.column("teacher_logprobs").to_pylist() == scores.column("teacher_logprobs").to_pylist()
+    # ... and a policy without one is its own teacher (before the first update: the starting policy)
+    assert _stage_main(_args(tmp_path, tiny_policy, tmp_path / "own")) == 0
+    own = read_artifact(tmp_path / "own", "scores")
+    assert set(own.column("teacher_checkpoint").to_pylist()) == {str(tiny_policy)}
     _params(tmp_path)  # teacher: current
     assert _stage_main(_args(tmp_path, tiny_policy, tmp_path / "c")) == 0
     current = read_artifact(tmp_path / "c", "scores")
+    # the policy as its own teacher scores exactly as `current` does (same pooled batches)
+    assert own.column("teacher_logprobs").to_pylist() == current.column("teacher_logprobs").to_pylist()
+    assert own.column("student_logprobs").to_pylist() == current.column("student_logprobs").to_pylist()
     # Same student weights; only the batch mix differs (current pools teacher sequences in), so equal up
     # to float summation order.
     np.testing.assert_allclose(pa.compute.list_flatten(current.column("student_logprobs")).to_numpy(),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tcrlsd.score import ScoreError, response_logprobs
-from tcrlsd.score.logprobs import check_head_path
+from tcrlsd.lm_head import LmHeadError, check_head_path
+from tcrlsd.score import response_logprobs
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -63,7 +63,7 @@ def test_unknown_logit_postprocessing_is_refused_naming_the_architecture():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = ScaledLlamaForCausalLM(config).eval()
-    with pytest.raises(ScoreError, match=r"ScaledLlamaForCausalLM.*differ"):
+    with pytest.raises(LmHeadError, match=r"ScaledLlamaForCausalLM.*differ"):
         check_head_path(model, _ids())
 
 

@@ -517,12 +517,24 @@ def test_teacher_folder_lagged_and_ema(tiny_policy, two_iterations, tmp_path, mo
     d0 = two_iterations[0]
     m = run_update(d0["rollouts"], d0["scores"], d0["advantages"], tiny_policy, tmp_path / "p1", tmp_path / "s1",
                    params, teacher_mode=mode)
-    t, p0, p1 = _weights(tmp_path / "s1" / "teacher"), _weights(tiny_policy), _weights(tmp_path / "p1")
+    # the next teacher is kept inside the new policy's folder (where the next score stage reads it)
+    t, p0, p1 = _weights(tmp_path / "p1" / "teacher"), _weights(tiny_policy), _weights(tmp_path / "p1")
     for k in t:
         want = p0[k] if mode == "lagged" else 0.75 * p0[k] + 0.25 * p1[k]  # step 1 of refresh-every-2: kept
         torch.testing.assert_close(t[k], want, rtol=1e-6, atol=1e-7)
     assert m["teacher_update"] == ("kept" if mode == "lagged" else "ema")
-    assert (tmp_path / "s1" / "teacher" / "tokenizer.json").exists()
+    assert (tmp_path / "p1" / "teacher" / "tokenizer.json").exists()
+    assert not (tmp_path / "s1" / "teacher").exists() and not (tmp_path / "p1" / "teacher" / "teacher").exists()
+    # the second update carries it on from p1/teacher: lagged refreshes at step 2 (a copy of p2), ema mixes again
+    d1 = two_iterations[1]
+    m2 = run_update(d1["rollouts"], d1["scores"], d1["advantages"], tmp_path / "p1", tmp_path / "p2", tmp_path / "s2",
+                    params, state_in=tmp_path / "s1", teacher_mode=mode)
+    t2, p2 = _weights(tmp_path / "p2" / "teacher"), _weights(tmp_path / "p2")
+    for k in t2:
+        want = p2[k] if mode == "lagged" else 0.75 * t[k] + 0.25 * p2[k]
+        torch.testing.assert_close(t2[k], want, rtol=1e-6, atol=1e-7)
+    assert m2["teacher_update"] == ("refreshed" if mode == "lagged" else "ema")
+    assert not (tmp_path / "p2" / "teacher" / "teacher").exists()
 
 
 # ----------------------------------------------------------------------------- processes

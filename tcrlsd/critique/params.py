@@ -7,6 +7,7 @@ from typing import Literal
 
 from tcrlsd.critique.backends import CRITICS
 from tcrlsd.critique.controls import CONTROLS
+from tcrlsd.errors import TcrlsdError
 from tcrlsd.feedback import effective_which
 from tcrlsd.generate.backends import BACKENDS
 from tcrlsd.generation import EngineParams, SamplingConfig, SamplingParams
@@ -15,7 +16,7 @@ from tcrlsd.params import check_choices, choice
 MODES = ("critique", "critique_gold", "gold", "self", "sibling", "none")
 
 
-class CritiqueError(ValueError):
+class CritiqueError(TcrlsdError, ValueError):
     """Bad input to the critique stage (missing join rows, bad template, ...)."""
 
 

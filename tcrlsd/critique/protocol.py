@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+from tcrlsd.errors import TcrlsdError
 from tcrlsd.reference_critic import CriticReply
 
 
@@ -38,11 +39,11 @@ class Critic(Protocol):
         ...
 
 
-class CriticAborted(RuntimeError):
+class CriticAborted(TcrlsdError, RuntimeError):
     """The critic failed so many rows in a row that it is probably down; stop and resume later."""
 
 
-class CriticRetryLater(RuntimeError):
+class CriticRetryLater(TcrlsdError, RuntimeError):
     """Some rows failed transiently; their parts stay unfinished (journals kept) for a rerun."""
 
 

@@ -1,7 +1,6 @@
 """The evaluate stage: held-out greedy mean@1 and sampled avg@k of a policy checkpoint."""
 
 from tcrlsd.evaluate.core import (
-    STAGE_ERRORS,
     EvaluateParams,
     evaluation_metrics,
     evaluation_rows,
@@ -10,5 +9,4 @@ from tcrlsd.evaluate.core import (
     val_prompt_ids,
 )
 
-__all__ = ["STAGE_ERRORS", "EvaluateParams", "evaluation_metrics", "evaluation_rows", "load_params", "run_evaluate",
-           "val_prompt_ids"]
+__all__ = ["EvaluateParams", "evaluation_metrics", "evaluation_rows", "load_params", "run_evaluate", "val_prompt_ids"]

@@ -30,7 +30,7 @@ from tcrlsd.evaluate.votes import majority_score
 from tcrlsd.generation import Completion, EngineParams, SamplingConfig, SamplingParams
 from tcrlsd.schemas import SchemaError, schema_for
 
-__all__ = ["EvaluateParams", "STAGE_ERRORS", "load_params", "val_prompt_ids", "evaluation_rows",
+__all__ = ["EvaluateParams", "load_params", "val_prompt_ids", "evaluation_rows",
            "evaluation_metrics", "run_evaluate"]
 
 
@@ -79,20 +79,6 @@ def load_params(params_path: str | os.PathLike, preset: str | os.PathLike | None
 
     return (load_section(params_path, "evaluate", EvaluateParams, preset=preset),
             load_section(params_path, "verify", VerifyParams, preset=preset))
-
-
-def _stage_errors() -> tuple[type[BaseException], ...]:
-    from tcrlsd.artifacts import STAGE_ERRORS as COMMON
-    from tcrlsd.params import ParamsError
-    from tcrlsd.verify.params import VerifyError
-    from tcrlsd.verify.pool import WorkerStartError
-
-    # COMMON holds StaleOutputError (finished parts of another policy or params: rerun with --restart)
-    return (ParamsError, SchemaError, FileNotFoundError, VerifyError, WorkerStartError) + COMMON
-
-
-# The errors the stage reports as "evaluate: error: ..." (bad params, inputs, graders), not as tracebacks.
-STAGE_ERRORS = _stage_errors()
 
 
 def val_prompt_ids(prompts: pa.Table, max_prompts: int | None, source: str | None = None,

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tcrlsd.artifacts import artifact_files
+from tcrlsd.errors import TcrlsdError
 from tcrlsd.schemas import SchemaError
 
 __all__ = ["ARTIFACTS", "InspectError", "Iteration"]
@@ -34,7 +35,7 @@ __all__ = ["ARTIFACTS", "InspectError", "Iteration"]
 ARTIFACTS = ("rollouts", "verdicts", "critiques", "scores", "advantages")
 
 
-class InspectError(ValueError):
+class InspectError(TcrlsdError, ValueError):
     """The iteration folder cannot answer the request (missing folder, column, id)."""
 
 

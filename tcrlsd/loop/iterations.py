@@ -13,10 +13,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from tcrlsd.errors import TcrlsdError
+
 __all__ = ["Iteration", "IterationsError", "read_iterations", "next_items", "append_iterations", "truncate_iterations"]
 
 
-class IterationsError(ValueError):
+class IterationsError(TcrlsdError, ValueError):
     """The iterations file is malformed or cannot be extended (the message names the item)."""
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pyarrow as pa
 
+from tcrlsd.errors import TcrlsdError
 from tcrlsd.answers import final_boxed_answer
 
 if TYPE_CHECKING:  # prepare.params imports FORMATS (its formats' choices): annotation only
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # prepare.params imports FORMATS (its formats' choices): anno
 HF_HINT = "install tcrlsd[hf] and have network access, or give a local file"
 
 
-class PrepareError(ValueError):
+class PrepareError(TcrlsdError, ValueError):
     """Raw data or prepare params are wrong; the message names the file, line and field."""
 
 

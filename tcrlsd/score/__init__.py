@@ -18,10 +18,11 @@ bounded by one part. At K = 1 nothing changes: same sequences, same order, same 
 
 Which weights play the teacher is a param: ``current`` (the student's checkpoint, the method note),
 ``lagged`` (a copy the update stage refreshes every K iterations, as RLSD's scripts do) or ``ema``
-(a moving average kept by the update stage, as SDPO does). For the last two the caller passes the
-teacher checkpoint folder; the student always is the current policy. ``teacher_checkpoint`` records
-that folder (the policy path for ``current``) on every row, rows without feedback included, whose
-teacher values are the student's by the rule above.
+(a moving average kept by the update stage, as SDPO does). For the last two the teacher is the one
+the update kept in the policy's folder (``<policy>/teacher``, :mod:`tcrlsd.teachers`; the policy
+itself before the first update), or ``--teacher-policy``; the student always is the current
+policy. ``teacher_checkpoint`` records that folder (the policy path for ``current``) on every row,
+rows without feedback included, whose teacher values are the student's by the rule above.
 
 How the forward passes are laid out (the part a reader should check):
 
@@ -36,9 +37,10 @@ How the forward passes are laid out (the part a reader should check):
   response positions first, then projected in chunks of ``logits_chunk_tokens`` rows, so a full
   (B, T, V) logits tensor is never built. The projection itself runs in fp32 (hidden states and
   head weight cast up, then the architecture's logit scale / soft-cap from
-  ``LOGIT_POSTPROCESS``): bf16 logits cast afterwards would be rounded by about as much as the
-  Delta-gap. At load, :func:`check_head_path` compares this path with ``model(ids).logits`` on one
-  short sequence and refuses, naming the architecture, a model whose forward does something else.
+  ``tcrlsd.lm_head.LOGIT_POSTPROCESS``): bf16 logits cast afterwards would be rounded by about as
+  much as the Delta-gap. At load, ``tcrlsd.lm_head.check_head_path`` compares this path with
+  ``model(ids).logits`` on one short sequence and refuses, naming the architecture, a model whose
+  forward does something else. The update stage runs the same head (:mod:`tcrlsd.lm_head`).
 - The response ids include the stop id of a "stop" rollout: "stop here" gets a log-prob (and so a
   Delta and an advantage) like every other action.
 - Output is written part by part (``rows_per_part`` rollouts each, contiguous in input order)
@@ -64,7 +66,7 @@ from tcrlsd.score.inputs import (  # noqa: F401
     encode_teacher_context,
     score_part,
 )
-from tcrlsd.score.logprobs import LOGIT_POSTPROCESS, check_head_path, plan_batches, response_logprobs  # noqa: F401
+from tcrlsd.score.logprobs import plan_batches, response_logprobs  # noqa: F401
 from tcrlsd.score.metrics import artifact_metrics, score_metrics  # noqa: F401
 from tcrlsd.score.params import TEACHER_MODES, ScoreError, ScoreParams  # noqa: F401
 from tcrlsd.score.stage import ScoreRunStats, run_score, teacher_checkpoint_for  # noqa: F401

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from tcrlsd.errors import TcrlsdError
 from tcrlsd.params import check_choices, choice
 from tcrlsd.teachers import TEACHER_MODES
 
 
-class ScoreError(ValueError):
+class ScoreError(TcrlsdError, ValueError):
     """The score stage's inputs or settings are wrong (message names the file, row or key)."""
 
 

@@ -14,8 +14,9 @@ from tcrlsd.artifacts import ShardSpec, split_evenly
 from tcrlsd.policy import resolve_dtype
 from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.score.inputs import ScoringInputs, check_vocab, encode_teacher_context, score_part
-from tcrlsd.score.logprobs import check_head_path
+from tcrlsd.lm_head import check_head_path
 from tcrlsd.score.params import ScoreError, ScoreParams
+from tcrlsd.teachers import kept_teacher
 
 # ----------------------------------------------------------------------------- the stage
 
@@ -36,7 +37,11 @@ def _resolve_device(name: str) -> str:
 
 
 def teacher_checkpoint_for(params: ScoreParams, policy: str | os.PathLike, teacher_policy: str | os.PathLike | None) -> str:
-    """The checkpoint that plays the teacher; errors when the mode and ``teacher_policy`` disagree."""
+    """The checkpoint that plays the teacher; errors when the mode and ``teacher_policy`` disagree.
+
+    lagged / ema: ``teacher_policy`` when given, else the teacher kept in ``policy``'s folder (written
+    by the previous update), else ``policy`` itself (before the first update: the starting policy).
+    """
     if params.teacher == "current":
         if teacher_policy is not None:
             raise ScoreError(
@@ -44,11 +49,8 @@ def teacher_checkpoint_for(params: ScoreParams, policy: str | os.PathLike, teach
                 "own weights); set score.teacher to 'lagged' or 'ema', or drop --teacher-policy"
             )
         return str(policy)
-    if teacher_policy is None:
-        raise ScoreError(
-            f"params score.teacher is {params.teacher!r}: pass the teacher checkpoint folder with --teacher-policy PATH "
-            "(kept by the update stage)"
-        )
+    if teacher_policy is None:  # the teacher kept with the policy (tcrlsd.teachers); the policy itself at first
+        return str(kept_teacher(policy))
     if not Path(teacher_policy).is_dir():
         raise ScoreError(f"--teacher-policy {teacher_policy}: no such checkpoint folder (score.teacher={params.teacher!r})")
     return str(teacher_policy)
@@ -128,8 +130,8 @@ def run_score(
     tokenizer = load_tokenizer(policy, params.trust_remote_code)
     student, _ = load_policy(policy, device=device, dtype=dtype, trust_remote_code=params.trust_remote_code)
     check_vocab(rollouts, student.get_output_embeddings().weight.shape[0], str(policy))
-    teacher = None
-    if params.teacher != "current":
+    teacher = None  # None: the student's weights play the teacher (pooled batches)
+    if params.teacher != "current" and Path(teacher_ckpt).resolve() != Path(policy).resolve():
         t_tok = load_tokenizer(teacher_ckpt, params.trust_remote_code)
         if t_tok.get_vocab() != tokenizer.get_vocab():
             raise ScoreError(

@@ -7,10 +7,12 @@
 - :class:`TokenLogprobs` is the module handed to ``deepspeed.initialize``: the Hugging Face model
   plus the one forward the loss needs, log p(y_t) and the full-vocabulary entropy at the response
   positions. The decoder runs once per micro-batch; only the response positions' hidden states go
-  through the lm head, in chunks, each chunk under activation checkpointing, so neither a (B, T, V)
-  nor an (N, V) logits tensor is ever alive (one chunk's (n, V) at a time, forward and backward).
-  Right padding, no attention mask: under causal attention real tokens never see the padding
-  (the score stage's layout, so its log-probs are reproduced and the first ratio is 1).
+  through the lm head (:mod:`tcrlsd.lm_head`: fp32 projection, the head's bias, the architecture's
+  logit post-processing -- the score stage's head), in chunks, each chunk under activation
+  checkpointing, so neither a (B, T, V) nor an (N, V) logits tensor is ever alive (one chunk's
+  (n, V) at a time, forward and backward). Right padding, no attention mask: under causal
+  attention real tokens never see the padding (the score stage's layout, so its log-probs are
+  reproduced and the first ratio is 1).
 - :func:`build_engine`: AdamW (torch's, weight decay on matrices only) wrapped by ZeRO stage 1/2/3;
   fp32 on CPU, bf16 (fp32 master weights in the optimizer) on GPU; gradient clipping by DeepSpeed,
   which also skips the step when the gradient norm is not finite (counted in ``skipped_steps``).
@@ -24,8 +26,8 @@ import os
 import socket
 from pathlib import Path
 
+from tcrlsd.lm_head import logprobs_entropy, postprocess_of, split_model
 from tcrlsd.optim import decay_groups
-from tcrlsd.update.losses import head_logprobs_entropy
 
 __all__ = ["init_distributed", "rank_and_world", "barrier", "TokenLogprobs", "deepspeed_config", "build_engine",
            "save_hf_checkpoint"]
@@ -72,29 +74,25 @@ def _token_logprobs_class():
 
         def __init__(self, model, logits_chunk_tokens: int):
             super().__init__()
-            decoder, head = model.base_model, model.get_output_embeddings()
-            if decoder is model or head is None:
-                raise ValueError(f"{type(model).__name__}: cannot split the model into decoder and lm head")
-            if getattr(head, "bias", None) is not None:
-                raise ValueError(f"{type(model).__name__}: an lm head with a bias is not supported")
+            split_model(model)  # refuses, by name, a model without a separate decoder and lm head
             self.model = model
             self.chunk = logits_chunk_tokens
-            # Logit post-processing that model.forward applies and this forward must repeat: Gemma's
-            # soft-cap is; another kind (Cohere's logit_scale) would need a line here.
-            self.softcap = getattr(model.config, "final_logit_softcapping", None)
+            self.post = postprocess_of(model)  # what model.forward does to the head's output, repeated here
 
-        def head_weight(self):
-            return self.model.get_output_embeddings().weight
+        def head_params(self):
+            """(weight (V, H), bias (V,) or None) of the lm head: trained parameters of the model."""
+            head = self.model.get_output_embeddings()
+            return head.weight, getattr(head, "bias", None)
 
         def forward(self, input_ids, rows, cols, targets):
             # input_ids (B, T); rows, cols, targets (N,): logits at (rows[i], cols[i]) predict targets[i]
             hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
             h = hidden[rows, cols]  # (N, H)
-            w = self.head_weight()  # (V, H)
+            w, b = self.head_params()
             logps, ents = [], []
             for s in range(0, h.shape[0], self.chunk):
-                lp, ent = checkpoint(head_logprobs_entropy, h[s : s + self.chunk], w, targets[s : s + self.chunk],
-                                     self.softcap, use_reentrant=False)
+                lp, ent = checkpoint(logprobs_entropy, h[s : s + self.chunk], w, b, targets[s : s + self.chunk],
+                                     self.post, use_reentrant=False)
                 logps.append(lp)
                 ents.append(ent)
             return torch.cat(logps), torch.cat(ents)  # (N,), (N,)
@@ -126,9 +124,11 @@ def build_engine(model, params, device: str, bf16: bool):
 
     module = TokenLogprobs(model, params.logits_chunk_tokens)
     if params.zero_stage == 3:
-        # The head weight is used by this module's forward, not only by the lm head's: ZeRO-3 must
-        # gather it for this module too.
-        deepspeed.zero.register_external_parameter(module, module.head_weight())
+        # The head's weight (and bias) are used by this module's forward, not only by the lm head's:
+        # ZeRO-3 must gather them for this module too.
+        for p in module.head_params():
+            if p is not None:
+                deepspeed.zero.register_external_parameter(module, p)
     groups = decay_groups(module.named_parameters(), params.weight_decay)
     opt = torch.optim.AdamW(groups, lr=params.lr, betas=(params.adam_beta1, params.adam_beta2), eps=params.adam_eps)
     cfg = deepspeed_config(params.zero_stage, bf16, params.grad_clip)

@@ -55,7 +55,6 @@ __all__ = [
     "POLICY_LOSSES",
     "ClipSettings",
     "k3_kl",
-    "head_logprobs_entropy",
 ]
 
 
@@ -178,19 +177,3 @@ def k3_kl(logp, ref_logp):
     return torch.exp(d) - d - 1.0
 
 
-def head_logprobs_entropy(hidden, weight, targets, softcap: float | None = None):
-    """log p(target) and full-vocabulary entropy at ``hidden`` positions, projected in fp32.
-
-    hidden (n, H), weight (V, H), targets (n,) -> (logp (n,), entropy (n,)). The projection runs in
-    fp32 (hidden and weight cast up) exactly like the score stage's, so the update's first ratio is 1.
-    """
-    import torch
-
-    logits = torch.nn.functional.linear(hidden.float(), weight.float())  # (n, V) fp32
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    lse = torch.logsumexp(logits, dim=-1)  # (n,)
-    logp = logits.gather(1, targets[:, None]).squeeze(1) - lse  # (n,)
-    probs = torch.softmax(logits, dim=-1)  # (n, V)
-    entropy = lse - (probs * logits).sum(-1)  # (n,)  H = -sum p log p = lse - sum p * logit
-    return logp, entropy

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from tcrlsd.errors import TcrlsdError
 from tcrlsd.optim import LR_SCHEDULES
 from tcrlsd.params import check_choices, choice
 from tcrlsd.teachers import TEACHER_MODES
@@ -13,7 +14,7 @@ from tcrlsd.update.losses import AGGREGATIONS, POLICY_LOSSES
 __all__ = ["UpdateParams", "UpdateError", "TEACHER_MODES"]
 
 
-class UpdateError(ValueError):
+class UpdateError(TcrlsdError, ValueError):
     """The update stage's inputs, saved state or settings are wrong (message names file/row/key)."""
 
 

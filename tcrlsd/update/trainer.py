@@ -28,7 +28,7 @@ from tcrlsd.update.batching import (TrainSequence, UpdateInputs, plan_micro_batc
 from tcrlsd.update.params import UpdateError, UpdateParams
 from tcrlsd.offpolicy import rollout_is_weights
 from tcrlsd.optim import learning_rate
-from tcrlsd.update.losses import POLICY_LOSSES, AggregationCounts, ClipSettings, aggregate, head_logprobs_entropy, k3_kl
+from tcrlsd.update.losses import POLICY_LOSSES, AggregationCounts, ClipSettings, aggregate, k3_kl
 from tcrlsd.update.state import TrainerState
 
 __all__ = ["MicroBatch", "collate", "Trainer", "IterationStats", "step_metrics"]
@@ -165,7 +165,7 @@ class Trainer:
         self.params = params
         self.state = state
         self.device = device
-        self.reference = reference  # frozen model for the k3 KL term (or None)
+        self.reference = reference  # FrozenHead of the k3 KL's reference model (or None)
         self.on_step = None  # called as on_step(step_metrics without "step", step) after every step
         import torch.distributed as dist
 
@@ -205,16 +205,9 @@ class Trainer:
     def reference_logprobs(self, mb: MicroBatch):
         import torch
 
-        model = self.reference
-        with torch.inference_mode():
-            hidden = model.base_model(input_ids=mb.input_ids, use_cache=False).last_hidden_state
-            h = hidden[mb.rows, mb.cols]
-            w = model.get_output_embeddings().weight
-            cap = getattr(model.config, "final_logit_softcapping", None)
-            out = [head_logprobs_entropy(h[s : s + self.params.logits_chunk_tokens], w,
-                                         mb.targets[s : s + self.params.logits_chunk_tokens], cap)[0]
-                   for s in range(0, h.shape[0], self.params.logits_chunk_tokens)]
-        return torch.cat(out).clone()
+        with torch.inference_mode():  # the reference is a tcrlsd.lm_head.FrozenHead: the score stage's head
+            return self.reference.logprobs_at(mb.input_ids, mb.rows, mb.cols, mb.targets,
+                                              self.params.logits_chunk_tokens).clone()
 
     def _dummy(self) -> MicroBatch:
         one = TrainSequence("", [0], [0], np.zeros(1, np.float32), np.zeros(1, np.float32))

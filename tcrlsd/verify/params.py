@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tcrlsd.errors import TcrlsdError
 from tcrlsd.verify.graders import GRADERS, GradeLimits
 
 # ---------------------------------------------------------------------------------------------
@@ -69,5 +70,5 @@ def grader_for_source(source: str, params: VerifyParams) -> str:
     return params.graders_by_source.get(source, params.default_grader)
 
 
-class VerifyError(ValueError):
+class VerifyError(TcrlsdError, ValueError):
     """Bad input to the verify stage (a rollout without its prompt, an unknown grader)."""

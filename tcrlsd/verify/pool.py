@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from tcrlsd.answers import last_boxed
+from tcrlsd.errors import TcrlsdError
 from tcrlsd.verify.graders import GRADERS, Grade, GradeLimits, GradeRequest, _clip
 from tcrlsd.verify.params import VerifyError, VerifyParams
 
@@ -86,7 +87,7 @@ def _worker_main(conn, limits: GradeLimits, memory_mb: int) -> None:
         conn.send((key, tuple(grade)))
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(TcrlsdError, RuntimeError):
     """A grading worker could not start (an environment problem, not a problem of any row)."""
 
 
