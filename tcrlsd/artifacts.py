@@ -33,7 +33,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tcrlsd.errors import TcrlsdError
+from tcrlsd.errors import InputError, TcrlsdError
 from tcrlsd.schemas import SchemaError, validate
 
 __all__ = [
@@ -421,7 +421,7 @@ class ShardSpec:
             return cls()
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if not m or not (0 <= int(m.group(1)) < int(m.group(2))):
-            raise ValueError(f"--shard must look like i/N with 0 <= i < N, got {text!r}")
+            raise InputError(f"--shard must look like i/N with 0 <= i < N, got {text!r}")
         return cls(int(m.group(1)), int(m.group(2)))
 
     def owns(self, part: int) -> bool:

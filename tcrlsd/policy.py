@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from tcrlsd.errors import InputError
+
 __all__ = [
     "TinyLlamaConfig",
     "train_tokenizer",
@@ -182,7 +184,7 @@ def _check_vocab_fits(tokenizer, path: Path) -> None:
         return  # no config beside it (a tokenizer-only folder): nothing to compare
     vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     if isinstance(vocab, int) and len(tokenizer) > vocab:
-        raise ValueError(f"{path}: the tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is {vocab}; "
+        raise InputError(f"{path}: the tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is {vocab}; "
                          "the tokenizer files belong to another model")
 
 

@@ -15,6 +15,8 @@ import os
 import sys
 from typing import IO
 
+from tcrlsd.errors import InputError
+
 __all__ = ["progress_bar", "LogLines", "log_interval"]
 
 DEFAULT_LOG_INTERVAL_S = 30.0
@@ -26,7 +28,7 @@ def log_interval() -> float:
     try:
         value = float(raw) if raw else DEFAULT_LOG_INTERVAL_S
     except ValueError:
-        raise ValueError(f"TCRLSD_PROGRESS_INTERVAL must be a number of seconds, got {raw!r}") from None
+        raise InputError(f"TCRLSD_PROGRESS_INTERVAL must be a number of seconds, got {raw!r}") from None
     return max(value, 0.0)
 
 

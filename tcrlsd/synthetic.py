@@ -20,6 +20,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+from tcrlsd.errors import InputError
+
 __all__ = ["Problem", "make_problem", "make_problems", "solution_steps", "ANSWER_LINE"]
 
 ANSWER_LINE = "The answer is \\boxed{{{}}}."
@@ -55,7 +57,7 @@ def make_problem(rng: random.Random, level: int, max_operand: int = 20) -> Probl
     ``max_operand`` bounds the start number and the added / subtracted operands.
     """
     if not 2 <= max_operand <= VALUE_CAP - 1:
-        raise ValueError(f"max_operand must be in 2..{VALUE_CAP - 1}; got {max_operand}")
+        raise InputError(f"max_operand must be in 2..{VALUE_CAP - 1}; got {max_operand}")
     value = rng.randint(2, max_operand)
     start = value
     words, steps = [], []

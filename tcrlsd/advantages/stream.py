@@ -24,6 +24,7 @@ from tcrlsd.advantages.inputs import (
 from tcrlsd.advantages.metrics import _estimator_metrics, _group_metrics, _ratio, _row_sums, _Shared, _Totals
 from tcrlsd.advantages.params import AdvantagesParams, settings_for
 from tcrlsd.artifacts import AtomicParquetWriter
+from tcrlsd.errors import InputError
 from tcrlsd.schemas import SchemaError, schema_for
 from tcrlsd.signals import DeltaGap, coverage
 
@@ -52,7 +53,7 @@ def _check_out_path(out: Path, inputs: IterationInputs) -> None:
     for p in inputs.all_paths():
         q = p.resolve()
         if o == q or q in o.parents:
-            raise ValueError(f"--out {out} would overwrite the input artifact {p}; choose another path")
+            raise InputError(f"--out {out} would overwrite the input artifact {p}; choose another path")
 
 
 def _check_score_batch(

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from tcrlsd.critique.openai_critic import _make_openai
 from tcrlsd.critique.protocol import Critic, CritiqueRequest, OnReply, clean_feedback
+from tcrlsd.errors import InputError
 from tcrlsd.generation import PROMPT_TOO_LONG, Completion, SamplingConfig
 from tcrlsd.reference_critic import REFERENCE_CRITIC_ID, CriticReply, noise_draw, reference_critique
 from tcrlsd.templates import render_chat  # noqa: F401  (re-exported: tcrlsd.critique.render_chat)
@@ -132,7 +133,7 @@ class GenerationCritic:
 def _make_generation(backend: str):
     def factory(params: "CritiqueParams", model: str) -> Critic:
         if not model:
-            raise ValueError(f"critic {backend!r} needs a model: set critique.critic_model to a model path")
+            raise InputError(f"critic {backend!r} needs a model: set critique.critic_model to a model path")
         return GenerationCritic(backend, model, params.engine.options(), params.sampling_config(),
                                 params.max_feedback_chars, params.chunk_rows, params.chat_template_kwargs)
 

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Sequence
 
 from tcrlsd.critique.protocol import Critic, CriticAborted, CritiqueRequest, OnReply, clean_feedback
+from tcrlsd.errors import InputError
 from tcrlsd.generation import SamplingConfig
 from tcrlsd.reference_critic import CriticReply
 
@@ -204,7 +205,7 @@ class OpenAICritic:
 
 def _make_openai(params: "CritiqueParams", model: str) -> Critic:
     if not model:
-        raise ValueError("critic 'openai' needs critique.critic_model: the model name the server serves")
+        raise InputError("critic 'openai' needs critique.critic_model: the model name the server serves")
     return OpenAICritic(params.base_url, model, params.api_key_env, params.sampling_config(),
                         params.max_feedback_chars, params.max_concurrency, params.request_timeout_s,
                         params.max_attempts, params.backoff_initial_s, params.backoff_max_s, params.abort_after_failures,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from tcrlsd.errors import InputError
 from tcrlsd.generation import SamplingConfig
 
 VLLM_MISSING = (
@@ -59,7 +60,7 @@ def _stop_ids(tokenizer, model_config=None, generation_config=None) -> tuple[int
             continue
         ids.update(int(x) for x in (source if isinstance(source, (list, tuple)) else [source]))
     if not ids:
-        raise ValueError("the tokenizer and model config name no EOS token; cannot tell when a response ends")
+        raise InputError("the tokenizer and model config name no EOS token; cannot tell when a response ends")
     return tuple(sorted(ids))
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
+from tcrlsd.errors import InputError
 from tcrlsd.schemas import SchemaError
 
 # --------------------------------------------------------------------------------------------------
@@ -36,7 +37,7 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 def epoch_order(n: int, prompts_per_step: int, seed: int, epochs: int) -> list[int]:
     """Concatenated visiting order (indices into the sorted train ids) of the first ``epochs`` epochs."""
     if prompts_per_step > n:
-        raise ValueError(
+        raise InputError(
             f"prompts_per_step = {prompts_per_step} exceeds the {n} train prompts; a step cannot hold a "
             "prompt twice (rollout ids would collide): lower generate.prompts_per_step or add prompts"
         )
@@ -58,7 +59,7 @@ def epoch_order(n: int, prompts_per_step: int, seed: int, epochs: int) -> list[i
 def select_prompts(train_ids: Sequence[str], prompts_per_step: int, seed: int, iteration: int) -> list[str]:
     """The ``prompts_per_step`` prompt ids of ``iteration``, in selection order."""
     if iteration < 0:
-        raise ValueError(f"iteration must be >= 0, got {iteration}")
+        raise InputError(f"iteration must be >= 0, got {iteration}")
     n = len(train_ids)
     start, stop = iteration * prompts_per_step, (iteration + 1) * prompts_per_step
     order = epoch_order(n, prompts_per_step, seed, epochs=-(-stop // n))

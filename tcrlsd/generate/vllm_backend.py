@@ -50,6 +50,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 
+from tcrlsd.errors import InputError
 from tcrlsd.generate.backend_base import VLLM_MISSING, _check_sampling, _stop_ids, derive_seed
 from tcrlsd.generation import PROMPT_TOO_LONG, Completion, SamplingConfig
 
@@ -81,13 +82,13 @@ def engine_kwargs(model_path: str, *, dtype: str, trust_remote_code: bool, tenso
     clash = sorted(set(extra) & {"model", "tokenizer", "dtype", "seed", "trust_remote_code",
                                  "tensor_parallel_size", "gpu_memory_utilization", "max_model_len"})
     if clash:
-        raise ValueError(f"vllm engine_args: {', '.join(clash)} have their own options; set them there, "
+        raise InputError(f"vllm engine_args: {', '.join(clash)} have their own options; set them there, "
                          "not in engine_args")
     if extra.get("logprobs_mode", LOGPROBS_MODE) != LOGPROBS_MODE:
         raise ValueError(f"vllm engine_args: logprobs_mode is fixed to {LOGPROBS_MODE!r} (rollouts' sampler_logprobs "
                          "are the log-probs of the distribution sampled from); remove it from engine_args")
     if max_model_len < 0:
-        raise ValueError(f"max_model_len must be >= 0 (0 = the model's own), got {max_model_len}")
+        raise InputError(f"max_model_len must be >= 0 (0 = the model's own), got {max_model_len}")
     kwargs = {
         "model": str(model_path),
         "tokenizer": str(model_path),
@@ -102,7 +103,7 @@ def engine_kwargs(model_path: str, *, dtype: str, trust_remote_code: bool, tenso
         kwargs["max_model_len"] = int(max_model_len)
     if on_cpu:
         if extra.get("enable_chunked_prefill"):
-            raise ValueError("vllm on CPU: enable_chunked_prefill=True crashes every seeded sampled batch larger "
+            raise InputError("vllm on CPU: enable_chunked_prefill=True crashes every seeded sampled batch larger "
                              "than one prefill chunk (vLLM rewinds the request's generator, which CPU generators "
                              "refuse: 'CPU Generator does not use offset'); leave it unset or false")
         extra.setdefault("enable_chunked_prefill", False)

@@ -25,6 +25,8 @@ import math
 import os
 from pathlib import Path
 
+from tcrlsd.errors import InputError
+
 __all__ = ["COLUMNS", "HEADLINE", "iteration_row", "collect_rows", "headline", "write_table", "read_table",
            "track_rows"]
 
@@ -74,7 +76,7 @@ def _load(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
 
 
 def iteration_row(folder: str | os.PathLike, iteration: str) -> dict:

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from tcrlsd.errors import InputError
 from tcrlsd.reference_critic import CONTENT_FREE_FEEDBACK, reference_critique
 from tcrlsd.synthetic import Problem, make_problems
 from tcrlsd.templates import default_templates_dir, load_template, render_critic_prompt
@@ -45,7 +46,7 @@ def check_prompt_template(template: str, problems: Sequence[str], prompts: Seque
     for row, (problem, prompt) in enumerate(zip(problems, prompts)):
         want = render_prompt(template, problem)
         if prompt != want:
-            raise ValueError(
+            raise InputError(
                 f"{source}: row {row}: column 'prompt' is {prompt!r}, but warmstart.prompt_template renders "
                 f"{want!r}; set warmstart.prompt_template to the template the prepare stage used"
             )
@@ -159,7 +160,7 @@ def sft_problems(params: WarmstartParams, exclude: Iterable[str] = ()) -> list[P
     problems = make_problems(params.sft_problems, seed=params.seed, levels=params.levels, max_operand=params.max_operand)
     kept = [p for p in problems if _norm(p.problem) not in banned]
     if not kept:
-        raise ValueError("every SFT problem also appears in the prompts file; raise warmstart.sft_problems")
+        raise InputError("every SFT problem also appears in the prompts file; raise warmstart.sft_problems")
     return kept
 
 

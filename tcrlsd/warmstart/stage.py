@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
+from tcrlsd.errors import InputError
 from tcrlsd.warmstart.accuracy import greedy_accuracy
 from tcrlsd.warmstart.data import check_prompt_template
 from tcrlsd.warmstart.params import WarmstartParams
@@ -23,7 +24,7 @@ def run_warmstart(params: WarmstartParams, prompts, source: str = "prompts", pro
     splits = prompts.column("split").to_pylist()
     val = [i for i, s in enumerate(splits) if s == "val"]
     if not val:
-        raise ValueError(f"{source}: no rows with split == 'val'; warmstart evaluates on the val prompts")
+        raise InputError(f"{source}: no rows with split == 'val'; warmstart evaluates on the val prompts")
     val_prompts = [prompts.column("prompt")[i].as_py() for i in val]
     check_prompt_template(params.prompt_template, [problems[i] for i in val], val_prompts, source)
     model, tokenizer, stats = train_policy(params, exclude=problems, progress=progress)
