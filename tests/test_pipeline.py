@@ -9,6 +9,10 @@ both iterations exists and validates and joins on rollout_id; each update change
 table and headline metrics have two iterations; a third `dvc repro` has nothing to do; changing
 advantages.alpha makes `dvc status` name the advantages stages but not generate/verify/critique/score
 of the first iteration; deleted outputs come back from the cache with `dvc checkout`.
+
+The params that need more than the default wiring run the same way, two iterations each, in copies
+of that project with the setting changed: score.teacher lagged (with a k3 KL to the starting
+policy, update.kl_coef > 0) and score.teacher ema.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -205,3 +210,63 @@ def test_experiment_runs_presets_by_seeds_in_parallel_and_resumes(repo, tmp_path
     _run(cmd, work)
     for n in names:
         assert (out / "runs" / n / "repro.log").read_text().count("Running stage") == logs[n].count("Running stage")
+
+
+# Settings reachable only through more dvc.yaml wiring than the default run uses (issue 21, item 6).
+VARIANTS = {
+    # lagged teacher refreshed every 2 steps: kept (a copy of policy-0000) after step 1, refreshed after step 2;
+    # and the k3 KL to the starting policy (dvc.yaml passes --reference-policy ${initial_policy})
+    "lagged_kl": {"score": {"teacher": "lagged"}, "update": {"teacher_refresh_every": 2, "kl_coef": 0.1}},
+    "ema": {"score": {"teacher": "ema"}, "update": {"teacher_ema_tau": 0.5}},
+}
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(repo, request, tmp_path_factory):
+    """The finished two-iteration project, copied (DVC cache included), with the variant's params: `dvc repro`."""
+    work = tmp_path_factory.mktemp(f"pipeline-{request.param}") / "work"
+    shutil.copytree(repo["work"], work, symlinks=True)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    for section, keys in VARIANTS[request.param].items():
+        params[section].update(keys)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run([repo["dvc"], "repro"], work).stdout
+    return {"name": request.param, "work": work, "out": out, "dvc": repo["dvc"]}
+
+
+@pytest.mark.slow
+def test_teacher_modes_and_kl_run_through_dvc_repro(repo, variant):
+    work, name = variant["work"], variant["name"]
+    mode = VARIANTS[name]["score"]["teacher"]
+    assert not (repo["work"] / "models" / "policy-0001" / "teacher").exists()  # the default run keeps none
+    ran = _ran(variant["out"])
+    # the first iteration's samples, verdicts and critiques stay; what reads the new params runs again
+    assert {"score@0000", "update@0000"} | {f"{s}@0001" for s in ITER_STAGES} <= ran, variant["out"]
+    assert not {"generate@0000", "verify@0000", "critique@0000"} & ran, variant["out"]
+    # the teacher: the starting policy for the first iteration, then the one the update kept in the policy folder
+    for key, want in (("0000", "models/policy-0000"), ("0001", "models/policy-0001/teacher")):
+        scores = read_artifact(work / "data" / f"iter-{key}" / "scores", "scores")
+        assert set(scores.column("teacher_checkpoint").to_pylist()) == {want}
+        assert json.loads((work / "data" / "metrics" / f"iter-{key}" / "score.json").read_text())["teacher"] == mode
+    p0, p1, p2 = (work / "models" / f"policy-{i:04d}" for i in range(3))
+    t1, t2 = p1 / "teacher", p2 / "teacher"
+    if mode == "lagged":  # step 1 of refresh-every-2: kept; step 2: refreshed
+        assert _weights(t1) == _weights(p0) and _weights(t2) == _weights(p2)
+    else:  # tau 0.5: t1 = (p0 + p1) / 2, t2 = (t1 + p2) / 2
+        a, b, c, e1, e2 = _tensors(p0), _tensors(p1), _tensors(p2), _tensors(t1), _tensors(t2)
+        for k in e1:
+            np.testing.assert_allclose(e1[k], 0.5 * a[k] + 0.5 * b[k], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(e2[k], 0.5 * e1[k] + 0.5 * c[k], rtol=1e-6, atol=1e-7)
+    for key in ITERS:
+        update = json.loads((work / "data" / "metrics" / f"iter-{key}" / "update.json").read_text())
+        assert update["params"]["kl_coef"] == VARIANTS[name]["update"].get("kl_coef", 0.0)
+        # two mini-batches: the second one's policy has moved away from the reference
+        assert (update["kl_to_reference"] > 0) == ("kl_coef" in VARIANTS[name]["update"]), update["kl_to_reference"]
+    assert json.loads(_run([variant["dvc"], "status", "--json"], work).stdout) == {}
+    assert _ran(_run([variant["dvc"], "repro"], work).stdout) == set()

@@ -7,7 +7,7 @@ Saved beside the checkpoint, in the folder ``<state>/``:
 - ``trainer_state.json``: the global optimizer step (the LR schedule's step), skipped steps, the
   iteration it ends, the process count and ZeRO stage it was written with (ZeRO partitions cannot
   be loaded by another process count), and the sha256 of the policy folder written with it.
-- ``teacher/`` (score.teacher lagged or ema): see :mod:`tcrlsd.update.teacher`.
+- (not here: the lagged / EMA teacher is kept in the policy folder, :mod:`tcrlsd.teachers`.)
 
 The folder is resume state, not a DVC output: DVC neither caches it (~12 bytes per parameter: 36 GB
 at 3B parameters, per iteration) nor hashes it. It is kept on disk by the loop's retention rule
