@@ -6,7 +6,8 @@ and the KL to the same checkpoint is 0.
 Tiny random checkpoints built from transformers configs and saved as safetensors with the test
 tokenizer; the scores come from the score stage's CLI (which runs the head check at load), the
 update from ``run_update`` (which runs it too). (Named after test_update.py so that, like it, it runs
-after the tests that fork: DeepSpeed's process group leaves this process unsafe to fork.)
+after the tests that fork: a verify worker forked from this process after these updates failed to
+start, SystemError inside re.compile.)
 """
 
 from __future__ import annotations
