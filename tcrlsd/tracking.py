@@ -44,6 +44,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tcrlsd.errors import TcrlsdError
+
 __all__ = ["TrackingParams", "TrackingError", "Tracker", "load_tracking", "read_series", "STEP_SERIES",
            "ITERATION_SERIES"]
 
@@ -51,7 +53,7 @@ STEP_SERIES = "update"  # DVCLive name prefix of the per-step series
 ITERATION_SERIES = "iteration"  # ... of the per-iteration series (then the stage's name)
 
 
-class TrackingError(ValueError):
+class TrackingError(TcrlsdError, ValueError):
     """Tracking is misconfigured (e.g. TensorBoard on without the tensorboard package)."""
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tcrlsd.errors import InputError
+
 __all__ = ["overlong_penalty"]
 
 
@@ -26,7 +28,7 @@ def overlong_penalty(lengths, max_tokens: int, buffer: int, factor: float) -> np
     if buffer == 0:
         return np.zeros_like(lengths)
     if not 0 < buffer <= max_tokens:
-        raise ValueError(f"overlong_penalty_buffer = {buffer} must lie in 1..{max_tokens} (generate.sampling.max_new_tokens); "
+        raise InputError(f"overlong_penalty_buffer = {buffer} must lie in 1..{max_tokens} (generate.sampling.max_new_tokens); "
                          "0 turns the penalty off")
     start = max_tokens - buffer  # the last length without penalty
     over = np.clip(lengths - start, 0.0, None)  # (R,) tokens into the buffer
