@@ -41,7 +41,9 @@ PARAMS = {
     "generate": {"prompts_per_step": 8, "samples_per_prompt": 2, "sampling": {"max_new_tokens": 12}, "seed": 3,
                  "num_parts": 4, "engine": {"batch_size": 8, "device": "cpu"}, "num_threads": 1},
     "verify": {"workers": 1, "start_method": "fork", "row_deadline_s": 20.0},
-    "critique": {"mode": "critique", "critic": "reference", "rows_per_part": 4},
+    # skip_truncated false: the random policy's 12-token responses are all cut by the limit, and these
+    # tests exercise the critic on every wrong row (journals, kills, server faults)
+    "critique": {"mode": "critique", "critic": "reference", "rows_per_part": 4, "skip_truncated": False},
     "score": {"rows_per_part": 4, "max_tokens_per_batch": 256, "logits_chunk_tokens": 64, "device": "cpu",
               "dtype": "float32"},
     "advantages": {"estimator": "rlsd_hybrid"},
