@@ -181,6 +181,18 @@ def _plain(value):
     return value
 
 
+def _one_key_each(override: dict, params: dict):
+    """``override`` split into mappings of one key each, descending where ``set_keys`` would (into
+    a mapping that params.yaml holds with keys); an empty mapping there is replaced as a whole."""
+    for key, value in override.items():
+        old = params.get(key) if isinstance(params, dict) else None
+        if isinstance(value, dict) and value and isinstance(old, dict) and old:
+            for inner in _one_key_each(value, old):
+                yield {key: inner}
+        else:
+            yield {key: value}
+
+
 def apply_preset(params_path: str | os.PathLike, preset: str | os.PathLike) -> list[tuple[str, object, object]]:
     """Write the preset's keys into ``params_path``; returns (key, old, new) for each change.
 
@@ -193,13 +205,16 @@ def apply_preset(params_path: str | os.PathLike, preset: str | os.PathLike) -> l
     params_path = Path(params_path)
     override = load_yaml(preset)
     text = params_path.read_text()
-    data = YAML().load(text)
-    lines = text.splitlines(keepends=True)
     changes: list[tuple[str, object, object]] = []
-    set_keys(data, override, lines, "", changes)
+    new_text = text
+    # One key at a time, re-reading the positions after each edit: an edit that changes the number of
+    # lines (a list rewritten item by item) would otherwise shift every position read before it.
+    for one in _one_key_each(override, yaml.safe_load(text) or {}):
+        lines = new_text.splitlines(keepends=True)
+        set_keys(YAML().load(new_text), one, lines, "", changes)
+        new_text = "".join(lines)
     if not changes:
         return changes
-    new_text = "".join(lines)
     want = merge(yaml.safe_load(text) or {}, override)
     got = yaml.safe_load(new_text)
     if got != want:

@@ -149,3 +149,22 @@ def test_surgical_edit_keeps_comment_columns_quotes_and_nulls(tmp_path):
     assert yaml.safe_load(params.read_text())["gen"]["tmpl"] == "# not a comment"
     assert lines[7] == "  trailing: 1   "  # untouched lines keep even their trailing spaces
     assert yaml.safe_load(params.read_text())["gen"]["top_p"] == 1.0
+
+
+def test_an_edit_that_adds_lines_does_not_shift_the_later_ones(tmp_path):
+    # The list under `sources` grows from 2 lines to 3; `later.value` and the nested `deep.x` sit below
+    # it. Positions are read again after each key, so the later edits land on their own lines (the
+    # GPU preset once wrote critique.sampling.max_new_tokens over a comment line this way).
+    params = tmp_path / "params.yaml"
+    params.write_text("prepare:\n  sources:\n    - {name: a}\n    - {name: b}\n"
+                      "later:\n  value: 1   # a comment\n  # a comment line\n  deep:\n    x: 2  # (sets 9)\n"
+                      "  empty: {}\n")
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("prepare: {sources: [{name: a}, {name: b}, {name: c}]}\n"
+                      "later: {value: 5, deep: {x: 9}, empty: {k: 1, j: 2}}\n")
+    apply_preset(params, preset)
+    assert yaml.safe_load(params.read_text()) == {
+        "prepare": {"sources": [{"name": "a"}, {"name": "b"}, {"name": "c"}]},
+        "later": {"value": 5, "deep": {"x": 9}, "empty": {"k": 1, "j": 2}}}
+    text = params.read_text()
+    assert "value: 5   # a comment\n  # a comment line\n" in text and "x: 9  # (sets 9)" in text
