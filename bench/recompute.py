@@ -128,7 +128,7 @@ def compute_only(folder: Path, n_rows: int, estimator: str, repeats: int = 20) -
     vectorised: flat values + offsets -> token_advantages -> ListArray.from_arrays (best of ``repeats``)
     Both start from the same pyarrow batch and the same group advantages and end with a list<float32>.
     """
-    from tcrlsd.advantages.inputs import _flat
+    from tcrlsd.advantages.inputs import flat_list
     from tcrlsd.advantages import (AdvantagesParams, group_advantages, reference_token_advantages,
                                    settings_for, token_advantages)
 
@@ -152,8 +152,8 @@ def compute_only(folder: Path, n_rows: int, estimator: str, repeats: int = 20) -
     vec = (float("inf"), float("inf"))
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        student, offsets = _flat(head.column("student_logprobs"))
-        teacher, _ = _flat(head.column("teacher_logprobs"))
+        student, offsets = flat_list(head.column("student_logprobs"))
+        teacher, _ = flat_list(head.column("teacher_logprobs"))
         values = token_advantages(estimator, adv, offsets, student, teacher, s)
         vec_list = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
         vec = (min(vec[0], time.perf_counter() - t0), min(vec[1], time.process_time() - c0))

@@ -57,7 +57,7 @@ def main() -> int:
     import torch
 
     from tcrlsd.advantages import Settings, contrast_gap, token_advantages
-    from tcrlsd.advantages.estimators import _contrast_residual
+    from tcrlsd.advantages.estimators import contrast_residual
 
     peer = load_peer(args.peer_file)
     rng = np.random.default_rng(0)
@@ -90,7 +90,7 @@ def main() -> int:
         extra = np.stack([flat(wrong[:, k, :]) for k in range(K)])  # (K, N)
         ours = token_advantages("rlcsd", adv_row, offsets, flat(old), flat(correct), s, extra)  # (N,)
         # this project's modulated set: tokens whose residual survived the threshold
-        sel = _contrast_residual(contrast_gap(flat(correct), extra), s) != 0  # (N,)
+        sel = contrast_residual(contrast_gap(flat(correct), extra), s) != 0  # (N,)
         n_sel, n_uns = max(int(sel.sum()), 1), max(int((~sel).sum()), 1)
         g = flat(grad)
         peer_adv = np.where(sel, -g * n_sel / eta, -g * n_uns)

@@ -84,7 +84,7 @@ _WRITER: dict = {"pid": None}
 _TMP_RE = re.compile(r"^\.(?P<final>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<rand>[0-9a-f]{8})-\d+\.tmp$")
 
 
-def _host_tag() -> str:
+def host_tag() -> str:
     return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
@@ -92,7 +92,7 @@ def writer_id() -> str:
     """``<host>-<pid>-<random>`` of this process (a forked child gets its own)."""
     pid = os.getpid()
     if _WRITER["pid"] != pid:
-        _WRITER.update(pid=pid, id=f"{_host_tag()}-{pid}-{secrets.token_hex(4)}", count=itertools.count())
+        _WRITER.update(pid=pid, id=f"{host_tag()}-{pid}-{secrets.token_hex(4)}", count=itertools.count())
     return _WRITER["id"]
 
 
@@ -114,7 +114,7 @@ def _pid_alive(pid: int) -> bool:
 def _temp_is_stale(name: str) -> bool:
     """A temporary file is stale when its writer ran on this host and that process is gone."""
     m = _TMP_RE.match(name)
-    if not m or m.group("host") != _host_tag():
+    if not m or m.group("host") != host_tag():
         return False  # another host's writer may be alive: never ours to delete
     pid = int(m.group("pid"))
     if pid == os.getpid():  # this process: stale unless it is one of our own open writes
@@ -347,7 +347,7 @@ def artifact_path(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{p}: no such artifact (looked for {p} and its .parquet / folder form)")
 
 
-def _parts(folder: Path) -> list[Path]:
+def finished_parts(folder: Path) -> list[Path]:
     return sorted(q for q in folder.iterdir() if _PART_RE.match(q.name))
 
 
@@ -360,7 +360,7 @@ def artifact_files(path: str | os.PathLike, name: str) -> list[Path]:
     p = artifact_path(path)
     if p.is_file():
         return [p]
-    parts = _parts(p)
+    parts = finished_parts(p)
     man = p / MANIFEST
     if man.exists():
         try:

@@ -32,8 +32,8 @@ from tcrlsd.artifacts import (
     STAGE_ERRORS,
     ShardSpec,
     StaleOutputError,
-    _host_tag,
-    _parts,
+    host_tag,
+    finished_parts,
     remove_stale_temps,
     write_json,
     write_table,
@@ -274,7 +274,7 @@ class ShardedOutput:
     def _live_workers(self) -> dict[str, str]:
         """``{worker file: fingerprint digest}`` of other processes writing this folder; dead ones removed."""
         live = {}
-        me = f"{_host_tag()}-{os.getpid()}-"
+        me = f"{host_tag()}-{os.getpid()}-"
         for q in sorted((self.resume / "workers").iterdir()):
             if q.name.startswith(me):
                 continue  # this process
@@ -294,7 +294,7 @@ class ShardedOutput:
 
     def _check(self, others: dict[str, str], restart: bool) -> None:
         fp_file = self.resume / "fingerprint.json"
-        parts = _parts(self.folder)
+        parts = finished_parts(self.folder)
         try:
             old = json.loads(fp_file.read_text()) if fp_file.exists() else None
         except ValueError:

@@ -93,10 +93,10 @@ def test_every_stage_uses_the_one_extractor():
     assert grade_math_verify(HEDGED, "1", GradeLimits()).reason == "no_answer"
     # prepare: a MATH solution ending that way has no gold answer (skipped and counted)
     from tcrlsd.prepare.params import SourceParams
-    from tcrlsd.prepare.sources import RawRecord, _math_row
+    from tcrlsd.prepare.sources import RawRecord, math_row
 
     src = SourceParams(name="math", format="math", split="train", path="x.jsonl")
-    row = _math_row(src, "x", RawRecord(0, "x.jsonl:1", {"problem": "p", "solution": HEDGED, "level": "Level 1",
+    row = math_row(src, "x", RawRecord(0, "x.jsonl:1", {"problem": "p", "solution": HEDGED, "level": "Level 1",
                                                            "type": "Algebra"}))
     assert row.answer is None
     # critique: the reference critic reads no boxed answer

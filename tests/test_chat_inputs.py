@@ -39,7 +39,7 @@ def _incorrect_row(problem: str, prompt: str) -> dict:
 
 def test_bos_once_and_same_trailing_instruction_ids_for_student_and_teacher(chat_tokenizer):
     from tcrlsd.critique import CritiqueParams, critique_rows, make_critic
-    from tcrlsd.critique.stage import _chat_wrap_from, _templates_for
+    from tcrlsd.critique.stage import chat_wrap_from, templates_for
     from tcrlsd.prepare.stage import render_prompt
     from tcrlsd.score.inputs import encode_teacher_context
 
@@ -53,7 +53,7 @@ def test_bos_once_and_same_trailing_instruction_ids_for_student_and_teacher(chat
     # critique renders the teacher context from that prompt; score encodes it
     params = CritiqueParams(policy_chat_template_tokenizer=str(chat_tokenizer))
     table = critique_rows([_incorrect_row(problem, prompt)], params, make_critic("reference", params, ""),
-                          _templates_for(params), _chat_wrap_from(params))
+                          templates_for(params), chat_wrap_from(params))
     teacher_prompt = table.column("teacher_prompt")[0].as_py()
     teacher = encode_teacher_context(tok, teacher_prompt)
     for ids in (student, teacher):
@@ -89,9 +89,9 @@ def test_chat_templates_that_print_the_date_get_a_fixed_one(tiny_policy):
 
 def test_teacher_context_whose_problem_is_not_in_the_prompt_is_an_error():
     from tcrlsd.critique import CritiqueError, CritiqueParams, critique_rows, make_critic
-    from tcrlsd.critique.stage import _templates_for
+    from tcrlsd.critique.stage import templates_for
 
     params = CritiqueParams()
     row = _incorrect_row("Start with 4. Add 2. What is the result?", "Start with 4.  Add 2. What is the result?" + SUFFIX)
     with pytest.raises(CritiqueError, match=r"rollout_id 'p0#0'.*prompt_id 'p0'.*problem text"):
-        critique_rows([row], params, make_critic("reference", params, ""), _templates_for(params))
+        critique_rows([row], params, make_critic("reference", params, ""), templates_for(params))

@@ -11,7 +11,7 @@ import pytest
 from tcrlsd.critique import CritiqueParams, ReferenceCritic, critique_metrics, critique_rows
 from tcrlsd.critique.content import agrees_with_reference, reveals_intermediate
 from tcrlsd.critique.controls import attach_sources, shuffled_sources, sibling_sources
-from tcrlsd.critique.stage import _templates_for, needs_feedback
+from tcrlsd.critique.stage import needs_feedback, templates_for
 from tcrlsd.reference_critic import CONTENT_FREE_FEEDBACK, NOISE_KINDS, named_step, noise_draw, reference_critique
 from tcrlsd.synthetic import make_problems
 
@@ -63,7 +63,7 @@ def _run(rows, **kw):
     attach_sources(rows, [i for i, r in enumerate(rows) if needs_feedback(params.mode, which, r["is_correct"])],
                    params.mode, params.control, params.seed)
     critic = ReferenceCritic(noise=params.reference_noise, seed=params.seed)
-    return critique_rows(rows, params, critic, _templates_for(params)).to_pylist()
+    return critique_rows(rows, params, critic, templates_for(params)).to_pylist()
 
 
 def test_blank_control_gives_every_wrong_rollout_the_content_free_sentence():

@@ -13,7 +13,7 @@ import pytest
 
 from tcrlsd.artifacts import read_artifact, write_artifact
 from tcrlsd.evaluate import EvaluateParams, evaluation_metrics, evaluation_rows, val_prompt_ids
-from tcrlsd.evaluate.core import _grade
+from tcrlsd.evaluate.core import grade_eval_rows
 from tcrlsd.evaluate.votes import majority_score, vote_key
 from tcrlsd.generation import Completion
 from tcrlsd.params import ParamsError, from_mapping
@@ -80,7 +80,7 @@ def test_metrics_by_hand_through_the_real_graders():
     # avg@4 = (0.25 + 0 + 1) / 3 = 0.41667; pass@4 = 2/3
     sampled = [[right[ids[0]], wrong, none, wrong], [wrong] * 4, [right[ids[2]]] * 4]
     cols = evaluation_rows(ids, greedy, sampled)
-    _grade(cols, prompts, VerifyParams(workers=1), None)
+    grade_eval_rows(cols, prompts, VerifyParams(workers=1), None)
     table = pa.Table.from_pydict(cols, schema=schema_for("evaluations"))
     m = evaluation_metrics(table, prompts, EvaluateParams(samples=4))
     assert m["prompts"] == 3

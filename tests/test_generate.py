@@ -104,11 +104,11 @@ def test_selection_is_deterministic_and_walks_epochs():
 
 def test_selection_without_straddling_is_plain_seeded_permutations():
     # n divisible by P: no boundary reordering, so epoch e is exactly the seeded permutation e.
-    from tcrlsd.generate.selection import _permutation
+    from tcrlsd.generate.selection import epoch_permutation
 
     order = epoch_order(12, 4, seed=3, epochs=3)
-    assert order == _permutation(12, 3, 0) + _permutation(12, 3, 1) + _permutation(12, 3, 2)
-    assert _permutation(12, 3, 0) != _permutation(12, 3, 1)
+    assert order == epoch_permutation(12, 3, 0) + epoch_permutation(12, 3, 1) + epoch_permutation(12, 3, 2)
+    assert epoch_permutation(12, 3, 0) != epoch_permutation(12, 3, 1)
 
 
 def test_selection_errors_and_row_order():

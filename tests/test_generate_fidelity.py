@@ -14,11 +14,11 @@ torch = pytest.importorskip("torch")
 
 def _draw(logits_row, sampling: SamplingConfig, rows: int, seed: int = 0):
     """Token frequencies of ``rows`` independent draws from one logits row (one call, R = rows)."""
-    from tcrlsd.generate.transformers_backend import _sample_next
+    from tcrlsd.generate.transformers_backend import sample_next
 
     logits = torch.tensor(logits_row, dtype=torch.float32).expand(rows, -1).contiguous()  # (R, V)
     gen = torch.Generator().manual_seed(seed)
-    ids, _ = _sample_next(logits, sampling, gen)  # (R,)
+    ids, _ = sample_next(logits, sampling, gen)  # (R,)
     return torch.bincount(ids, minlength=len(logits_row)).double() / rows  # (V,)
 
 
@@ -53,12 +53,12 @@ def test_sampler_frequencies_match_softmax_of_logits_over_temperature(temperatur
     (0.0, 1.0, [math.log(0.4)]),
 ])
 def test_sampler_logprob_is_that_of_the_distribution_drawn_from(temperature, top_p, expected):
-    """The second output of _sample_next is log q(drawn id) where q is the distribution the id was
+    """The second output of sample_next is log q(drawn id) where q is the distribution the id was
     drawn from (after temperature and nucleus), what rollouts store as sampler_logprobs."""
-    from tcrlsd.generate.transformers_backend import _sample_next
+    from tcrlsd.generate.transformers_backend import sample_next
 
     logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04])).expand(2000, -1).contiguous()
-    ids, lp = _sample_next(logits, SamplingConfig(temperature=temperature, top_p=top_p), torch.Generator().manual_seed(3))
+    ids, lp = sample_next(logits, SamplingConfig(temperature=temperature, top_p=top_p), torch.Generator().manual_seed(3))
     assert lp.dtype == torch.float32 and lp.shape == ids.shape
     seen = set(ids.tolist())
     assert seen == set(range(len(expected)))  # every token of the support drawn, none outside

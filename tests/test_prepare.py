@@ -115,11 +115,11 @@ def test_math_train_answers_of_several_parts():
     """prepare's MATH answer differs from the solution's last box exactly for these 7 solutions."""
     from tcrlsd.answers import last_boxed
     from tcrlsd.prepare.params import SourceParams
-    from tcrlsd.prepare.sources import RawRecord, _math_row
+    from tcrlsd.prepare.sources import RawRecord, math_row
 
     recs = [json.loads(line) for line in (RAW / "math_train.jsonl").read_text().splitlines() if line.strip()]
     src = SourceParams(name="math", format="math", split="train", path="data/raw/math_train.jsonl")
-    rows = [_math_row(src, "math_train", RawRecord(i, f"math_train.jsonl:{i + 1}", r)) for i, r in enumerate(recs)]
+    rows = [math_row(src, "math_train", RawRecord(i, f"math_train.jsonl:{i + 1}", r)) for i, r in enumerate(recs)]
     differ = {r["unique_id"]: row.answer for r, row in zip(recs, rows) if row.answer != last_boxed(r["solution"])}
     assert differ == MATH_TRAIN_MULTI_PART
 

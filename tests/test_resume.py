@@ -44,7 +44,7 @@ def umask():
 
 
 def _temp_name(final: str, pid: int, host: str | None = None) -> str:
-    return f".{final}.{host or A._host_tag()}-{pid}-0123abcd-0.tmp"
+    return f".{final}.{host or A.host_tag()}-{pid}-0123abcd-0.tmp"
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -392,7 +392,7 @@ def test_vllm_critic_one_call_journalled_and_resumed_exactly(policy, templates_d
     from tcrlsd.critique.backends import make_critic, render_chat
     from tcrlsd.critique.journal import Journal
     from tcrlsd.critique.protocol import clean_feedback
-    from tcrlsd.critique.stage import _templates_for, critique_rows, join_inputs
+    from tcrlsd.critique.stage import critique_rows, join_inputs, templates_for
     from tcrlsd.generate.backend_base import derive_seed
     from tcrlsd.generate.vllm_backend import VLLMBackend
     from tcrlsd.policy import encode_prompt
@@ -401,7 +401,7 @@ def test_vllm_critic_one_call_journalled_and_resumed_exactly(policy, templates_d
     prompts, rollouts, verdicts = _stage_inputs(12)
     rows = join_inputs(rollouts, verdicts, prompts)
     params = _critic_params(templates_dir, critic_model=str(policy))
-    templates = _templates_for(params)
+    templates = templates_for(params)
     calls: list[int] = []
     real_stream = VLLMBackend.stream
 

@@ -147,7 +147,7 @@ def test_every_role_is_rendered_as_the_critique_stage_renders_it(tokenizer):
     import random
 
     from tcrlsd.critique import CritiqueParams, ReferenceCritic, critique_rows
-    from tcrlsd.critique.stage import _templates_for
+    from tcrlsd.critique.stage import templates_for
     from tcrlsd.policy import encode_prompt
     from tcrlsd.reference_critic import CONTENT_FREE_FEEDBACK, reference_critique
     from tcrlsd.templates import render_chat, render_critic_prompt
@@ -166,15 +166,15 @@ def test_every_role_is_rendered_as_the_critique_stage_renders_it(tokenizer):
     attempt = wrong_attempt(q, random.Random(1))
     mine, feedback = teacher_context(TEMPLATE, q, attempt)
     cp = CritiqueParams()
-    stage = critique_rows([_critique_stage_row(q, attempt)], cp, ReferenceCritic(), _templates_for(cp)).to_pylist()[0]
+    stage = critique_rows([_critique_stage_row(q, attempt)], cp, ReferenceCritic(), templates_for(cp)).to_pylist()[0]
     assert stage["teacher_prompt"] == mine and stage["feedback_text"] == feedback
     blank = CritiqueParams(control="blank")
-    stage = critique_rows([_critique_stage_row(q, attempt)], blank, None, _templates_for(blank)).to_pylist()[0]
+    stage = critique_rows([_critique_stage_row(q, attempt)], blank, None, templates_for(blank)).to_pylist()[0]
     assert stage["feedback_text"] == CONTENT_FREE_FEEDBACK and stage["critic"] == "control:blank"
     gold = CritiqueParams(mode="gold")
-    gold_prompt = critique_rows([_critique_stage_row(q, attempt)], gold, None, _templates_for(gold)).to_pylist()[0]
+    gold_prompt = critique_rows([_critique_stage_row(q, attempt)], gold, None, templates_for(gold)).to_pylist()[0]
 
-    self_tpl = _templates_for(CritiqueParams(mode="self"))["self-incorrect"]
+    self_tpl = templates_for(CritiqueParams(mode="self"))["self-incorrect"]
     for p, e in zip(problems, examples):
         n = e.prompt_len
         assert list(e.labels[:n]) == [IGNORE] * n and list(e.labels[n:]) == list(e.input_ids[n:])

@@ -7,7 +7,7 @@ from typing import Sequence
 from tcrlsd.advantages.estimators import ESTIMATORS, READS_CONTRAST
 from tcrlsd.advantages.inputs import IterationInputs, scores_have_contexts
 from tcrlsd.advantages.params import DEFAULT_BATCH_ROWS, AdvantagesParams
-from tcrlsd.advantages.stream import _stream
+from tcrlsd.advantages.stream import stream_advantages
 
 
 def compare_estimators(
@@ -31,4 +31,4 @@ def compare_estimators(
     unknown = [e for e in estimators if e not in ESTIMATORS]
     if unknown:
         raise ValueError(f"unknown estimator(s) {', '.join(unknown)}; known: {', '.join(ESTIMATORS)}")
-    return _stream(inputs, params, list(estimators), None, iteration, lam, batch_rows)
+    return stream_advantages(inputs, params, list(estimators), None, iteration, lam, batch_rows)

@@ -164,7 +164,7 @@ def rlsd_hybrid(adv: np.ndarray, delta: np.ndarray, s: Settings) -> np.ndarray:
     return s.alpha * adv * _reweight(adv, delta, s) + s.beta * _additive_delta(delta, s)
 
 
-def _contrast_residual(gap: np.ndarray, s: Settings) -> np.ndarray:
+def contrast_residual(gap: np.ndarray, s: Settings) -> np.ndarray:
     """r_t = clip(weight · λ · tanh(e_t / temperature), ±clip), 0 where |r_t| <= threshold."""
     r = np.clip(s.contrast_weight * s.lam * np.tanh(gap / s.contrast_temperature), -s.contrast_clip, s.contrast_clip)
     return np.where(np.abs(r) > s.contrast_threshold, r, 0.0)
@@ -175,7 +175,7 @@ def rlcsd(adv: np.ndarray, gap: np.ndarray, s: Settings) -> np.ndarray:
 
     ``gap`` is the contrastive gap e_t (:func:`contrast_gap`), not Δ_t (the entry's ``gap``).
     """
-    raw = adv + _contrast_residual(gap, s)
+    raw = adv + contrast_residual(gap, s)
     return np.where(adv > 0, np.maximum(raw, 0.0), np.where(adv < 0, np.minimum(raw, 0.0), 0.0))
 
 

@@ -74,7 +74,7 @@ def _check_schema(file: Path, name: str, needed: Sequence[str]) -> None:
     validate(table, name, source=str(file))
 
 
-def _iter_batches(path: Path, name: str, columns: list[str], batch_rows: int) -> Iterator[tuple[Path, pa.RecordBatch]]:
+def iter_artifact_batches(path: Path, name: str, columns: list[str], batch_rows: int) -> Iterator[tuple[Path, pa.RecordBatch]]:
     """Batches of ``columns`` of artifact ``name``, file by file, cast to the contract's types."""
     types = {c.name: c.type for c in ARTIFACTS[name] + CONDITIONAL_COLUMNS.get(name, ())}
     target = pa.schema([pa.field(c, types[c]) for c in columns])
@@ -106,24 +106,24 @@ def _checked(f: Path, name: str, columns: list[str], target: pa.Schema, batch: p
 
 
 def _read_small(path: Path, name: str, columns: list[str], batch_rows: int) -> pa.Table:
-    batches = [b for _, b in _iter_batches(path, name, columns, batch_rows)]
+    batches = [b for _, b in iter_artifact_batches(path, name, columns, batch_rows)]
     if not batches:
         return schema_for(name).empty_table().select(columns)
     return pa.Table.from_batches(batches)
 
 
-def _flat(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def flat_list(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values (N,), offsets (B+1,) from 0) of a list array, whatever its slice offset."""
     offsets = arr.offsets.to_numpy().astype(np.int64)  # (B+1,)
     values = arr.values.to_numpy(zero_copy_only=False)  # nulls inside lists become NaN
     return values[offsets[0]:offsets[-1]], offsets - offsets[0]
 
 
-def _flat_nested(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def flat_nested(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(values (M,), inner offsets (E+1,) from 0, outer offsets (B+1,) from 0) of a list<list<...>> array:
     row i holds inner lists outer[i]..outer[i+1]-1, inner list e holds values inner[e]..inner[e+1]-1."""
     outer = arr.offsets.to_numpy().astype(np.int64)  # (B+1,)
-    values, inner = _flat(arr.values.slice(outer[0], outer[-1] - outer[0]))
+    values, inner = flat_list(arr.values.slice(outer[0], outer[-1] - outer[0]))
     return values, inner, outer - outer[0]
 
 
@@ -141,7 +141,7 @@ def scores_have_contexts(path: Path) -> bool:
 
 
 @dataclass
-class _Rollouts:
+class RolloutIndex:
     ids: pa.Array  # (R,) string
     group: np.ndarray  # (R,) int64 group index (by prompt_id)
     lengths: np.ndarray  # (R,) int64 len(response_token_ids)
@@ -150,10 +150,10 @@ class _Rollouts:
     feedback: np.ndarray | None = None  # (R,) bool, from critiques
 
 
-def _load_rollouts(path: Path, batch_rows: int, iteration: int | None) -> _Rollouts:
+def load_rollouts(path: Path, batch_rows: int, iteration: int | None) -> RolloutIndex:
     ids, prompts, iters, lengths = [], [], [], []
     cols = ["rollout_id", "prompt_id", "iteration", "response_token_ids"]
-    for _, b in _iter_batches(path, "rollouts", cols, batch_rows):
+    for _, b in iter_artifact_batches(path, "rollouts", cols, batch_rows):
         ids.append(b.column("rollout_id"))
         prompts.append(b.column("prompt_id"))
         iters.append(b.column("iteration").to_numpy())
@@ -174,7 +174,7 @@ def _load_rollouts(path: Path, batch_rows: int, iteration: int | None) -> _Rollo
                 "the λ schedule needs one -- pass the iteration explicitly"
             )
         iteration = int(its[0])
-    return _Rollouts(ids=id_arr, group=group, lengths=np.concatenate(lengths), iteration=iteration)
+    return RolloutIndex(ids=id_arr, group=group, lengths=np.concatenate(lengths), iteration=iteration)
 
 
 def _align(r_ids: pa.Array, path: Path, name: str, other_ids: pa.Array) -> np.ndarray:
@@ -199,7 +199,7 @@ def _align(r_ids: pa.Array, path: Path, name: str, other_ids: pa.Array) -> np.nd
     return pos.to_numpy().astype(np.int64)
 
 
-def _attach_verdicts(ro: _Rollouts, path: Path, batch_rows: int) -> None:
+def attach_verdicts(ro: RolloutIndex, path: Path, batch_rows: int) -> None:
     t = _read_small(path, "verdicts", ["rollout_id", "reward"], batch_rows)
     pos = _align(ro.ids, path, "verdicts", t.column("rollout_id").combine_chunks())
     reward = t.column("reward").to_numpy().astype(np.float64)[pos]  # (R,)
@@ -209,7 +209,7 @@ def _attach_verdicts(ro: _Rollouts, path: Path, batch_rows: int) -> None:
     ro.rewards = reward
 
 
-def _attach_critiques(ro: _Rollouts, path: Path, batch_rows: int) -> None:
+def attach_critiques(ro: RolloutIndex, path: Path, batch_rows: int) -> None:
     files = artifact_files(path, "critiques")
     for f in files:
         _check_schema(f, "critiques", ["rollout_id", "feedback_text"])

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tcrlsd.advantages.inputs import _Rollouts
+from tcrlsd.advantages.inputs import RolloutIndex
 
 # ---------------------------------------------------------------------------------------------
 # Metrics accumulated over batches
 
 
-def _row_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def row_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Per-row sums of flat token ``values`` (N,) with row ``offsets`` (B+1,); empty rows give 0.
 
     ``np.add.reduceat`` over the starts of the non-empty rows: each segment then runs exactly to
@@ -28,7 +28,7 @@ def _row_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _Totals:
+class EstimatorTotals:
     """Sums over tokens of one estimator's Â."""
 
     abs_sum: float = 0.0
@@ -38,7 +38,7 @@ class _Totals:
 
     def add(self, adv: np.ndarray, offsets: np.ndarray, saturated: np.ndarray) -> None:
         """``adv``: (N,) Â of a batch; ``offsets``: (B+1,); ``saturated``: (B,) row in an all-equal group."""
-        nonzero = _row_sums(adv != 0, offsets)  # (B,)
+        nonzero = row_sums(adv != 0, offsets)  # (B,)
         self.abs_sum += float(np.abs(adv).sum(dtype=np.float64))
         self.sum += float(adv.sum(dtype=np.float64))
         self.nonzero += int(nonzero.sum())
@@ -46,7 +46,7 @@ class _Totals:
 
 
 @dataclass
-class _Shared:
+class SharedSums:
     """Sums that do not depend on the estimator."""
 
     tokens: int = 0
@@ -57,11 +57,11 @@ class _Shared:
     teacher_differs_rows: int = 0
 
 
-def _ratio(num: float, den: float) -> float | None:
+def safe_ratio(num: float, den: float) -> float | None:
     return float(num) / float(den) if den else None
 
 
-def _group_metrics(ro: _Rollouts) -> tuple[dict, np.ndarray]:
+def group_metrics(ro: RolloutIndex) -> tuple[dict, np.ndarray]:
     """Reward and saturation metrics; also (G,) bool 'all rewards equal' per group."""
     g = ro.group
     n_groups = int(g.max()) + 1
@@ -83,10 +83,10 @@ def _group_metrics(ro: _Rollouts) -> tuple[dict, np.ndarray]:
     return metrics, saturated
 
 
-def _estimator_metrics(t: _Totals, sh: _Shared) -> dict:
+def estimator_metrics(t: EstimatorTotals, sh: SharedSums) -> dict:
     return {
-        "adv_abs_mean": _ratio(t.abs_sum, sh.tokens),
-        "adv_mean": _ratio(t.sum, sh.tokens),
-        "adv_nonzero_token_share": _ratio(t.nonzero, sh.tokens),
-        "saturated_adv_nonzero_token_share": _ratio(t.saturated_nonzero, sh.saturated_tokens),
+        "adv_abs_mean": safe_ratio(t.abs_sum, sh.tokens),
+        "adv_mean": safe_ratio(t.sum, sh.tokens),
+        "adv_nonzero_token_share": safe_ratio(t.nonzero, sh.tokens),
+        "saturated_adv_nonzero_token_share": safe_ratio(t.saturated_nonzero, sh.saturated_tokens),
     }

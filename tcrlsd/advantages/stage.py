@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tcrlsd.advantages.inputs import IterationInputs
 from tcrlsd.advantages.params import DEFAULT_BATCH_ROWS, AdvantagesParams
-from tcrlsd.advantages.stream import _check_out_path, _stream
+from tcrlsd.advantages.stream import check_out_path, stream_advantages
 from tcrlsd.artifacts import AtomicParquetWriter
 from tcrlsd.schemas import schema_for
 
@@ -27,10 +27,10 @@ def compute_advantages(
     directly. The output rows follow the scores' row order. Nothing but ``out`` is written.
     """
     if out is None:
-        shared, per = _stream(inputs, params, [params.estimator], None, iteration, lam, batch_rows)
+        shared, per = stream_advantages(inputs, params, [params.estimator], None, iteration, lam, batch_rows)
     else:
         out = Path(out)
-        _check_out_path(out, inputs)
+        check_out_path(out, inputs)
         with AtomicParquetWriter(out, schema_for("advantages")) as writer:
-            shared, per = _stream(inputs, params, [params.estimator], writer, iteration, lam, batch_rows)
+            shared, per = stream_advantages(inputs, params, [params.estimator], writer, iteration, lam, batch_rows)
     return {"estimator": params.estimator, **shared, **per[params.estimator]}

@@ -13,15 +13,15 @@ import pyarrow.compute as pc
 from tcrlsd.advantages.estimators import ESTIMATORS, READS_CONTRAST, contrast_gap, token_advantages
 from tcrlsd.advantages.inputs import (
     IterationInputs,
-    _attach_critiques,
-    _attach_verdicts,
-    _flat,
-    _flat_nested,
-    _iter_batches,
-    _load_rollouts,
+    attach_critiques,
+    attach_verdicts,
+    flat_list,
+    flat_nested,
+    iter_artifact_batches,
+    load_rollouts,
     scores_have_contexts,
 )
-from tcrlsd.advantages.metrics import _estimator_metrics, _group_metrics, _ratio, _row_sums, _Shared, _Totals
+from tcrlsd.advantages.metrics import EstimatorTotals, estimator_metrics, group_metrics, row_sums, safe_ratio, SharedSums
 from tcrlsd.advantages.params import AdvantagesParams, settings_for
 from tcrlsd.artifacts import AtomicParquetWriter
 from tcrlsd.errors import InputError
@@ -48,7 +48,7 @@ def _row_index(r_ids: pa.Array, ids: pa.Array, cursor: int, source: Path) -> np.
     return pos.to_numpy().astype(np.int64)
 
 
-def _check_out_path(out: Path, inputs: IterationInputs) -> None:
+def check_out_path(out: Path, inputs: IterationInputs) -> None:
     o = out.resolve()
     for p in inputs.all_paths():
         q = p.resolve()
@@ -97,7 +97,7 @@ def _wrong_hint_matrix(f: Path, ids: pa.Array, column: pa.Array, lengths: np.nda
     Each row must hold the same K' >= 1 contexts as every other row (``contexts``: K' of earlier
     batches), each as long as the response, all finite; errors name the rollout.
     """
-    values, inner, outer = _flat_nested(column)
+    values, inner, outer = flat_nested(column)
     per_row = np.diff(outer)  # (B,) contexts per row
     k = int(per_row[0]) if len(per_row) else (contexts or 1)
     want_k = contexts if contexts is not None else k
@@ -137,7 +137,7 @@ def _advantages_table(ids: pa.Array, group_adv: np.ndarray, offsets: np.ndarray,
     )
 
 
-def _stream(
+def stream_advantages(
     inputs: IterationInputs,
     params: AdvantagesParams,
     estimators: Sequence[str],
@@ -155,10 +155,10 @@ def _stream(
                           "critique.wrong_hints >= 1 and rerun critique and score")
     columns = _SCORE_COLUMNS + (["extra_teacher_logprobs"] if has_contexts else [])
     contexts = None  # K' of the first batch: every batch must agree
-    ro = _load_rollouts(inputs.rollouts, batch_rows, iteration)
-    _attach_verdicts(ro, inputs.verdicts, batch_rows)
+    ro = load_rollouts(inputs.rollouts, batch_rows, iteration)
+    attach_verdicts(ro, inputs.verdicts, batch_rows)
     if inputs.critiques is not None:
-        _attach_critiques(ro, inputs.critiques, batch_rows)
+        attach_critiques(ro, inputs.critiques, batch_rows)
     settings = settings_for(params, ro.iteration, lam)
     outcome = {}  # outcome function -> (R,) float32 A: computed once per distinct baseline
     for name in estimators:
@@ -166,20 +166,20 @@ def _stream(
         if fn not in outcome:
             outcome[fn] = fn(ro.group, ro.rewards, ro.lengths, settings).astype(np.float32)
     adv_rows = {name: outcome[ESTIMATORS[name].outcome] for name in estimators}  # name -> (R,) A
-    shared_metrics, saturated_group = _group_metrics(ro)
+    shared_metrics, saturated_group = group_metrics(ro)
     saturated_row = saturated_group[ro.group]  # (R,) bool
     differs_row = np.zeros(len(ro.group), dtype=bool)  # (R,) teacher != student somewhere
     seen = np.zeros(len(ro.group), dtype=bool)  # (R,)
     cursor = 0  # score rows read so far
-    sh = _Shared()
+    sh = SharedSums()
     gap = DeltaGap()
-    totals = {name: _Totals() for name in estimators}
-    for f, b in _iter_batches(inputs.scores, "scores", columns, batch_rows):
+    totals = {name: EstimatorTotals() for name in estimators}
+    for f, b in iter_artifact_batches(inputs.scores, "scores", columns, batch_rows):
         ids = b.column("rollout_id")
         idx = _row_index(ro.ids, ids, cursor, f)  # (B,) rollout row of each score row
         cursor += len(idx)
-        student, offsets = _flat(b.column("student_logprobs"))  # (N,), (B+1,)
-        teacher, t_offsets = _flat(b.column("teacher_logprobs"))  # (N,), (B+1,)
+        student, offsets = flat_list(b.column("student_logprobs"))  # (N,), (B+1,)
+        teacher, t_offsets = flat_list(b.column("teacher_logprobs"))  # (N,), (B+1,)
         _check_score_batch(f, ids, idx, seen, ro.lengths[idx],
                            {"student_logprobs": (student, offsets), "teacher_logprobs": (teacher, t_offsets)},
                            inputs.rollouts)
@@ -190,7 +190,7 @@ def _stream(
         if has_contexts:
             wrong = _wrong_hint_matrix(f, ids, b.column("extra_teacher_logprobs"), lengths, offsets, contexts)
             contexts = wrong.shape[0]
-        differs = _row_sums(delta != 0, offsets) > 0  # (B,)
+        differs = row_sums(delta != 0, offsets) > 0  # (B,)
         differs_row[idx] = differs
         sat = saturated_row[idx]  # (B,)
         sh.tokens += int(len(delta))
@@ -201,7 +201,7 @@ def _stream(
         sh.delta_abs_sum += float(np.abs(delta).sum(dtype=np.float64))
         if wrong is not None and ro.feedback is not None:  # contrast gap: mean e_t over feedback rows' tokens
             fb = ro.feedback[idx]  # (B,)
-            sh.feedback_contrast_sum += float(_row_sums(contrast_gap(teacher, wrong), offsets)[fb].sum())
+            sh.feedback_contrast_sum += float(row_sums(contrast_gap(teacher, wrong), offsets)[fb].sum())
             sh.feedback_contrast_tokens += int(lengths[fb].sum())
         for name in estimators:
             adv = token_advantages(name, adv_rows[name][idx], offsets, student, teacher, settings, wrong)  # (N,)
@@ -224,10 +224,10 @@ def _stream(
         "critique_coverage": None if ro.feedback is None else coverage(int(ro.feedback.sum()), len(ro.feedback)),
         "teacher_differs_share": float(differs_row.mean()),
         "delta_gap": gap.mean,
-        "delta_abs_mean": _ratio(sh.delta_abs_sum, sh.tokens),
+        "delta_abs_mean": safe_ratio(sh.delta_abs_sum, sh.tokens),
         "settings": {k: v for k, v in asdict(params).items() if k != "estimator"},
     }
     if has_contexts:  # K > 1 only, so the K = 1 metrics keep their keys
         shared["teacher_contexts"] = 1 + (contexts or 0)
-        shared["contrast_gap"] = _ratio(sh.feedback_contrast_sum, sh.feedback_contrast_tokens)  # None: no critiques
-    return shared, {name: _estimator_metrics(totals[name], sh) for name in estimators}
+        shared["contrast_gap"] = safe_ratio(sh.feedback_contrast_sum, sh.feedback_contrast_tokens)  # None: no critiques
+    return shared, {name: estimator_metrics(totals[name], sh) for name in estimators}

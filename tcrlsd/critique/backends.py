@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from tcrlsd.critique.openai_critic import _make_openai
+from tcrlsd.critique.openai_critic import make_openai
 from tcrlsd.critique.protocol import Critic, CritiqueRequest, OnReply, clean_feedback
 from tcrlsd.errors import InputError
 from tcrlsd.generation import PROMPT_TOO_LONG, Completion, SamplingConfig
@@ -146,7 +146,7 @@ CRITICS: dict[str, Callable[["CritiqueParams", str], Critic]] = {
     "reference": _make_reference,
     "transformers": _make_generation("transformers"),
     "vllm": _make_generation("vllm"),
-    "openai": _make_openai,
+    "openai": make_openai,
 }
 
 

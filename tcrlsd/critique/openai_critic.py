@@ -203,7 +203,7 @@ class OpenAICritic:
                 raise
 
 
-def _make_openai(params: "CritiqueParams", model: str) -> Critic:
+def make_openai(params: "CritiqueParams", model: str) -> Critic:
     if not model:
         raise InputError("critic 'openai' needs critique.critic_model: the model name the server serves")
     return OpenAICritic(params.base_url, model, params.api_key_env, params.sampling_config(),

@@ -48,7 +48,7 @@ def _teacher_template_name(mode: str) -> str:
     return "teacher-gold" if mode in ("gold", "sibling") else "teacher-critique"
 
 
-def _templates_for(params: CritiqueParams) -> dict[str, Template]:
+def templates_for(params: CritiqueParams) -> dict[str, Template]:
     folder = params.templates_dir or default_templates_dir()
     if params.mode == "none":
         return {}
@@ -230,7 +230,7 @@ def _make_stage_critic(params: CritiqueParams, policy_path: str | None):
     return make_critic(params.critic, params, params.critic_model)
 
 
-def _chat_wrap_from(params: CritiqueParams) -> tuple[str, str] | None:
+def chat_wrap_from(params: CritiqueParams) -> tuple[str, str] | None:
     if not params.policy_chat_template_tokenizer:
         return None
     from tcrlsd.policy import load_tokenizer
@@ -287,7 +287,7 @@ def run_critique(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table, para
     attach_sources(rows, [i for i, r in enumerate(rows) if needs_feedback(params.mode, which, r["is_correct"])
                           and not skipped_as_truncated(params.mode, r.get("finish_reason"), params.skip_truncated)],
                    params.mode, params.control, params.seed)
-    templates = _templates_for(params)
+    templates = templates_for(params)
     num_parts = max(1, math.ceil(len(rows) / params.rows_per_part))
     fingerprint = critique_fingerprint(params, templates, out_dir, input_paths, policy_path, len(rows))
     out = ShardedOutput(out_dir, "critiques", num_parts, fingerprint, restart=restart)
@@ -296,7 +296,7 @@ def run_critique(rollouts: pa.Table, verdicts: pa.Table, prompts: pa.Table, para
         return out.complete()
     ranges = split_evenly(len(rows), num_parts)
     critic = _make_stage_critic(params, policy_path)
-    wrap = _chat_wrap_from(params)
+    wrap = chat_wrap_from(params)
     from tcrlsd.progress import progress_bar
 
     pool = donor_pool(rows) if params.wrong_hints else []  # wrong-hint donors: the whole iteration's prompts

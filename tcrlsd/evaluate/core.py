@@ -113,7 +113,7 @@ def evaluation_rows(prompt_ids: Sequence[str], greedy: Sequence[Completion],
     return cols
 
 
-def _grade(cols: dict[str, list], prompts: pa.Table, verify_params, prompts_source: str | None) -> None:
+def grade_eval_rows(cols: dict[str, list], prompts: pa.Table, verify_params, prompts_source: str | None) -> None:
     """Fill reward and reason through the verify stage's graders (same pool, same reasons)."""
     from tcrlsd.verify.stage import verify_rollouts
 
@@ -222,7 +222,7 @@ def run_evaluate(params: EvaluateParams, verify_params, prompts_path: str | os.P
                                            params.sampling.config(derive_seed(params.seed, "eval", p)))
                 bar.update(len(chunk) * params.samples)
             cols = evaluation_rows(chunk, greedy, sampled)
-            _grade(cols, prompts, verify_params, str(prompts_path))
+            grade_eval_rows(cols, prompts, verify_params, str(prompts_path))
             output.write(p, pa.Table.from_pydict(cols, schema=schema_for("evaluations")))
         bar.close()
     done = [p for p in range(len(parts)) if output.done(p)]

@@ -50,7 +50,7 @@ def plan_batches(
     return batches
 
 
-def _stop_ids(tokenizer, model_config=None, generation_config=None) -> tuple[int, ...]:
+def resolve_stop_ids(tokenizer, model_config=None, generation_config=None) -> tuple[int, ...]:
     """Every id that ends a response: the tokenizer's EOS plus the generation config's EOS list
     (Llama-3 instruct ends turns with <|eot_id|>, not its tokenizer EOS)."""
     ids: set[int] = set()
@@ -64,7 +64,7 @@ def _stop_ids(tokenizer, model_config=None, generation_config=None) -> tuple[int
     return tuple(sorted(ids))
 
 
-def _check_sampling(sampling: SamplingConfig, samples_per_prompt: int) -> None:
+def check_sampling(sampling: SamplingConfig, samples_per_prompt: int) -> None:
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
     if sampling.temperature < 0:

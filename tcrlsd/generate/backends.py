@@ -36,13 +36,13 @@ import inspect
 from collections.abc import Callable
 
 from tcrlsd.generate.backend_base import VLLM_MISSING, derive_seed, plan_batches  # noqa: F401 -- re-exported
-from tcrlsd.generate.transformers_backend import TransformersBackend, _make_transformers  # noqa: F401
-from tcrlsd.generate.vllm_backend import VLLMBackend, _make_vllm  # noqa: F401
+from tcrlsd.generate.transformers_backend import TransformersBackend, make_transformers  # noqa: F401
+from tcrlsd.generate.vllm_backend import VLLMBackend, make_vllm  # noqa: F401
 from tcrlsd.generation import GenerationBackend
 
 BACKENDS: dict[str, Callable[..., GenerationBackend]] = {
-    "transformers": _make_transformers,
-    "vllm": _make_vllm,
+    "transformers": make_transformers,
+    "vllm": make_vllm,
 }
 
 

@@ -27,7 +27,7 @@ def train_prompt_ids(prompts: pa.Table, source: str | None = None, levels: Seque
     return sorted(ids)
 
 
-def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     import numpy as np
 
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
@@ -43,7 +43,7 @@ def epoch_order(n: int, prompts_per_step: int, seed: int, epochs: int) -> list[i
         )
     order: list[int] = []
     for e in range(epochs):
-        perm = _permutation(n, seed, e)
+        perm = epoch_permutation(n, seed, e)
         filled = (e * n) % prompts_per_step  # positions of the straddling step already taken
         if filled:
             taken = set(order[len(order) - filled:])

@@ -5,14 +5,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 
-from tcrlsd.generate.backend_base import _check_sampling, _stop_ids, derive_seed, plan_batches
+from tcrlsd.generate.backend_base import check_sampling, derive_seed, plan_batches, resolve_stop_ids
 from tcrlsd.generation import Completion, SamplingConfig
 
 # --------------------------------------------------------------------------------------------------
 # transformers
 
 
-def _sample_next(logits, sampling: SamplingConfig, generator):
+def sample_next(logits, sampling: SamplingConfig, generator):
     """Next token per row from last-position logits ``(R, V)``, and its log-probability under the
     distribution it was drawn from (after temperature and top_p; greedy: the raw log-softmax), the
     sampler log-prob of :mod:`tcrlsd.generation`. Returns ``((R,) ids, (R,) float32 log-probs)``."""
@@ -50,7 +50,7 @@ class TransformersBackend:
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.max_batch_tokens = int(max_batch_tokens)
-        self.stop_ids = _stop_ids(tokenizer, model.config, getattr(model, "generation_config", None))
+        self.stop_ids = resolve_stop_ids(tokenizer, model.config, getattr(model, "generation_config", None))
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.stop_ids[0])
         # transformers 5 renamed the forward argument past_key_values -> cache.
@@ -65,7 +65,7 @@ class TransformersBackend:
     ) -> list[list[Completion]]:
         import torch
 
-        _check_sampling(sampling, samples_per_prompt)
+        check_sampling(sampling, samples_per_prompt)
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} has no tokens; every prompt needs at least one (BOS) token")
@@ -132,7 +132,7 @@ class TransformersBackend:
         alive = torch.arange(R, device=dev)  # rows of `tokens` still in the batch
         finished = torch.zeros(R, dtype=torch.bool, device=dev)  # per row of the batch: EOS seen
         for t in range(T):
-            nxt, nxt_logprob = _sample_next(logits, sampling, gen)  # (r,), (r,)
+            nxt, nxt_logprob = sample_next(logits, sampling, gen)  # (r,), (r,)
             tokens[alive, t] = nxt  # rows already finished write past their length: ignored
             token_logprobs[alive, t] = nxt_logprob
             ended = torch.isin(nxt, stop) & ~finished  # (r,)
@@ -226,7 +226,7 @@ def _preallocated_layer_class():
     return PreallocatedLayer
 
 
-def _make_transformers(
+def make_transformers(
     model_path: str,
     *,
     device: str = "cpu",

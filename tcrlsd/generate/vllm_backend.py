@@ -51,7 +51,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 from tcrlsd.errors import InputError
-from tcrlsd.generate.backend_base import VLLM_MISSING, _check_sampling, _stop_ids, derive_seed
+from tcrlsd.generate.backend_base import VLLM_MISSING, check_sampling, derive_seed, resolve_stop_ids
 from tcrlsd.generation import PROMPT_TOO_LONG, Completion, SamplingConfig
 
 CPU_KV_CACHE_DEFAULT_BYTES = 1 << 30
@@ -129,7 +129,7 @@ class VLLMBackend:
     def __init__(self, llm, tokenizer, generation_config=None):
         self.llm = llm
         self.tokenizer = tokenizer
-        self.stop_ids = _stop_ids(tokenizer, None, generation_config)
+        self.stop_ids = resolve_stop_ids(tokenizer, None, generation_config)
         self.max_model_len = int(llm.llm_engine.model_config.max_model_len)
 
     def generate(
@@ -156,7 +156,7 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        _check_sampling(sampling, samples_per_prompt)
+        check_sampling(sampling, samples_per_prompt)
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         todo, requests, params = [], [], []
@@ -239,7 +239,7 @@ def sampled_logprobs(logprobs, ids: Sequence[int], where: str) -> tuple[float, .
     return tuple(out)
 
 
-def _make_vllm(
+def make_vllm(
     model_path: str,
     *,
     dtype: str = "auto",

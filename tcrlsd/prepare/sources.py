@@ -168,7 +168,7 @@ def _level(rec: RawRecord, key: str = "level") -> int | None:
         raise PrepareError(f"{rec.where}: {exc}") from None
 
 
-def _math_row(source: SourceParams, label: str, rec: RawRecord) -> Row:
+def math_row(source: SourceParams, label: str, rec: RawRecord) -> Row:
     # unique_id is what the MATH/PRM800K files carry ("train/algebra/0.json"); the Hugging Face
     # copies of MATH lack it, so fall back to file label and record index.
     uid = _field(rec, "unique_id", required=False)
@@ -234,7 +234,7 @@ class Format:
 
 # format name -> Format; the only list of formats (params prepare.sources[].format checks against it)
 FORMATS: dict[str, Format] = {
-    "math": Format(_math_row, _math_missing),
+    "math": Format(math_row, _math_missing),
     "math500": Format(_math500_row),
     "gsm8k": Format(_gsm8k_row, _gsm8k_missing),
     "synthetic": Format(None),

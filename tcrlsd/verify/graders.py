@@ -35,7 +35,7 @@ class GradeRequest(NamedTuple):
     gold: str
 
 
-def _clip(text: str) -> str:
+def clip_extracted(text: str) -> str:
     return text if len(text) <= MAX_EXTRACTED_CHARS else text[:MAX_EXTRACTED_CHARS] + "..."
 
 
@@ -85,7 +85,7 @@ def grade_string(response: str, gold: str, limits: GradeLimits) -> Grade:
     pred = normalize_number(raw) if raw is not None else None
     if not pred:
         return Grade(0.0, None, "no_answer")
-    extracted = _clip(pred)
+    extracted = clip_extracted(pred)
     if _is_number(gold_norm):
         if not _is_number(pred):
             return Grade(0.0, extracted, "unparsable")
@@ -161,7 +161,7 @@ def grade_math_verify(response: str, gold: str, limits: GradeLimits) -> Grade:
     if parts is None or not parts[-1]:
         return Grade(0.0, None, "no_answer")
     readings = [parts[-1]] if len(parts) == 1 else [parts[-1], join_parts(parts)]
-    extracted = _clip(parts[-1])
+    extracted = clip_extracted(parts[-1])
     try:
         gold_parsed = _parse_gold(gold_answer(gold), int(limits.parse_timeout_s))
     except TimeoutException:
@@ -188,7 +188,7 @@ def grade_math_verify(response: str, gold: str, limits: GradeLimits) -> Grade:
             for p in pred_parsed:
                 try:
                     if verify(g, p, timeout_seconds=int(limits.verify_timeout_s), raise_on_error=True):
-                        return Grade(1.0, _clip(reading), "correct")
+                        return Grade(1.0, clip_extracted(reading), "correct")
                 except TimeoutException:
                     timed_out = True
                 except Exception:  # noqa: BLE001, S110 -- one failing comparison pair is not a match

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from tcrlsd.answers import last_boxed
 from tcrlsd.errors import TcrlsdError
-from tcrlsd.verify.graders import GRADERS, Grade, GradeLimits, GradeRequest, _clip
+from tcrlsd.verify.graders import GRADERS, Grade, GradeLimits, GradeRequest, clip_extracted
 from tcrlsd.verify.params import VerifyError, VerifyParams
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ class GradingPool:
                         self._workers[i] = None
                         req = todo[w.key]
                         box = last_boxed(req.response)
-                        finish(w.key, Grade(0.0, _clip(box) if box is not None else None, "timeout"))
+                        finish(w.key, Grade(0.0, clip_extracted(box) if box is not None else None, "timeout"))
         except BaseException:
             # Ctrl-C or a bug: never leave workers behind (busy ones would finish their row first).
             self.close(kill=True)
