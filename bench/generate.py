@@ -60,6 +60,7 @@ def main() -> None:
         encode_prompt,
         train_tokenizer,
     )
+    from tcrlsd.prepare import DEFAULT_PROMPT_TEMPLATE, render_prompt
     from tcrlsd.synthetic import make_problems
 
     if args.threads:
@@ -68,8 +69,7 @@ def main() -> None:
     tok = train_tokenizer(texts, vocab_size=TinyLlamaConfig().vocab_size)
     model = build_tiny_llama(tok, TinyLlamaConfig(), seed=0).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    template = "{} Let's think step by step and output the final answer within \\boxed{{}}."
-    prompts = [encode_prompt(tok, template.format(p.problem)) for p in make_problems(args.prompts, seed=2)]
+    prompts = [encode_prompt(tok, render_prompt(p.problem, DEFAULT_PROMPT_TEMPLATE)) for p in make_problems(args.prompts, seed=2)]
     T, n, eos = args.max_new_tokens, args.samples, tok.eos_token_id
     common = {"max_new_tokens": T, "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
               "eos_token_id": eos, "pad_token_id": tok.pad_token_id, "num_return_sequences": n}

@@ -83,17 +83,10 @@ def load_verl(src: Path):
 def build(folder: Path, samples: int) -> Path:
     """A harness iteration in ``folder`` (tiny random policy, groups of ``samples``)."""
     sys.path.insert(0, str(REPO / "tests"))
+    from fixtures import tiny_policy
     from harness import build_iteration, write_params
 
-    from tcrlsd.policy import TinyLlamaConfig, build_tiny_llama, save_policy, train_tokenizer
-    from tcrlsd.synthetic import make_problems
-
-    texts = [p.problem + "\n" + p.solution for p in make_problems(500, seed=123)]
-    tok = train_tokenizer(texts + ["Let's think step by step and output the final answer within \\boxed{}."],
-                          vocab_size=320)
-    cfg = TinyLlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2)
-    policy = save_policy(build_tiny_llama(tok, cfg, seed=0), tok, folder / "policy")
+    policy = tiny_policy(folder / "policy")
     params = write_params(folder, generate={"samples_per_prompt": samples, "sampling": {"max_new_tokens": 24}})
     return build_iteration(folder / "it", policy, params)
 

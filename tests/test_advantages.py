@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from fixtures import Row, iteration_tables, write_iteration
 from tcrlsd.advantages import (
     ESTIMATORS,
     READS_CONTRAST,
@@ -33,8 +34,7 @@ from tcrlsd.advantages import (
     settings_for,
     token_advantages,
 )
-from tcrlsd.artifacts import read_artifact, write_artifact
-from tcrlsd.resume import ShardedOutput
+from tcrlsd.artifacts import read_artifact
 from tcrlsd.params import ParamsError, from_mapping
 from tcrlsd.schemas import SchemaError, schema_for
 
@@ -45,80 +45,6 @@ STAGE = Path(__file__).resolve().parents[1] / "stages" / "advantages.py"
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic iterations
-
-
-@dataclasses.dataclass
-class Row:
-    prompt_id: str
-    reward: float
-    student: list
-    teacher: list
-    feedback: bool = False
-    wrong: list | None = None  # log-probs under each wrong-hint context (extra teacher contexts)
-
-
-def _tables(rows: list[Row], iteration: int = 0) -> dict[str, pa.Table]:
-    idx: dict[str, int] = {}
-    ids, samples = [], []
-    for r in rows:
-        samples.append(idx.get(r.prompt_id, 0))
-        idx[r.prompt_id] = samples[-1] + 1
-        ids.append(f"{r.prompt_id}#{samples[-1]}")
-    n = len(rows)
-    f32 = pa.list_(pa.float32())
-    return {
-        "rollouts": pa.table({
-            "rollout_id": ids, "prompt_id": [r.prompt_id for r in rows],
-            "sample_idx": pa.array(samples, pa.int32()), "iteration": pa.array([iteration] * n, pa.int32()),
-            "prompt_token_ids": pa.array([[1, 2]] * n, pa.list_(pa.int32())),
-            "response_token_ids": pa.array([list(range(len(r.student))) for r in rows], pa.list_(pa.int32())),
-            "response_text": ["x"] * n, "finish_reason": ["stop"] * n,
-        }),
-        "verdicts": pa.table({
-            "rollout_id": ids, "reward": pa.array([r.reward for r in rows], pa.float32()),
-            "is_correct": [r.reward > 0 for r in rows], "extracted_answer": [None] * n,
-            "reason": ["correct" if r.reward > 0 else "incorrect" for r in rows], "verifier": ["test"] * n,
-        }),
-        "critiques": pa.table({
-            "rollout_id": ids, "mode": ["critique"] * n, "critic": ["test"] * n,
-            "feedback_text": ["check step 2" if r.feedback else None for r in rows], "template": ["v1"] * n,
-            "teacher_prompt": ["..." if r.feedback else None for r in rows], "error": pa.array([None] * n, pa.string()),
-            "leaks_answer": [False] * n, "suspected_false_negative": [False] * n,
-        }),
-        "scores": pa.table({
-            "rollout_id": ids, "student_logprobs": pa.array([r.student for r in rows], f32),
-            "teacher_logprobs": pa.array([r.teacher for r in rows], f32), "teacher_checkpoint": ["policy"] * n,
-        }),
-    } if all(r.wrong is None for r in rows) else _with_contexts(_tables([dataclasses.replace(r, wrong=None) for r in rows],
-                                                                          iteration), rows)
-
-
-def _with_contexts(tables: dict[str, pa.Table], rows: list[Row]) -> dict[str, pa.Table]:
-    """The scores with extra_teacher_logprobs / extra_teacher_kinds (K' = len(wrong) on every row)."""
-    k = len(rows[0].wrong)
-    tables["scores"] = (tables["scores"]
-                        .append_column("extra_teacher_logprobs", pa.array([r.wrong for r in rows],
-                                                                          pa.list_(pa.list_(pa.float32()))))
-                        .append_column("extra_teacher_kinds", pa.array([["wrong_hint"] * k] * len(rows),
-                                                                       pa.list_(pa.string()))))
-    return tables
-
-
-def make_iteration(folder, rows: list[Row], iteration: int = 0, critiques: bool = True, scores_parts: int = 0):
-    """Write an iteration folder through the artifacts module (scores as shards when scores_parts > 0)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tables = _tables(rows, iteration)
-    for name, t in tables.items():
-        if name == "critiques" and not critiques:
-            continue
-        if name == "scores" and scores_parts:
-            out = ShardedOutput(folder / "scores", "scores", scores_parts, {"test": 1})
-            step = math.ceil(t.num_rows / scores_parts)
-            for p in range(scores_parts):
-                out.write(p, t.slice(p * step, step))
-            continue
-        write_artifact(t, folder / f"{name}.parquet", name)
-    return folder
 
 
 def random_rows(seed: int, n_groups: int, max_group: int, max_len: int, big_delta: bool = False) -> list[Row]:
@@ -447,7 +373,7 @@ def contrast_rows(seed: int, k: int) -> list[Row]:
 @pytest.mark.parametrize("seed,k", [(0, 1), (1, 2), (2, 3)])
 def test_rlcsd_streamed_equals_per_row_loop(tmp_path, seed, k):
     rows = contrast_rows(seed, k)
-    folder = make_iteration(tmp_path / "it", rows, iteration=3, scores_parts=seed % 3)
+    folder = write_iteration(tmp_path / "it", rows, iteration=3, scores_parts=seed % 3)
     rng = random.Random(seed)
     params = AdvantagesParams(estimator="rlcsd", lam0=rng.uniform(0.2, 1), contrast_temperature=rng.uniform(0.05, 1),
                               contrast_weight=rng.uniform(0.5, 2), contrast_threshold=rng.uniform(0, 0.1),
@@ -468,21 +394,21 @@ def test_rlcsd_streamed_equals_per_row_loop(tmp_path, seed, k):
 
 def test_rlcsd_needs_contexts_and_checks_them(tmp_path):
     rows = random_rows(3, 4, 4, 6)
-    folder = make_iteration(tmp_path / "plain", rows)
+    folder = write_iteration(tmp_path / "plain", rows)
     with pytest.raises(SchemaError, match=r"no extra_teacher_logprobs; set critique.wrong_hints >= 1"):
         compute_advantages(IterationInputs.find(folder), AdvantagesParams(estimator="rlcsd"))
     assert "teacher_contexts" not in compute_advantages(IterationInputs.find(folder), AdvantagesParams())  # K = 1 keys
     rows = contrast_rows(4, 2)
     long = next(i for i, r in enumerate(rows) if r.student)
     bad = [dataclasses.replace(r, wrong=r.wrong[:1]) if i == 1 else r for i, r in enumerate(rows)]
-    rid = _tables(bad)["scores"].column("rollout_id")[1].as_py()
-    folder = make_iteration(tmp_path / "count", rows)
-    _write_raw(_tables(bad)["scores"], folder / "scores.parquet")  # (the artifact writer refuses it)
+    rid = iteration_tables(bad)["scores"].column("rollout_id")[1].as_py()
+    folder = write_iteration(tmp_path / "count", rows)
+    _write_raw(iteration_tables(bad)["scores"], folder / "scores.parquet")  # (the artifact writer refuses it)
     with pytest.raises(SchemaError, match=rf"rollout_id '{re.escape(rid)}' has 1 extra teacher contexts, expected 2"):
         compute_advantages(IterationInputs.find(folder), AdvantagesParams(estimator="rlcsd"), batch_rows=1)
-    t = _tables(rows)["scores"]
+    t = iteration_tables(rows)["scores"]
     cut = [[w[:-1] if i == long else w for w in r.wrong] for i, r in enumerate(rows)]
-    folder = make_iteration(tmp_path / "len", rows)
+    folder = write_iteration(tmp_path / "len", rows)
     _write_raw(t.set_column(4, "extra_teacher_logprobs", pa.array(cut, pa.list_(pa.list_(pa.float32())))),
                folder / "scores.parquet")
     with pytest.raises(SchemaError, match=rf"rollout_id '{re.escape(t.column('rollout_id')[long].as_py())}': an "
@@ -519,7 +445,7 @@ def test_streamed_parquet_equals_per_row_loop(tmp_path, seed, n_groups, max_grou
     rows = random_rows(seed, n_groups, max_group, max_len, big_delta=big)
     rng = random.Random(seed)
     iteration = rng.randrange(0, 60)
-    folder = make_iteration(tmp_path / "it", rows, iteration=iteration, scores_parts=seed % 3)
+    folder = write_iteration(tmp_path / "it", rows, iteration=iteration, scores_parts=seed % 3)
     inputs = IterationInputs.find(folder)
     for name in PLAIN:
         params = AdvantagesParams(estimator=name, alpha=rng.uniform(0, 1), beta=rng.uniform(0, 1),
@@ -539,7 +465,7 @@ def test_streamed_parquet_equals_per_row_loop(tmp_path, seed, n_groups, max_grou
 
 def test_scores_in_another_order_and_streaming_equals_whole(tmp_path):
     rows = random_rows(7, 20, 6, 12)
-    folder = make_iteration(tmp_path / "it", rows)
+    folder = write_iteration(tmp_path / "it", rows)
     scores = read_artifact(folder / "scores.parquet", "scores")
     perm = np.random.default_rng(0).permutation(scores.num_rows)
     # several row groups of 4 rows, read in batches of 5 or whole
@@ -571,7 +497,7 @@ def _hand_rows() -> list[Row]:
 
 
 def test_metrics_hand_table(tmp_path):
-    folder = make_iteration(tmp_path / "it", _hand_rows())
+    folder = write_iteration(tmp_path / "it", _hand_rows())
     shared, per = compare_estimators(IterationInputs.find(folder), AdvantagesParams())
     a = 0.5 / (math.sqrt(0.5) + 1e-6)
     # reward mean 3/6; saturated groups p1, p2 of 3; coverage (critiques) p0#1, p1#0, p1#1 = 3/6;
@@ -647,7 +573,7 @@ def params_file(tmp_path):
 
 def test_stage_cli_writes_schema_and_metrics_byte_identically(tmp_path, params_file):
     rows = random_rows(11, 10, 8, 25)
-    folder = make_iteration(tmp_path / "it", rows, iteration=10, scores_parts=3)
+    folder = write_iteration(tmp_path / "it", rows, iteration=10, scores_parts=3)
     outs = []
     for i in range(2):
         out, met = tmp_path / f"run{i}" / "advantages.parquet", tmp_path / f"run{i}" / "metrics" / "advantages.json"
@@ -687,8 +613,8 @@ def _write_raw(table, path):
 ])
 def test_bad_inputs_give_clear_errors(tmp_path, params_file, capsys, case, match):
     rows = [Row("p0", 1.0, [-1.0, -2.0, -3.0], [-1.0, -1.0, -3.0]), Row("p0", 0.0, [-1.0, -2.0], [-1.0, -2.0])]
-    folder = make_iteration(tmp_path / "it", rows)
-    t = _tables(rows)
+    folder = write_iteration(tmp_path / "it", rows)
+    t = iteration_tables(rows)
     s = t["scores"]
     f32 = pa.list_(pa.float32())
     if case == "missing_column":
@@ -708,7 +634,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, params_file, capsys, case, match
     elif case == "missing_score":
         _write_raw(s.slice(0, 1), folder / "scores.parquet")
     elif case == "unknown_score":
-        extra = _tables([Row("zzz", 1.0, [-1.0], [-1.0])])["scores"]
+        extra = iteration_tables([Row("zzz", 1.0, [-1.0], [-1.0])])["scores"]
         _write_raw(pa.concat_tables([s, extra]), folder / "scores.parquet")
     elif case == "duplicate_score":
         _write_raw(pa.concat_tables([s, s.slice(0, 1)]), folder / "scores.parquet")
@@ -731,7 +657,7 @@ def test_recompute_cli(tmp_path, params_file, monkeypatch):
     from tcrlsd.cli import app
 
     monkeypatch.chdir(tmp_path)  # outside any project: the built-in defaults (= params.yaml's)
-    folder = make_iteration(tmp_path / "it", _hand_rows(), iteration=3)
+    folder = write_iteration(tmp_path / "it", _hand_rows(), iteration=3)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
     out = tmp_path / "re" / "adv.parquet"
     runner = CliRunner()
@@ -759,7 +685,7 @@ def test_recompute_cli(tmp_path, params_file, monkeypatch):
     assert res.exit_code == 0 and "saturated_group_share" in res.stdout and "0.6667" in res.stdout
     # errors are one line, exit code 2
     # rlcsd: the recompute of an iteration scored with wrong-hint contexts
-    ctx = make_iteration(tmp_path / "ctx", contrast_rows(5, 2), iteration=2)
+    ctx = write_iteration(tmp_path / "ctx", contrast_rows(5, 2), iteration=2)
     res = runner.invoke(app, ["recompute", str(ctx), "-e", "rlcsd", "--out", str(tmp_path / "c.parquet"), "--json"])
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)
@@ -778,7 +704,7 @@ def test_recompute_cli(tmp_path, params_file, monkeypatch):
 def test_compare_cli(tmp_path):
     from tcrlsd.cli import app
 
-    folder = make_iteration(tmp_path / "it", _hand_rows())
+    folder = write_iteration(tmp_path / "it", _hand_rows())
     runner = CliRunner()
     res = runner.invoke(app, ["compare", str(folder), "--format", "csv"])
     assert res.exit_code == 0, res.output
@@ -794,7 +720,7 @@ def test_compare_cli(tmp_path):
     assert res.exit_code == 0 and "rlsd_hybrid" in res.stdout and "saturated_adv_nonzero_token_share" in res.stdout
     res = runner.invoke(app, ["compare", str(folder), "--json"])
     assert set(json.loads(res.stdout)["estimators"]) == set(PLAIN)
-    ctx = make_iteration(tmp_path / "ctx", contrast_rows(6, 2))  # scored with wrong hints: every estimator
+    ctx = write_iteration(tmp_path / "ctx", contrast_rows(6, 2))  # scored with wrong hints: every estimator
     res = runner.invoke(app, ["compare", str(ctx), "--json"])
     assert res.exit_code == 0 and set(json.loads(res.stdout)["estimators"]) == set(ESTIMATORS)
     res = runner.invoke(app, ["compare", str(folder), "--format", "html"])
@@ -803,8 +729,8 @@ def test_compare_cli(tmp_path):
 
 def test_duplicate_score_rows_across_batches(tmp_path):
     rows = [Row("p0", 1.0, [-1.0], [-1.0]), Row("p0", 0.0, [-1.0], [-0.5])]
-    folder = make_iteration(tmp_path / "it", rows)
-    s = _tables(rows)["scores"]
+    folder = write_iteration(tmp_path / "it", rows)
+    s = iteration_tables(rows)["scores"]
     _write_raw(pa.concat_tables([s, s.slice(1, 1)]), folder / "scores.parquet")
     with pytest.raises(SchemaError, match=r"rollout_id 'p0#1' appears more than once"):
         compute_advantages(IterationInputs.find(folder), AdvantagesParams(), tmp_path / "a.parquet", batch_rows=1)

@@ -12,9 +12,9 @@ import datetime
 
 import pytest
 
+from fixtures import INSTRUCTION
 from tcrlsd.policy import encode_prompt, load_tokenizer
 
-SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|user|>\n{{ m.content }}<|end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 # Llama-3.x style: date_string when the caller gives one, else strftime_now (today), as the real ones do.
@@ -47,7 +47,7 @@ def test_bos_once_and_same_trailing_instruction_ids_for_student_and_teacher(chat
     bos = tok.bos_token_id
     problem = "Start with 4. Add 2. What is the result?"
     # prepare renders the policy input through the chat template; generate encodes it
-    prompt = render_prompt(problem, "{problem}" + SUFFIX, tok)
+    prompt = render_prompt(problem, "{problem}" + INSTRUCTION, tok)
     assert prompt.startswith(tok.bos_token)
     student = encode_prompt(tok, prompt)
     # critique renders the teacher context from that prompt; score encodes it
@@ -60,7 +60,7 @@ def test_bos_once_and_same_trailing_instruction_ids_for_student_and_teacher(chat
         assert ids.count(bos) == 1 and ids[0] == bos
     # naive encoding of the rendered text would double the BOS: the check above has teeth
     assert tok(prompt)["input_ids"].count(bos) == 2
-    tail = tok(SUFFIX + "<|end|>\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    tail = tok(INSTRUCTION + "<|end|>\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
     assert student[-len(tail):] == teacher[-len(tail):] == tail
     assert len(teacher) > len(student) + 10  # the feedback sits before the shared tail
 
@@ -92,6 +92,6 @@ def test_teacher_context_whose_problem_is_not_in_the_prompt_is_an_error():
     from tcrlsd.critique.stage import templates_for
 
     params = CritiqueParams()
-    row = _incorrect_row("Start with 4. Add 2. What is the result?", "Start with 4.  Add 2. What is the result?" + SUFFIX)
+    row = _incorrect_row("Start with 4. Add 2. What is the result?", "Start with 4.  Add 2. What is the result?" + INSTRUCTION)
     with pytest.raises(CritiqueError, match=r"rollout_id 'p0#0'.*prompt_id 'p0'.*problem text"):
         critique_rows([row], params, make_critic("reference", params, ""), templates_for(params))

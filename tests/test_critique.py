@@ -38,10 +38,10 @@ from tcrlsd.reference_critic import reference_critique
 from tcrlsd.synthetic import make_problems, solution_steps
 
 from critic_server import CriticServer, reply_for
+from fixtures import INSTRUCTION, synthetic_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "stages" / "critique.py"
-SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 KEY = "sk-test-7f3a9c1e55d2-DO-NOT-LEAK"
 
 # --------------------------------------------------------------------------------------------------
@@ -63,17 +63,7 @@ def make_iteration(tmp_path: Path, n_prompts: int = 4, samples: int = 3, respond
     """prompts / rollouts / verdicts files of a few synthetic rows; verdict = boxed == gold answer;
     ``finish(i, j)``: the finish_reason of prompt i's sample j."""
     probs = make_problems(n_prompts, seed=7)
-    prompts = pa.table({
-        "prompt_id": [f"synthetic/train/{i}" for i in range(n_prompts)],
-        "split": ["train"] * n_prompts,
-        "problem": [p.problem for p in probs],
-        "prompt": [p.problem + SUFFIX for p in probs],
-        "answer": [p.answer for p in probs],
-        "solution": [p.solution for p in probs],
-        "source": ["synthetic"] * n_prompts,
-        "level": pa.array([p.level for p in probs], pa.int32()),
-        "subject": ["arithmetic"] * n_prompts,
-    })
+    prompts = synthetic_prompts(n_prompts, seed=7)
     rows, verdicts = [], []
     for i, p in enumerate(probs):
         for j in range(samples):
@@ -267,11 +257,11 @@ def test_model_text_is_data_not_template():
 
 def test_teacher_context_places_feedback_after_problem_and_keeps_instruction(tiny_policy, tmp_path):
     problem = "Start with 4. Add 2. What is the result?"
-    prefix, prob, instruction = split_student_prompt(problem + SUFFIX, problem)
-    assert (prefix, prob, instruction) == ("", problem, SUFFIX)
+    prefix, prob, instruction = split_student_prompt(problem + INSTRUCTION, problem)
+    assert (prefix, prob, instruction) == ("", problem, INSTRUCTION)
     tpl = load_template(default_templates_dir(), "teacher-critique")
     text = render_teacher_prompt(tpl, prefix, prob, instruction, "Step 1 is wrong.")
-    assert text.startswith(problem) and text.endswith(SUFFIX)
+    assert text.startswith(problem) and text.endswith(INSTRUCTION)
     assert text.index(problem) < text.index("Step 1 is wrong.") < text.index("solve the original question")
 
     # chat template: a student prompt rendered by the tokenizer is unwrapped and the teacher re-wrapped
@@ -280,13 +270,13 @@ def test_teacher_context_places_feedback_after_problem_and_keeps_instruction(tin
 
     tok = load_tokenizer(tiny_policy)
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}<|assistant|>"
-    student = tok.apply_chat_template([{"role": "user", "content": problem + SUFFIX}], tokenize=False,
+    student = tok.apply_chat_template([{"role": "user", "content": problem + INSTRUCTION}], tokenize=False,
                                       add_generation_prompt=True)
     wrap = chat_wrap(tok)
     prefix, prob, instruction = split_student_prompt(student, problem, wrap)
-    assert (prefix, prob, instruction) == ("", problem, SUFFIX)
+    assert (prefix, prob, instruction) == ("", problem, INSTRUCTION)
     teacher = render_teacher_prompt(tpl, prefix, prob, instruction, "fb", wrap)
-    assert teacher.startswith("<|user|>" + problem) and teacher.endswith(SUFFIX + "<|end|><|assistant|>")
+    assert teacher.startswith("<|user|>" + problem) and teacher.endswith(INSTRUCTION + "<|end|><|assistant|>")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,7 +300,7 @@ def test_stage_default_reference_coverage_and_determinism(tmp_path):
         assert row["error"] is None and row["mode"] == "critique"
         if not ok:
             assert row["template"] == "reference-critic@v1+teacher-critique@v1" and row["critic"] == "reference"
-            assert row["teacher_prompt"].endswith(SUFFIX) and row["feedback_text"] in row["teacher_prompt"]
+            assert row["teacher_prompt"].endswith(INSTRUCTION) and row["feedback_text"] in row["teacher_prompt"]
     # sample 1 of each prompt slipped in step 1: named as such
     assert all("Step 1 has an arithmetic error" in r["feedback_text"] for r in rows if r["rollout_id"].endswith("#1"))
     metrics = json.loads(metrics_path.read_text())
@@ -373,7 +363,7 @@ def test_wrong_hints_unit_mask_own_answer_and_null_entries():
     from tcrlsd.templates import default_templates_dir, load_template
 
     def row(pid, problem, answer, i=0):
-        return {"rollout_id": f"{pid}#{i}", "prompt_id": pid, "problem": problem, "prompt": problem + SUFFIX,
+        return {"rollout_id": f"{pid}#{i}", "prompt_id": pid, "problem": problem, "prompt": problem + INSTRUCTION,
                 "answer": answer, "solution": f"sol {answer}", "response_text": "x", "is_correct": False,
                 "extracted_answer": None}
 

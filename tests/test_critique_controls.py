@@ -12,10 +12,10 @@ from tcrlsd.critique import CritiqueParams, ReferenceCritic, critique_metrics, c
 from tcrlsd.critique.content import agrees_with_reference, reveals_intermediate
 from tcrlsd.critique.controls import attach_sources, shuffled_sources, sibling_sources
 from tcrlsd.critique.stage import needs_feedback, templates_for
+from tcrlsd.prepare import DEFAULT_PROMPT_TEMPLATE
 from tcrlsd.reference_critic import CONTENT_FREE_FEEDBACK, NOISE_KINDS, named_step, noise_draw, reference_critique
 from tcrlsd.synthetic import make_problems
 
-TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{}."
 
 # "Start with 12. Add 9, then subtract 5." gold: 12 + 9 = 21 / 21 - 5 = 16
 GOLD = "12 + 9 = 21\n21 - 5 = 16\nThe answer is \\boxed{16}."
@@ -30,7 +30,7 @@ def _row(pid: str, j: int, response: str, correct: bool, problem: str = PROBLEM,
 
     return {"rollout_id": f"{pid}#{j}", "prompt_id": pid, "response_text": response, "is_correct": correct,
             "reason": "correct" if correct else "incorrect", "extracted_answer": last_boxed(response),
-            "problem": problem, "prompt": TEMPLATE.replace("{problem}", problem), "answer": answer,
+            "problem": problem, "prompt": DEFAULT_PROMPT_TEMPLATE.replace("{problem}", problem), "answer": answer,
             "solution": solution}
 
 

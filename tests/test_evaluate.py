@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from fixtures import synthetic_prompts
 from tcrlsd.artifacts import read_artifact, write_artifact
 from tcrlsd.evaluate import EvaluateParams, evaluation_metrics, evaluation_rows, val_prompt_ids
 from tcrlsd.evaluate.core import grade_eval_rows
@@ -23,22 +24,8 @@ from tcrlsd.verify import VerifyParams
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _prompts(n_train: int = 2, n_val: int = 3) -> pa.Table:
-    from tcrlsd.synthetic import make_problems
-
-    rows = {f.name: [] for f in schema_for("prompts")}
-    for i, p in enumerate(make_problems(n_train + n_val, seed=11)):
-        split = "train" if i < n_train else "val"
-        rows["prompt_id"].append(f"synthetic/{split}/{i}")
-        rows["split"].append(split)
-        rows["problem"].append(p.problem)
-        rows["prompt"].append(p.problem + " Let's think step by step and output the final answer within \\boxed{}.")
-        rows["answer"].append(p.answer)
-        rows["solution"].append(p.solution)
-        rows["source"].append("synthetic" if i % 2 else "other")
-        rows["level"].append(p.level)
-        rows["subject"].append("arithmetic")
-    return pa.Table.from_pydict(rows, schema=schema_for("prompts"))
+def _prompts(n_train: int, n_val: int) -> pa.Table:
+    return synthetic_prompts(n_train, n_val, seed=11, source=lambda i: "synthetic" if i % 2 else "other")
 
 
 def _c(text: str) -> Completion:

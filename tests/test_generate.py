@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from fixtures import synthetic_prompts
 from tcrlsd.artifacts import read_artifact, write_artifact
 from tcrlsd.generate import (
     GenerateParams,
@@ -19,7 +20,7 @@ from tcrlsd.generate import (
     train_prompt_ids,
 )
 from tcrlsd.generation import EngineParams, SamplingConfig, SamplingParams, check_completions
-from tcrlsd.schemas import SchemaError, schema_for
+from tcrlsd.schemas import SchemaError
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "stages" / "generate.py"
@@ -27,25 +28,6 @@ STAGE = ROOT / "stages" / "generate.py"
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _prompts_table(n_train: int, n_val: int, seed: int = 7) -> pa.Table:
-    from tcrlsd.synthetic import make_problems
-
-    probs = make_problems(n_train + n_val, seed=seed)
-    rows = {f.name: [] for f in schema_for("prompts")}
-    for i, p in enumerate(probs):
-        split = "train" if i < n_train else "val"
-        rows["prompt_id"].append(f"synthetic/{split}/{i}")
-        rows["split"].append(split)
-        rows["problem"].append(p.problem)
-        rows["prompt"].append(p.problem + " Let's think step by step and output the final answer within \\boxed{}.")
-        rows["answer"].append(p.answer)
-        rows["solution"].append(p.solution)
-        rows["source"].append("synthetic")
-        rows["level"].append(p.level)
-        rows["subject"].append("arithmetic")
-    return pa.Table.from_pydict(rows, schema=schema_for("prompts"))
 
 
 PARAMS = """\
@@ -63,7 +45,7 @@ generate:
 @pytest.fixture(scope="module")
 def stage_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("gen_inputs")
-    write_artifact(_prompts_table(9, 3), d / "prompts.parquet", "prompts")
+    write_artifact(synthetic_prompts(9, 3), d / "prompts.parquet", "prompts")
     (d / "params.yaml").write_text(PARAMS)
     return d
 
@@ -114,7 +96,7 @@ def test_selection_without_straddling_is_plain_seeded_permutations():
 def test_selection_errors_and_row_order():
     with pytest.raises(ValueError, match="prompts_per_step = 5 exceeds the 4 train prompts"):
         select_prompts(["a", "b", "c", "d"], 5, seed=0, iteration=0)
-    table = _prompts_table(6, 2)
+    table = synthetic_prompts(6, 2)
     shuffled = table.take(pa.array([5, 2, 7, 0, 1, 6, 4, 3]))
     assert train_prompt_ids(table) == train_prompt_ids(shuffled) == sorted(f"synthetic/train/{i}" for i in range(6))
     with pytest.raises(SchemaError, match="no rows with split == 'train'"):
@@ -322,7 +304,7 @@ def test_stage_rejects_bad_shard(stage_inputs, tiny_policy, tmp_path, capsys):
 def test_train_levels_restrict_the_prompts_a_step_samples():
     from tcrlsd.generate.selection import train_prompt_ids
 
-    table = _prompts_table(40, 8)
+    table = synthetic_prompts(40, 8)
     level = dict(zip(table.column("prompt_id").to_pylist(), table.column("level").to_pylist()))
     every = train_prompt_ids(table)
     ones = train_prompt_ids(table, levels=(1,))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fixtures import prompt_text
+
 
 def test_one_user_message_renders_as_the_plain_prompt(tiny_policy):
     from tcrlsd.critique.backends import render_chat
@@ -9,7 +11,7 @@ def test_one_user_message_renders_as_the_plain_prompt(tiny_policy):
 
     tok = load_tokenizer(tiny_policy)
     assert tok.chat_template == CHAT_TEMPLATE  # saved with the checkpoint, loaded back
-    text = "Start with 7. Add 3. Let's think step by step and output the final answer within \\boxed{}."
+    text = prompt_text("Start with 7. Add 3.")
     rendered = render_chat(tok, text)
     assert rendered == tok.bos_token + text
     ids = encode_prompt(tok, rendered)

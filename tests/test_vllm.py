@@ -27,6 +27,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from fixtures import INSTRUCTION, synthetic_prompts  # noqa: E402
 from tcrlsd.artifacts import ShardSpec, write_artifact  # noqa: E402
 from tcrlsd.generation import (  # noqa: E402
     PROMPT_TOO_LONG,
@@ -58,7 +59,7 @@ def build_eos_policy(path: Path, eos_bias: bool = True) -> Path:
     from tcrlsd.synthetic import make_problems
 
     texts = [p.problem + "\n" + p.solution for p in make_problems(300, seed=123)]
-    texts += ["Let's think step by step and output the final answer within \\boxed{}.",
+    texts += [INSTRUCTION.strip(),
               "Critique: the second step is wrong. Check the subtraction."]
     tok = train_tokenizer(texts, vocab_size=320)
     # head_dim 32: vLLM's CPU attention takes head sizes 32, 64, 80, ... (not 16)
@@ -260,28 +261,11 @@ def test_a_prompt_longer_than_the_context_is_a_row_error(vllm_backend, tok):
 # the generate stage on vLLM
 
 
-def _prompts_table(n: int) -> pa.Table:
-    from tcrlsd.synthetic import make_problems
-
-    rows = {f.name: [] for f in schema_for("prompts")}
-    for i, p in enumerate(make_problems(n, seed=21)):
-        rows["prompt_id"].append(f"synthetic/train/{i}")
-        rows["split"].append("train")
-        rows["problem"].append(p.problem)
-        rows["prompt"].append(p.problem + " Let's think step by step and output the final answer within \\boxed{}.")
-        rows["answer"].append(p.answer)
-        rows["solution"].append(p.solution)
-        rows["source"].append("synthetic")
-        rows["level"].append(p.level)
-        rows["subject"].append("arithmetic")
-    return pa.Table.from_pydict(rows, schema=schema_for("prompts"))
-
-
 def test_generate_stage_on_vllm_shards_equal_one_worker(policy, vllm_backend, tok, tmp_path):
     from tcrlsd.generate.stage import GenerateParams, run_generate
 
     prompts = tmp_path / "prompts.parquet"
-    write_artifact(_prompts_table(12), prompts, "prompts")
+    write_artifact(synthetic_prompts(12, seed=21), prompts, "prompts")
     params = GenerateParams(backend="vllm", prompts_per_step=8, samples_per_prompt=4,
                             sampling=SamplingParams(temperature=1.0, max_new_tokens=16), seed=0, num_parts=4,
                             engine=EngineParams(max_model_len=MAX_MODEL_LEN, engine_args=ENGINE_ARGS))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tcrlsd.policy import TinyLlamaConfig
+from tcrlsd.prepare import DEFAULT_PROMPT_TEMPLATE
 from tcrlsd.warmstart import (
     IGNORE,
     WarmstartParams,
@@ -31,7 +32,6 @@ from tcrlsd.warmstart import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{}."
 
 # A few seconds of training: enough to exercise every code path, not to learn anything.
 TINY = WarmstartParams(
@@ -52,7 +52,7 @@ def test_sft_example_masks_the_prompt_and_ends_with_eos(tokenizer):
 
     problem = "Start with 19. Multiply by 3, then subtract 4. What is the result?"
     solution = "19 * 3 = 57\n57 - 4 = 53\nThe answer is \\boxed{53}."
-    prompt = render_prompt(TEMPLATE, problem)
+    prompt = render_prompt(DEFAULT_PROMPT_TEMPLATE, problem)
     ex = sft_example(tokenizer, prompt, "\n" + solution)
     prompt_ids = encode_prompt(tokenizer, prompt)
     n = ex.prompt_len
@@ -107,9 +107,9 @@ def test_lr_schedule():
 
 def test_prompt_template_mismatch_names_the_row_and_the_key():
     problems = ["Start with 3. Add 4. What is the result?"] * 2
-    prompts = [render_prompt(TEMPLATE, problems[0]), problems[1] + " Answer:"]
+    prompts = [render_prompt(DEFAULT_PROMPT_TEMPLATE, problems[0]), problems[1] + " Answer:"]
     with pytest.raises(ValueError, match=r"p\.parquet: row 1: .*warmstart\.prompt_template"):
-        check_prompt_template(TEMPLATE, problems, prompts, "p.parquet")
+        check_prompt_template(DEFAULT_PROMPT_TEMPLATE, problems, prompts, "p.parquet")
 
 
 def test_wrong_attempts_slip_one_step_and_carry_it_through():
@@ -133,7 +133,7 @@ def test_wrong_attempts_slip_one_step_and_carry_it_through():
 def _critique_stage_row(q, attempt: str) -> dict:
     return {"rollout_id": "p#0", "prompt_id": "p", "response_text": attempt, "is_correct": False,
             "reason": "incorrect", "extracted_answer": last_boxed(attempt), "problem": q.problem,
-            "prompt": render_prompt(TEMPLATE, q.problem), "answer": q.answer, "solution": q.solution}
+            "prompt": render_prompt(DEFAULT_PROMPT_TEMPLATE, q.problem), "answer": q.answer, "solution": q.solution}
 
 
 ROLES_PARAMS = dict(sft_problems=300, carry_slip_rate=0.7, teacher_context_fraction=0.4, blank_feedback_share=0.25,
@@ -164,7 +164,7 @@ def test_every_role_is_rendered_as_the_critique_stage_renders_it(tokenizer):
 
     q = problems[0]
     attempt = wrong_attempt(q, random.Random(1))
-    mine, feedback = teacher_context(TEMPLATE, q, attempt)
+    mine, feedback = teacher_context(DEFAULT_PROMPT_TEMPLATE, q, attempt)
     cp = CritiqueParams()
     stage = critique_rows([_critique_stage_row(q, attempt)], cp, ReferenceCritic(), templates_for(cp)).to_pylist()[0]
     assert stage["teacher_prompt"] == mine and stage["feedback_text"] == feedback
@@ -182,7 +182,7 @@ def test_every_role_is_rendered_as_the_critique_stage_renders_it(tokenizer):
         prompt = tokenizer.decode(list(e.input_ids[:n]), skip_special_tokens=True)
         target = tokenizer.decode(list(e.input_ids[n:]), skip_special_tokens=True)
         if e.role == "student":
-            assert list(e.input_ids[:n]) == encode_prompt(tokenizer, render_prompt(TEMPLATE, p.problem))
+            assert list(e.input_ids[:n]) == encode_prompt(tokenizer, render_prompt(DEFAULT_PROMPT_TEMPLATE, p.problem))
         elif e.role in ("critique", "blank"):
             assert prompt.startswith(p.problem) and "Use the feedback and correctly solve" in prompt
             assert (CONTENT_FREE_FEEDBACK in prompt) == (e.role == "blank")
@@ -242,7 +242,7 @@ def test_teacher_targets_are_the_demonstrator_except_at_the_named_step():
         k = named_step(reference_critique(attempt, p.solution).text) - 1
         assert (k, False) in _carry_steps(attempt)  # the attempt's first error is a dropped carry
         for role in ("critique", "blank"):
-            _, _, target = critique_teacher_example(p, attempt, TEMPLATE, slips, 0.7, templates["teacher-critique"],
+            _, _, target = critique_teacher_example(p, attempt, DEFAULT_PROMPT_TEMPLATE, slips, 0.7, templates["teacher-critique"],
                                                     blank=role == "blank")
             for i, right in _carry_steps(target):
                 (at_named if i == k else elsewhere)[role].append(right)
