@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
+from fixtures import rollouts_table
 from tcrlsd.artifacts import read_artifact, write_artifact
 from tcrlsd.schemas import schema_for, validate
 from tcrlsd.score import (
@@ -81,9 +82,7 @@ def _tables(tok, n=12, seed=0, with_feedback=lambda i: i % 3 != 0):
         crits.append(dict(rollout_id=rid, mode="critique", critic="reference", feedback_text=fb, template="t@v1",
                           teacher_prompt=None if fb is None else f"{p.problem}\n{fb}\nSolve it again.",
                           error=None, leaks_answer=False, suspected_false_negative=False))
-    rollouts = pa.Table.from_pylist(rows)
-    rollouts = rollouts.set_column(4, "prompt_token_ids", rollouts.column(4).cast(pa.list_(pa.int32())))
-    rollouts = rollouts.set_column(5, "response_token_ids", rollouts.column(5).cast(pa.list_(pa.int32())))
+    rollouts = rollouts_table(rows)
     crit_schema = pa.schema([("rollout_id", pa.string()), ("mode", pa.string()), ("critic", pa.string()),
                              ("feedback_text", pa.string()), ("template", pa.string()),
                              ("teacher_prompt", pa.string()), ("error", pa.string()),

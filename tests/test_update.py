@@ -25,6 +25,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
+from fixtures import rollouts_table  # noqa: E402
 from tcrlsd.artifacts import write_artifact, write_table  # noqa: E402
 from tcrlsd.update.params import UpdateError, UpdateParams  # noqa: E402
 from tcrlsd.optim import learning_rate  # noqa: E402
@@ -188,11 +189,7 @@ def make_rollouts(tok, n_prompts, samples, seed, iteration):
                              iteration=iteration, prompt_token_ids=encode_prompt(tok, p.problem),
                              response_token_ids=resp, response_text=tok.decode(resp, skip_special_tokens=True),
                              finish_reason="stop" if stop else "length"))
-    schema = pa.schema([("rollout_id", pa.string()), ("prompt_id", pa.string()), ("sample_idx", pa.int32()),
-                        ("iteration", pa.int32()), ("prompt_token_ids", pa.list_(pa.int32())),
-                        ("response_token_ids", pa.list_(pa.int32())), ("response_text", pa.string()),
-                        ("finish_reason", pa.string())])
-    return pa.Table.from_pylist(rows, schema=schema)
+    return rollouts_table(rows)
 
 
 def make_iteration(folder, policy, tok, *, n_prompts=4, samples=2, seed=0, iteration=0, advantages=None):

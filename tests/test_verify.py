@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from fixtures import rollouts_table
 from tcrlsd.artifacts import read_artifact, write_artifact
 from tcrlsd.params import ParamsError, from_mapping
 from tcrlsd.schemas import schema_for
@@ -292,24 +293,8 @@ def _prompts_table() -> pa.Table:
 
 
 def _rollouts_table(prompt_ids, texts) -> pa.Table:
-    n = len(texts)
-    counter: dict[str, int] = {}
-    sample_idx = []
-    for pid in prompt_ids:
-        sample_idx.append(counter.get(pid, 0))
-        counter[pid] = sample_idx[-1] + 1
-    return pa.table(
-        {
-            "rollout_id": [f"{p}#{k}" for p, k in zip(prompt_ids, sample_idx)],
-            "prompt_id": prompt_ids,
-            "sample_idx": pa.array(sample_idx, pa.int32()),
-            "iteration": pa.array([0] * n, pa.int32()),
-            "prompt_token_ids": pa.array([[1, 2]] * n, pa.list_(pa.int32())),
-            "response_token_ids": pa.array([[3] * (i + 1) for i in range(n)], pa.list_(pa.int32())),
-            "response_text": texts,
-            "finish_reason": ["stop"] * n,
-        }
-    )
+    return rollouts_table([{"prompt_id": p, "response_token_ids": [3] * (i + 1), "response_text": text}
+                           for i, (p, text) in enumerate(zip(prompt_ids, texts))])
 
 
 def _run_stage(tmp_path, rollouts_path, out, metrics):
