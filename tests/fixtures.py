@@ -84,6 +84,23 @@ def rollouts_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(full, schema=schema)
 
 
+def verdicts_table(rows: list[dict]) -> pa.Table:
+    """A verdicts table of ``rows`` (dicts with at least rollout_id and reward), typed by the contract.
+    Defaults: is_correct = reward > 0, reason correct/incorrect from it, extracted_answer none,
+    verifier "test"."""
+    full = [{"is_correct": r["reward"] > 0, "extracted_answer": None,
+             "reason": "correct" if r["reward"] > 0 else "incorrect", "verifier": "test", **r} for r in rows]
+    return pa.Table.from_pylist(full, schema=schema_for("verdicts"))
+
+
+def critiques_table(rows: list[dict]) -> pa.Table:
+    """A critiques table of ``rows`` (dicts with at least rollout_id), typed by the contract.
+    Defaults: no feedback (mode, critic and template "none", no texts, no error, no flags)."""
+    full = [{"mode": "none", "critic": "none", "feedback_text": None, "template": "none", "teacher_prompt": None,
+             "error": None, "leaks_answer": False, "suspected_false_negative": False, **r} for r in rows]
+    return pa.Table.from_pylist(full, schema=schema_for("critiques"))
+
+
 # ----------------------------------------------------------------------------- an iteration from rows
 
 

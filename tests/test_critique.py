@@ -38,7 +38,7 @@ from tcrlsd.reference_critic import reference_critique
 from tcrlsd.synthetic import make_problems, solution_steps
 
 from critic_server import CriticServer, reply_for
-from fixtures import INSTRUCTION, rollouts_table, synthetic_prompts
+from fixtures import INSTRUCTION, rollouts_table, synthetic_prompts, verdicts_table
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "stages" / "critique.py"
@@ -83,10 +83,7 @@ def make_iteration(tmp_path: Path, n_prompts: int = 4, samples: int = 3, respond
              "verdicts": tmp_path / "verdicts.parquet"}
     write_artifact(prompts, paths["prompts"], "prompts")
     write_artifact(rollouts_table(rows), paths["rollouts"], "rollouts")
-    write_artifact(pa.Table.from_pylist(verdicts, schema=pa.schema([
-        ("rollout_id", pa.string()), ("reward", pa.float32()), ("is_correct", pa.bool_()),
-        ("extracted_answer", pa.string()), ("reason", pa.string()), ("verifier", pa.string())])),
-        paths["verdicts"], "verdicts")
+    write_artifact(verdicts_table(verdicts), paths["verdicts"], "verdicts")
     return paths
 
 

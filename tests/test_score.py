@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
-from fixtures import rollouts_table
+from fixtures import critiques_table, rollouts_table
 from tcrlsd.artifacts import read_artifact, write_artifact
 from tcrlsd.schemas import schema_for, validate
 from tcrlsd.score import (
@@ -83,11 +83,7 @@ def _tables(tok, n=12, seed=0, with_feedback=lambda i: i % 3 != 0):
                           teacher_prompt=None if fb is None else f"{p.problem}\n{fb}\nSolve it again.",
                           error=None, leaks_answer=False, suspected_false_negative=False))
     rollouts = rollouts_table(rows)
-    crit_schema = pa.schema([("rollout_id", pa.string()), ("mode", pa.string()), ("critic", pa.string()),
-                             ("feedback_text", pa.string()), ("template", pa.string()),
-                             ("teacher_prompt", pa.string()), ("error", pa.string()),
-                             ("leaks_answer", pa.bool_()), ("suspected_false_negative", pa.bool_())])
-    critiques = pa.Table.from_pylist(crits, schema=crit_schema)
+    critiques = critiques_table(crits)
     return rollouts, critiques
 
 

@@ -25,7 +25,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
-from fixtures import rollouts_table  # noqa: E402
+from fixtures import critiques_table, rollouts_table, verdicts_table  # noqa: E402
 from tcrlsd.artifacts import write_artifact, write_table  # noqa: E402
 from tcrlsd.update.params import UpdateError, UpdateParams  # noqa: E402
 from tcrlsd.optim import learning_rate  # noqa: E402
@@ -203,11 +203,7 @@ def make_iteration(folder, policy, tok, *, n_prompts=4, samples=2, seed=0, itera
     rollouts = make_rollouts(tok, n_prompts, samples, seed, iteration)
     write_artifact(rollouts, folder / "rollouts.parquet", "rollouts")
     ids = rollouts.column("rollout_id").to_pylist()
-    crit = pa.table({"rollout_id": ids, "mode": ["none"] * len(ids), "critic": ["none"] * len(ids),
-                     "feedback_text": pa.array([None] * len(ids), pa.string()), "template": ["none"] * len(ids),
-                     "teacher_prompt": pa.array([None] * len(ids), pa.string()),
-                     "error": pa.array([None] * len(ids), pa.string()), "leaks_answer": [False] * len(ids),
-                     "suspected_false_negative": [False] * len(ids)})
+    crit = critiques_table([{"rollout_id": i} for i in ids])  # no feedback
     write_artifact(crit, folder / "critiques.parquet", "critiques")
     (folder / "params.yaml").write_text(
         "score: {max_tokens_per_batch: 256, logits_chunk_tokens: 16, rows_per_part: 64, device: cpu, dtype: float32}\n"
@@ -219,11 +215,7 @@ def make_iteration(folder, policy, tok, *, n_prompts=4, samples=2, seed=0, itera
     lens = [len(r) for r in rollouts.column("response_token_ids").to_pylist()]
     if advantages is None:
         rewards = [float((i * 7 + seed) % 3 == 0) for i in range(len(ids))]
-        verdicts = pa.table({"rollout_id": ids, "reward": pa.array(rewards, pa.float32()),
-                             "is_correct": [r > 0 for r in rewards],
-                             "extracted_answer": pa.array([None] * len(ids), pa.string()),
-                             "reason": ["correct" if r else "incorrect" for r in rewards],
-                             "verifier": ["test"] * len(ids)})
+        verdicts = verdicts_table([{"rollout_id": i, "reward": r} for i, r in zip(ids, rewards)])
         write_artifact(verdicts, folder / "verdicts.parquet", "verdicts")
         rc = _load_stage("advantages").main(["--params", str(folder / "params.yaml"),
                                              "--rollouts", str(folder / "rollouts.parquet"),
