@@ -117,33 +117,17 @@ class Row:
 
 def iteration_tables(rows: list[Row], iteration: int = 0) -> dict[str, pa.Table]:
     """rollouts, verdicts, critiques and scores of ``rows`` (rollout ids ``<prompt_id>#<k>``)."""
-    idx: dict[str, int] = {}
-    ids, samples = [], []
-    for r in rows:
-        samples.append(idx.get(r.prompt_id, 0))
-        idx[r.prompt_id] = samples[-1] + 1
-        ids.append(f"{r.prompt_id}#{samples[-1]}")
+    rollouts = rollouts_table([{"prompt_id": r.prompt_id, "iteration": iteration,
+                                "response_token_ids": list(range(len(r.student)))} for r in rows])
+    ids = rollouts.column("rollout_id").to_pylist()
     n = len(rows)
     f32 = pa.list_(pa.float32())
     tables = {
-        "rollouts": pa.table({
-            "rollout_id": ids, "prompt_id": [r.prompt_id for r in rows],
-            "sample_idx": pa.array(samples, pa.int32()), "iteration": pa.array([iteration] * n, pa.int32()),
-            "prompt_token_ids": pa.array([[1, 2]] * n, pa.list_(pa.int32())),
-            "response_token_ids": pa.array([list(range(len(r.student))) for r in rows], pa.list_(pa.int32())),
-            "response_text": ["x"] * n, "finish_reason": ["stop"] * n,
-        }),
-        "verdicts": pa.table({
-            "rollout_id": ids, "reward": pa.array([r.reward for r in rows], pa.float32()),
-            "is_correct": [r.reward > 0 for r in rows], "extracted_answer": [None] * n,
-            "reason": ["correct" if r.reward > 0 else "incorrect" for r in rows], "verifier": ["test"] * n,
-        }),
-        "critiques": pa.table({
-            "rollout_id": ids, "mode": ["critique"] * n, "critic": ["test"] * n,
-            "feedback_text": ["check step 2" if r.feedback else None for r in rows], "template": ["v1"] * n,
-            "teacher_prompt": ["..." if r.feedback else None for r in rows], "error": pa.array([None] * n, pa.string()),
-            "leaks_answer": [False] * n, "suspected_false_negative": [False] * n,
-        }),
+        "rollouts": rollouts,
+        "verdicts": verdicts_table([{"rollout_id": i, "reward": r.reward} for i, r in zip(ids, rows)]),
+        "critiques": critiques_table([{"rollout_id": i, "mode": "critique", "critic": "test", "template": "v1",
+                                       "feedback_text": "check step 2" if r.feedback else None,
+                                       "teacher_prompt": "..." if r.feedback else None} for i, r in zip(ids, rows)]),
         "scores": pa.table({
             "rollout_id": ids, "student_logprobs": pa.array([r.student for r in rows], f32),
             "teacher_logprobs": pa.array([r.teacher for r in rows], f32), "teacher_checkpoint": ["policy"] * n,
