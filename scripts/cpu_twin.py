@@ -80,7 +80,7 @@ def _math_texts(field: str, n: int) -> list[str]:
     return [json.loads(r)[field] for r in rows]
 
 
-def build_policy(path: Path, stop_bias: float = 0.35, seed: int = 0) -> Path:
+def build_policy(path: Path, stop_bias: float = 0.5, seed: int = 0) -> Path:
     """Random Llama policy (hidden 64, 2 layers) with a tokenizer of 400 entries trained on MATH problems."""
     import torch
 

@@ -76,7 +76,7 @@ def test_every_artifact_of_both_iterations_validates(twin):
     for key in ITERS:
         it = project / "data" / f"iter-{key}"
         rollouts = read_artifact(it / "rollouts", "rollouts")
-        assert rollouts.num_rows == 4 * 2  # twin.yaml: 4 prompts x 2 samples
+        assert rollouts.num_rows == 4 * 4  # twin.yaml: 4 prompts x 4 samples
         for name, path in [("verdicts", it / "verdicts.parquet"), ("critiques", it / "critiques"),
                            ("scores", it / "scores"), ("advantages", it / "advantages.parquet")]:
             check_token_lengths(rollouts, read_artifact(path, name), name)
@@ -98,7 +98,7 @@ def test_rollouts_from_vllm_critiques_from_the_openai_server(twin):
             if by_id[c["rollout_id"]]["finish_reason"] == "stop":  # a cut response is not sent (skip_truncated)
                 assert c["critic"] == f"openai:{cpu_twin.SERVED}" and c["error"] is None, c
                 asked += 1
-    assert asked >= 2, "no rollout ended with a stop token: the critic was never asked"
+    assert asked >= 4, "too few rollouts ended with a stop token: the critic was hardly asked"
     log = twin["server_log"].read_text(errors="replace")
     assert log.count("POST /v1/chat/completions HTTP/1.1\" 200") == asked
     assert "</think>" in log  # the prompts the server logged carried the thinking switch's empty block
@@ -112,11 +112,11 @@ def test_teacher_contexts_are_rewrapped_and_the_updates_change_the_weights(twin)
     head, tail = chat_wrap(load_tokenizer(project / "models" / "policy-0000"))
     for key in ITERS:
         rows = read_artifact(project / "data" / f"iter-{key}" / "critiques", "critiques").to_pylist()
-        answered = [r for r in rows if r["feedback"]]
-        assert answered
+        answered = [r for r in rows if r["feedback_text"]]
+        assert answered, f"iteration {key}: no rollout ended with a stop token, the critic was never asked"
         for r in answered:  # the critic's text (Qwen3 tokens, decoded) inside the policy's own template
             assert r["teacher_prompt"].startswith(head) and r["teacher_prompt"].endswith(tail)
-            assert r["feedback"] in r["teacher_prompt"]
+            assert r["feedback_text"] in r["teacher_prompt"]
         update = json.loads((project / "data" / "metrics" / f"iter-{key}" / "update.json").read_text())
         assert (update["zero_stage"], update["device"]) == (2, "cpu"), update
     weights = [(project / "models" / f"policy-{i:04d}" / "model.safetensors").read_bytes() for i in range(3)]

