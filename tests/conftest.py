@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def _fresh_process_threads() -> int:
+    """The torch CPU thread count a fresh process (a stage run as a subprocess) starts with."""
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored(_fresh_process_threads):
+    """Give every test the thread count of a fresh process and take back what a test changed.
+
+    Stages called in-process set ``torch.set_num_threads(params.num_threads)`` for the whole
+    process; the thread count changes float rounding in the last bit, so a later test comparing an
+    in-process run with a subprocess run would see other bytes."""
+    torch.set_num_threads(_fresh_process_threads)
+    yield
+    torch.set_num_threads(_fresh_process_threads)
 
 
 @pytest.fixture(scope="session")
