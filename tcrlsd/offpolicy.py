@@ -170,7 +170,8 @@ def reuse_blocker(record: str | None, *, policy: str, device: str, dtype: str) -
     from tcrlsd.policy import resolve_dtype
 
     if record is None:
-        return "the rollouts do not record what sampled them (no sampler column: written before it existed)"
+        return ("the rollouts do not record what sampled them (no sampler column, or null: written before it "
+                "existed, or by hand)")
     try:
         rec = json.loads(record)
         rec = {k: rec[k] for k in _RECORD_KEYS}

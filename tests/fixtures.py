@@ -69,7 +69,7 @@ def rollouts_table(rows: list[dict]) -> pa.Table:
     """A rollouts table of ``rows`` (dicts with at least prompt_id and response_token_ids), typed by the
     contract. Defaults: sample_idx = the row's order within its prompt, rollout_id
     ``<prompt_id>#<sample_idx>``, iteration 0, prompt_token_ids [1, 2], response_text "x", finish_reason
-    "stop"; the optional columns (sampler_logprobs, sampler) only when a row has them."""
+    "stop"; the optional sampler_logprobs column only when a row has it."""
     seen: dict[str, int] = {}
     full = []
     for r in rows:
@@ -79,9 +79,8 @@ def rollouts_table(rows: list[dict]) -> pa.Table:
                "finish_reason": "stop", **r}
         full.append({"rollout_id": f"{row['prompt_id']}#{row['sample_idx']}", **row})
     schema = schema_for("rollouts")
-    for optional in ("sampler_logprobs", "sampler"):
-        if not any(optional in r for r in rows):
-            schema = schema.remove(schema.get_field_index(optional))
+    if not any("sampler_logprobs" in r for r in rows):
+        schema = schema.remove(schema.get_field_index("sampler_logprobs"))
     return pa.Table.from_pylist(full, schema=schema)
 
 

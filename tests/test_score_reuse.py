@@ -72,10 +72,12 @@ def test_transformers_sampler_records_the_processed_distribution():
     assert torch.allclose(lp[ids == 0], torch.tensor(-np.log1p(np.exp(-2.0)), dtype=torch.float32), atol=1e-6)
 
 
-def _rollouts(records: list[str | None]) -> pa.Table:
-    t = pa.table({"rollout_id": [f"p#{i}" for i in range(len(records))],
-                  "sampler_logprobs": pa.array([[-0.5]] * len(records), pa.list_(pa.float32()))})
-    return t if None in records else t.append_column("sampler", pa.array(records, pa.string()))
+def _rollouts(records: list[str | None] | None) -> pa.Table:
+    """Rows with these ``sampler`` values (None: no sampler column)."""
+    n = len(records or [None])
+    t = pa.table({"rollout_id": [f"p#{i}" for i in range(n)],
+                  "sampler_logprobs": pa.array([[-0.5]] * n, pa.list_(pa.float32()))})
+    return t if records is None else t.append_column("sampler", pa.array(records, pa.string()))
 
 
 def test_student_source_by_mode():
@@ -88,7 +90,8 @@ def test_student_source_by_mode():
     # one row drawn otherwise (another shard's worker) is enough for auto to fall back ...
     mixed = student_source("auto", _rollouts([exact, hot]), **kw)
     assert mixed.source == "forward" and "temperature 0.7" in mixed.blocked_by
-    assert "no sampler column" in student_source("auto", _rollouts([None]), **kw).blocked_by
+    assert "no sampler column" in student_source("auto", _rollouts(None), **kw).blocked_by
+    assert "or null" in student_source("auto", _rollouts([exact, None]), **kw).blocked_by  # a hand-made row
     no_lp = _rollouts([exact]).drop_columns(["sampler_logprobs"])
     assert "no sampler_logprobs" in student_source("auto", no_lp, **kw).blocked_by
     # ... and for true to refuse, naming the rollouts and the reason
