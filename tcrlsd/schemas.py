@@ -85,7 +85,7 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
                    "from (after temperature and top_p; tcrlsd.generation); len == len(response_token_ids); "
                    "optional (absent in rollouts written before it existed)"),
         Column("sampler", pa.string(), nullable=True, required=False,
-               doc="string|null  # what drew the row (tcrlsd.offpolicy.sampler_record): canonical JSON of backend, "
+               doc="string|null  # what drew the row (tcrlsd.sampler.sampler_record): canonical JSON of backend, "
                    "engine device and dtype, temperature, top_p and the policy folder's content digest; the score "
                    "stage reads it to decide whether sampler_logprobs equal its student forward; null = not "
                    "known (hand-made rows); optional"),

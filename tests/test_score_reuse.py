@@ -1,5 +1,5 @@
 """The score stage takes the sampler's log-probs as the student's where they are the same numbers
-(tcrlsd/score/reuse.py, tcrlsd.offpolicy.reuse_blocker, params score.reuse_sampler_logprobs)."""
+(tcrlsd/score/reuse.py, tcrlsd.sampler.reuse_blocker, params score.reuse_sampler_logprobs)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from harness import build_iteration, run_stage, stage_argv, write_params
 from tcrlsd.artifacts import read_artifact, write_artifact
-from tcrlsd.offpolicy import reuse_blocker, sampler_record
+from tcrlsd.sampler import reuse_blocker, sampler_record
 from tcrlsd.score import ScoreError, student_source
 
 DIGEST = "a" * 64

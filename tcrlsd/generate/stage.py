@@ -13,13 +13,13 @@ from tcrlsd.generate.backend_base import derive_seed
 from tcrlsd.generate.backends import BACKENDS
 from tcrlsd.generate.selection import select_prompts, train_prompt_ids
 from tcrlsd.generation import PROMPT_TOO_LONG, EngineParams, SamplingConfig, SamplingParams, check_completions
-from tcrlsd.offpolicy import sampler_record
+from tcrlsd.sampler import sampler_record
 from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.schemas import schema_for
 
 # The resume fingerprint (tcrlsd.resume): the code that computes a part and the params that change it;
 # the others only place or pace the work.
-CODE_MODULES = ("tcrlsd.generate", "tcrlsd.generation", "tcrlsd.policy", "tcrlsd.offpolicy")
+CODE_MODULES = ("tcrlsd.generate", "tcrlsd.generation", "tcrlsd.policy", "tcrlsd.sampler")
 NOT_OUTPUT = ("engine.device", "engine.batch_size", "engine.max_batch_tokens", "engine.tensor_parallel_size",
               "engine.gpu_memory_utilization", "num_threads")
 # With dynamic sampling a part also depends on the grading and the estimator's zero-advantage rule.
@@ -70,7 +70,7 @@ class GenerateParams:
 
 def rollout_rows(prompt_ids, prompt_token_ids, groups, iteration: int, sampler: str) -> dict[str, list]:
     """Columns of the rollouts table for prompts in order, each with its group of completions;
-    ``sampler``: the :func:`tcrlsd.offpolicy.sampler_record` of the run that drew them."""
+    ``sampler``: the :func:`tcrlsd.sampler.sampler_record` of the run that drew them."""
     cols: dict[str, list] = {f.name: [] for f in schema_for("rollouts")}
     for pid, ptoks, group in zip(prompt_ids, prompt_token_ids, groups):
         for j, c in enumerate(group):
@@ -149,7 +149,7 @@ def run_generate(
                                     cache_dir=resume_dir(out), iteration=iteration)
     output = ShardedOutput(out, "rollouts", len(parts), fingerprint, restart=restart)
     # What draws this run's rows, on every row: the score stage decides from it whether the sampler's
-    # log-probs are its own student forward (tcrlsd.offpolicy.reuse_blocker). The policy digest is the
+    # log-probs are its own student forward (tcrlsd.sampler.reuse_blocker). The policy digest is the
     # fingerprint's (hashed once).
     sampler = sampler_record(backend=params.backend, device=params.engine.device, dtype=params.engine.dtype,
                              temperature=params.sampling.temperature, top_p=params.sampling.top_p,

@@ -26,7 +26,7 @@ class ScoreParams:
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     trust_remote_code: bool = False
     # student_logprobs from the rollouts' sampler_logprobs instead of a forward: auto (where they are the
-    # same numbers: tcrlsd.offpolicy.reuse_blocker) | true (demanded: an error where they are not) | false
+    # same numbers: tcrlsd.sampler.reuse_blocker) | true (demanded: an error where they are not) | false
     reuse_sampler_logprobs: Literal["auto", True, False] = "auto"
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """Where the student's log-probs come from: the rollouts' ``sampler_logprobs`` or a forward pass.
 
 The generate stage already computed log pi(y_t | x, y_<t) for every sampled token. Where those are
-the numbers the score stage's student forward would give (:func:`tcrlsd.offpolicy.reuse_blocker`:
+the numbers the score stage's student forward would give (:func:`tcrlsd.sampler.reuse_blocker`:
 transformers backend, float32 on CPU, temperature 1 / top_p 1 or greedy, the very checkpoint
 scored), the stage takes them and runs only the teacher's forward; ``score.reuse_sampler_logprobs``
 says whether it may (auto), must (true) or must not (false). The decision is one per artifact
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tcrlsd.offpolicy import reuse_blocker
+from tcrlsd.sampler import reuse_blocker
 from tcrlsd.score.params import ScoreError
 
 FROM_SAMPLER, FROM_FORWARD = "sampler", "forward"

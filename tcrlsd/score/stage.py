@@ -24,7 +24,7 @@ from tcrlsd.teachers import kept_teacher
 # The resume fingerprint (tcrlsd.resume): the code that computes a part and the params that change it
 # (batching, chunking and placement do not; the resolved dtype does, and where the student's log-probs
 # come from: the outcome of reuse_sampler_logprobs, not the param, so auto and true agree).
-CODE_MODULES = ("tcrlsd.score", "tcrlsd.policy", "tcrlsd.offpolicy")
+CODE_MODULES = ("tcrlsd.score", "tcrlsd.policy", "tcrlsd.sampler")
 NOT_OUTPUT = ("max_tokens_per_batch", "logits_chunk_tokens", "device", "reuse_sampler_logprobs")
 
 
