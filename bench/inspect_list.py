@@ -102,6 +102,7 @@ def make_iteration(root: Path, n: int, group: int, mean_len: int, parts: int, se
         "sample_idx": pa.array([i % group for i in range(n)], pa.int32()), "iteration": pa.array([0] * n, pa.int32()),
         "prompt_token_ids": prompt_ids, "response_token_ids": ids, "response_text": texts, "finish_reason": ["stop"] * n,
         "sampler_logprobs": pa.ListArray.from_arrays(offsets, pa.array(np.zeros(total, np.float32))),
+        "sampler": pa.nulls(n, pa.string()),  # made here, not sampled
     }, schema=schema_for("rollouts"))
     _write_parts(rollouts, it / "rollouts", parts)
 

@@ -79,6 +79,7 @@ def make_iteration(folder: Path, n_rollouts: int, group: int, mean_len: int, row
             "prompt_token_ids": pa.array([[1, 2, 3, 4]] * n, pa.list_(pa.int32())), "response_token_ids": resp,
             "response_text": ["..."] * n, "finish_reason": ["stop"] * n,
             "sampler_logprobs": pa.ListArray.from_arrays(offsets, pa.array(np.zeros(total, np.float32))),
+            "sampler": pa.nulls(n, pa.string()),  # made here, not sampled
         }, schema=schema_for("rollouts")))
         student = (-rng.exponential(1.5, total)).astype(np.float32)  # (T,)
         feedback = np.repeat(rng.random(n) < 0.5, lengths)  # (T,) half the rows have a teacher gap

@@ -1,7 +1,20 @@
-"""Score-stage throughput: the stage's batching vs naive fixed-size padded batching, same run.
+"""Score-stage throughput: the stage's batching vs naive fixed-size padded batching, same run;
+and (``--compare reuse``) the stage with the student forward vs with the sampler's log-probs reused.
 
     python bench/score.py                       # CPU, fp32, 2 threads, random Llama (hidden 384)
     python bench/score.py --device cuda --shape llama-3.2-3b --dtype bfloat16 --rollouts 512
+    python bench/score.py --compare reuse --threads 1 [--policy models/policy-0000]
+
+``--compare reuse``: one default-shape iteration (32 prompts x 8 samples, <= 96 new tokens) is
+built by the stages themselves (tests/harness.py: prepare, generate with the transformers backend in
+fp32, verify, critique with the reference critic) from ``--policy`` (default: a random-weight policy
+of the warm start's shape, params.yaml ``warmstart.model``, so every response runs to the cap and
+is wrong). Then :func:`tcrlsd.score.run_score`, the stage's function, scores it with
+``reuse_sampler_logprobs`` false (baseline: student + teacher forward) and true (candidate: teacher
+forward only), alternating, best of ``--repeats``, at each ``--feedback-shares`` (the share of rows
+that keep their teacher context; 1.0 = every rollout got feedback, the candidate's worst case). It
+prints the seconds of each (scoring loop, and the whole call with the model load), the forward
+tokens, the ratio, and max |student reused - student forward|.
 
 Both methods score the same synthetic rollouts (response lengths uniform in 20..1000 tokens,
 prompts 40..200, half the rows with a teacher context 100..400 tokens long, teacher = the same
@@ -103,8 +116,107 @@ def matmul_peak(device: str, dtype, n: int) -> float:
     return 2 * n**3 / best
 
 
+def _default_shape_policy(folder):
+    """A random-weight policy of the warm start's shape (params.yaml ``warmstart``), tokenizer trained
+    on synthetic problems as the warm start's is."""
+    from pathlib import Path
+
+    from tcrlsd.params import load_section
+    from tcrlsd.policy import build_tiny_llama, save_policy, train_tokenizer
+    from tcrlsd.synthetic import make_problems
+    from tcrlsd.warmstart.params import WarmstartParams
+
+    ws = load_section(Path(__file__).resolve().parents[1] / "params.yaml", "warmstart", WarmstartParams)
+    texts = [p.problem + "\n" + p.solution for p in make_problems(2000, seed=123)]
+    tok = train_tokenizer(texts, vocab_size=ws.vocab_size)
+    return save_policy(build_tiny_llama(tok, ws.model_config(), seed=0), tok, folder)
+
+
+def _keep_feedback(critiques, share: float):
+    """``critiques`` with the teacher context kept on a ``share`` of the rows, spread evenly."""
+    import pyarrow as pa
+
+    n = critiques.num_rows
+    keep = [int((i + 1) * share) > int(i * share) for i in range(n)]
+    for col in ("feedback_text", "teacher_prompt"):
+        vals = [v if k else None for v, k in zip(critiques.column(col).to_pylist(), keep)]
+        critiques = critiques.set_column(critiques.schema.get_field_index(col), col, pa.array(vals, pa.string()))
+    return critiques
+
+
+def compare_reuse(args) -> None:
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import pyarrow.compute as pc
+    import torch
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tests"))
+    from harness import build_iteration, write_params
+
+    from tcrlsd.artifacts import read_artifact
+    from tcrlsd.score import ScoreParams, build_inputs, run_score
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars at every run_score call
+    torch.set_num_threads(args.threads)
+    shares = [float(x) for x in args.feedback_shares.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        policy = Path(args.policy) if args.policy else _default_shape_policy(d / "policy")
+        source = {"name": "synthetic", "format": "synthetic", "path": None, "levels": [1, 2, 3, 4], "max_operand": 20}
+        params = write_params(
+            d, prepare={"sources": [source | {"split": "train", "count": args.prompts},
+                                    source | {"split": "val", "count": 4}]},
+            generate={"prompts_per_step": args.prompts, "samples_per_prompt": args.samples, "num_threads": args.threads,
+                      "sampling": {"max_new_tokens": args.max_new_tokens}, "engine": {"batch_size": 256, "device": "cpu"}})
+        t0 = time.perf_counter()
+        build_iteration(d, policy, params, stages=("prepare", "generate", "verify", "critique"))
+        rollouts = read_artifact(d / "rollouts", "rollouts")
+        critiques = read_artifact(d / "critiques", "critiques")
+        torch.set_num_threads(args.threads)  # the in-process stages set their own
+        base = dataclasses.replace(ScoreParams(), device="cpu", dtype="float32")
+        n_tok = int(pc.sum(pc.list_value_length(rollouts.column("response_token_ids"))).as_py())
+        print(f"policy={args.policy or 'random weights, warm start shape'} rollouts={rollouts.num_rows} "
+              f"response_tokens={n_tok} threads={args.threads} (iteration built in {time.perf_counter() - t0:.1f} s)")
+        print(f"{'feedback share':>14} {'method':<30} {'score s':>8} {'call s':>8} {'fwd tokens':>10} {'ratio':>6}")
+        for k, share in enumerate(shares):
+            inputs = build_inputs(rollouts, _keep_feedback(critiques, share))
+            best = {False: (float("inf"), float("inf"), 0), True: (float("inf"), float("inf"), 0)}
+            for rep in range(args.repeats + 1):  # the first round warms up (not kept)
+                for reuse in (False, True):
+                    out = d / f"scores-{k}-{rep}-{int(reuse)}"
+                    t = time.perf_counter()
+                    stats = run_score(rollouts, inputs, policy, out, dataclasses.replace(base, reuse_sampler_logprobs=reuse),
+                                      progress=False)
+                    call = time.perf_counter() - t
+                    assert stats.extra["student_logprobs_from"] == ("sampler" if reuse else "forward")
+                    if rep:
+                        s, c, _ = best[reuse]
+                        best[reuse] = (min(s, stats.seconds), min(c, call), stats.forward_tokens)
+            student = {r: pc.list_flatten(read_artifact(d / f"scores-{k}-1-{int(r)}", "scores")
+                                          .column("student_logprobs")).to_numpy(zero_copy_only=False) for r in (False, True)}
+            diff = float(np.abs(student[False] - student[True]).max())
+            for reuse, name in ((False, "forward (student + teacher)"), (True, "reuse (teacher only)")):
+                s, c, f = best[reuse]
+                ratio = f"{best[False][0] / s:>5.2f}x" if reuse else ""
+                print(f"{share:>14.2f} {name:<30} {s:>8.2f} {c:>8.2f} {f:>10} {ratio:>6}")
+            print(f"{'':>14} max |student reused - forward| = {diff:.2e}; call ratio {best[False][1] / best[True][1]:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--compare", default="batching", choices=["batching", "reuse"],
+                    help="batching: stage vs naive batching; reuse: student forward vs the sampler's log-probs")
+    ap.add_argument("--policy", default=None, help="reuse: policy checkpoint (default: random weights)")
+    ap.add_argument("--prompts", type=int, default=32, help="reuse: prompts (the default prompts_per_step)")
+    ap.add_argument("--samples", type=int, default=8, help="reuse: samples per prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="reuse: response cap")
+    ap.add_argument("--feedback-shares", default="1.0,0.5", help="reuse: shares of rows with a teacher context")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--shape", default="small", choices=sorted(SHAPES))
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -116,6 +228,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="datasheet peak for MFU (GPU); default by name")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.compare == "reuse":
+        return compare_reuse(args)
 
     import numpy as np
     import torch

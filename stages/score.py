@@ -56,7 +56,8 @@ def _run(args) -> int:
     metrics["run"] = stats.as_dict()
     write_metrics(metrics, args.metrics)
     print(f"score: {metrics['rollouts']} rollouts, coverage {metrics['critique_coverage']}, "
-          f"delta_gap {metrics['delta_gap']}, {stats.as_dict()['tokens_per_s']} tok/s", file=sys.stderr)
+          f"delta_gap {metrics['delta_gap']}, {stats.as_dict()['tokens_per_s']} tok/s, student log-probs from the "
+          f"{stats.extra['student_logprobs_from']}", file=sys.stderr)
     return 0
 
 

@@ -28,6 +28,9 @@ fixed before the update), so they multiply the loss, not the ratio inside the cl
 departs: verl and TRL take pi from the trainer's own old-log-prob pass, here it is the score stage's
 ``student_logprobs`` (the same role: the update's old log-probs).
 
+Where sampler and scorer are the same numbers, the score stage skips the student forward
+(:mod:`tcrlsd.sampler`).
+
 numpy only; importing this module is cheap.
 """
 

@@ -84,6 +84,11 @@ ARTIFACTS: dict[str, tuple[Column, ...]] = {
                doc="list<float32>  # the sampler's log-prob of each sampled id under the distribution it was drawn "
                    "from (after temperature and top_p; tcrlsd.generation); len == len(response_token_ids); "
                    "optional (absent in rollouts written before it existed)"),
+        Column("sampler", pa.string(), nullable=True, required=False,
+               doc="string|null  # what drew the row (tcrlsd.sampler.sampler_record): canonical JSON of backend, "
+                   "engine device and dtype, temperature, top_p and the policy folder's content digest; the score "
+                   "stage reads it to decide whether sampler_logprobs equal its student forward; null = not "
+                   "known (hand-made rows); optional"),
     ),
     "verdicts": (
         Column("rollout_id", pa.string()),

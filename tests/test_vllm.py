@@ -328,7 +328,8 @@ def _stage_inputs(n: int, long_first: bool = True) -> tuple[pa.Table, pa.Table, 
         text = "1 + 1 = 3\n\\boxed{3}" if i or not long_first else "1 + 1 = 3 and then 2 + 2 = 5. " * 12 + "\\boxed{3}"
         for k, v in (("rollout_id", f"{pid}#0"), ("prompt_id", pid), ("sample_idx", 0), ("iteration", 0),
                      ("prompt_token_ids", [1, 5]), ("response_token_ids", [7, 2]), ("response_text", text),
-                     ("finish_reason", "stop"), ("sampler_logprobs", [-0.5, -0.1])):
+                     ("finish_reason", "stop"), ("sampler_logprobs", [-0.5, -0.1]),
+                     ("sampler", None)):
             rollouts[k].append(v)
         for k, v in (("rollout_id", f"{pid}#0"), ("reward", 0.0), ("is_correct", False), ("extracted_answer", "3"),
                      ("reason", "incorrect"), ("verifier", "string")):

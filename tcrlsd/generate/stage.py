@@ -13,12 +13,13 @@ from tcrlsd.generate.backend_base import derive_seed
 from tcrlsd.generate.backends import BACKENDS
 from tcrlsd.generate.selection import select_prompts, train_prompt_ids
 from tcrlsd.generation import PROMPT_TOO_LONG, EngineParams, SamplingConfig, SamplingParams, check_completions
+from tcrlsd.sampler import sampler_record
 from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fingerprint
 from tcrlsd.schemas import schema_for
 
 # The resume fingerprint (tcrlsd.resume): the code that computes a part and the params that change it;
 # the others only place or pace the work.
-CODE_MODULES = ("tcrlsd.generate", "tcrlsd.generation", "tcrlsd.policy")
+CODE_MODULES = ("tcrlsd.generate", "tcrlsd.generation", "tcrlsd.policy", "tcrlsd.sampler")
 NOT_OUTPUT = ("engine.device", "engine.batch_size", "engine.max_batch_tokens", "engine.tensor_parallel_size",
               "engine.gpu_memory_utilization", "num_threads")
 # With dynamic sampling a part also depends on the grading and the estimator's zero-advantage rule.
@@ -67,8 +68,9 @@ class GenerateParams:
 # the stage
 
 
-def rollout_rows(prompt_ids, prompt_token_ids, groups, iteration: int) -> dict[str, list]:
-    """Columns of the rollouts table for prompts in order, each with its group of completions."""
+def rollout_rows(prompt_ids, prompt_token_ids, groups, iteration: int, sampler: str) -> dict[str, list]:
+    """Columns of the rollouts table for prompts in order, each with its group of completions;
+    ``sampler``: the :func:`tcrlsd.sampler.sampler_record` of the run that drew them."""
     cols: dict[str, list] = {f.name: [] for f in schema_for("rollouts")}
     for pid, ptoks, group in zip(prompt_ids, prompt_token_ids, groups):
         for j, c in enumerate(group):
@@ -84,6 +86,7 @@ def rollout_rows(prompt_ids, prompt_token_ids, groups, iteration: int) -> dict[s
                 raise RuntimeError(f"rollout {pid}#{j}: the generation backend gave {len(c.logprobs)} sampler log-probs "
                                    f"for {len(c.token_ids)} ids; rollouts need one per id (sampler_logprobs)")
             cols["sampler_logprobs"].append(list(c.logprobs))
+            cols["sampler"].append(sampler)
     return cols
 
 
@@ -145,6 +148,12 @@ def run_generate(
                                     inputs={"prompts": prompts_path, "policy": policy_path},
                                     cache_dir=resume_dir(out), iteration=iteration)
     output = ShardedOutput(out, "rollouts", len(parts), fingerprint, restart=restart)
+    # What draws this run's rows, on every row: the score stage decides from it whether the sampler's
+    # log-probs are its own student forward (tcrlsd.sampler.reuse_blocker). The policy digest is the
+    # fingerprint's (hashed once).
+    sampler = sampler_record(backend=params.backend, device=params.engine.device, dtype=params.engine.dtype,
+                             temperature=params.sampling.temperature, top_p=params.sampling.top_p,
+                             policy=fingerprint["inputs"]["policy"])
     pending = output.pending(shard or ShardSpec())
     started = time.perf_counter()
     new_rollouts = new_tokens = 0
@@ -176,10 +185,11 @@ def run_generate(
             ids = [chosen[i] for i in parts[p]]
             if params.dynamic_sampling:
                 ids, ptoks, groups = _fill_part(ids, reserve[p], p, sample, prompts, params, dynamic, iteration,
-                                                output.resume / f"draws-{p:05d}.json")
+                                                output.resume / f"draws-{p:05d}.json", sampler)
             else:
                 ptoks, groups = sample(ids, p)
-            table = pa.Table.from_pydict(rollout_rows(ids, ptoks, groups, iteration), schema=schema_for("rollouts"))
+            table = pa.Table.from_pydict(rollout_rows(ids, ptoks, groups, iteration, sampler),
+                                         schema=schema_for("rollouts"))
             output.write(p, table)
             new_rollouts += table.num_rows
         bar.close()
@@ -210,7 +220,8 @@ def run_generate(
     return metrics
 
 
-def _fill_part(base, reserve, part, sample, prompts, params: GenerateParams, dynamic, iteration: int, record_path):
+def _fill_part(base, reserve, part, sample, prompts, params: GenerateParams, dynamic, iteration: int, record_path,
+               sampler: str):
     """Dynamic sampling of one part (:mod:`tcrlsd.generate.dynamic`): ``(ids, prompt ids, groups)`` of
     the kept groups in draw order; the part's draw record is written to ``record_path``."""
     from tcrlsd.generate.dynamic import DrawRecord, groups_with_signal
@@ -229,7 +240,8 @@ def _fill_part(base, reserve, part, sample, prompts, params: GenerateParams, dyn
             cursor += len(batch)
             rec.extra_rounds = draw_round
         ptoks, groups = sample(batch, part, draw_round)
-        table = pa.Table.from_pydict(rollout_rows(batch, ptoks, groups, iteration), schema=schema_for("rollouts"))
+        table = pa.Table.from_pydict(rollout_rows(batch, ptoks, groups, iteration, sampler),
+                                     schema=schema_for("rollouts"))
         verdicts, _ = verify_rollouts(table, prompts, verify_params, overlong_max_tokens=params.sampling.max_new_tokens)
         signal = groups_with_signal(table.column("prompt_id").to_pylist(), verdicts.column("reward").to_pylist(),
                                     verdicts.column("is_correct").to_pylist(),

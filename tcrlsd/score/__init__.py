@@ -24,6 +24,11 @@ itself before the first update), or ``--teacher-policy``; the student always is 
 policy. ``teacher_checkpoint`` records that folder (the policy path for ``current``) on every row,
 rows without feedback included, whose teacher values are the student's by the rule above.
 
+The student's log-probs may need no forward at all: the generate stage computed them while sampling.
+Where the rollouts' ``sampler_logprobs`` are the same numbers (transformers backend, float32 on CPU,
+temperature 1 / top_p 1 or greedy, the very checkpoint scored: :mod:`tcrlsd.score.reuse`), they are
+taken as ``student_logprobs`` and only the teacher sequences run (``score.reuse_sampler_logprobs``).
+
 How the forward passes are laid out (the part a reader should check):
 
 - Sequences are sorted by length (longest first, stable) and cut greedily into batches whose
@@ -52,7 +57,7 @@ How the forward passes are laid out (the part a reader should check):
 torch and transformers are imported inside functions: importing this module is cheap.
 
 
-Layout of this package: ``params``, ``logprobs``, ``inputs``, ``metrics``, ``stage`` (see
+Layout of this package: ``params``, ``logprobs``, ``inputs``, ``reuse``, ``metrics``, ``stage`` (see
 docs/ARCHITECTURE.md). Importing it is cheap: torch and transformers are imported inside functions.
 """
 
@@ -69,4 +74,5 @@ from tcrlsd.score.inputs import (  # noqa: F401
 from tcrlsd.score.logprobs import plan_batches, response_logprobs  # noqa: F401
 from tcrlsd.score.metrics import artifact_metrics, score_metrics  # noqa: F401
 from tcrlsd.score.params import TEACHER_MODES, ScoreError, ScoreParams  # noqa: F401
+from tcrlsd.score.reuse import StudentSource, student_source  # noqa: F401
 from tcrlsd.score.stage import ScoreRunStats, run_score, teacher_checkpoint_for  # noqa: F401

@@ -28,6 +28,9 @@ class PartInputs:
     # (no text: scored as the student), and each context's kind
     extra_teacher_prompts: Sequence[Sequence[str | None]] = ()
     extra_teacher_kinds: Sequence[Sequence[str]] = ()
+    # the rollouts' sampler_logprobs, given only where they stand in for the student forward
+    # (tcrlsd.score.reuse); None = the student is scored by a forward pass
+    sampler_logprobs: Sequence[Sequence[float]] | None = None
 
     def __len__(self) -> int:
         return len(self.rollout_ids)
@@ -54,8 +57,9 @@ class ScoringInputs:
             return 0
         return int(pc.list_value_length(self.table.column("extra_teacher_prompts"))[0].as_py())
 
-    def part(self, rows: range) -> PartInputs:
-        """The contiguous rows ``rows`` (a part of the stage's plan) as Python lists."""
+    def part(self, rows: range, sampler_logprobs: bool = False) -> PartInputs:
+        """The contiguous rows ``rows`` (a part of the stage's plan) as Python lists; with
+        ``sampler_logprobs`` also the rollouts' sampler log-probs (the student's, reused)."""
         if rows.step != 1 or rows.start < 0 or rows.stop > len(self):
             raise ValueError(f"a part is a contiguous range of rows within 0..{len(self)}; got {rows}")
         t = self.table.slice(rows.start, len(rows))
@@ -63,6 +67,10 @@ class ScoringInputs:
         if "extra_teacher_prompts" in t.column_names:
             extra = {"extra_teacher_prompts": t.column("extra_teacher_prompts").to_pylist(),
                      "extra_teacher_kinds": t.column("extra_teacher_kinds").to_pylist()}
+        if sampler_logprobs:
+            if "sampler_logprobs" not in t.column_names:
+                raise ValueError("the rollouts have no sampler_logprobs column to reuse")
+            extra["sampler_logprobs"] = t.column("sampler_logprobs").to_pylist()
         return PartInputs(t.column("rollout_id").to_pylist(), t.column("prompt_token_ids").to_pylist(),
                           t.column("response_token_ids").to_pylist(), t.column("teacher_prompt").to_pylist(), **extra)
 
@@ -104,7 +112,7 @@ def build_inputs(rollouts: pa.Table, critiques: pa.Table, *, critiques_source: s
         "response_token_ids": rollouts.column("response_token_ids"),
         "teacher_prompt": crit.column("teacher_prompt"),
     }
-    if "sampler_logprobs" in rollouts.column_names:  # for the sampler-mismatch metrics (tcrlsd.offpolicy)
+    if "sampler_logprobs" in rollouts.column_names:  # the mismatch metrics (tcrlsd.offpolicy); reuse (.reuse)
         columns["sampler_logprobs"] = rollouts.column("sampler_logprobs")
     if "extra_teacher_prompts" in crit.column_names:  # K > 1: the same number of extra contexts on every row
         counts = pc.list_value_length(crit.column("extra_teacher_prompts"))
@@ -158,7 +166,9 @@ def score_part(
     """Scores table of one part's rows, and token counts of the work done.
 
     ``teacher`` is None when the student's weights play the teacher (``current``): then student
-    and teacher sequences are batched together through one model. ``teacher_contexts`` may hold
+    and teacher sequences are batched together through one model. Where ``part.sampler_logprobs``
+    is given it is the student's log-probs (:mod:`tcrlsd.score.reuse`) and no student sequence is
+    run (``student`` may then be None when ``teacher`` is given). ``teacher_contexts`` may hold
     the part's teacher prompts already encoded (:func:`encode_teacher_context`; None where a row
     has no feedback), ``extra_contexts`` the extra contexts' (row -> K - 1 entries); else they are
     encoded here. Every context of a part goes through one pool of sequences, so K contexts cost K
@@ -174,17 +184,20 @@ def score_part(
     # sequences, in the order, scored before extra contexts existed), then every extra context with text.
     jobs = [(j, -1, teacher_contexts[j]) for j, t in enumerate(part.teacher_prompts) if t is not None]
     jobs += [(j, s, c) for j, row in enumerate(extra_contexts) for s, c in enumerate(row) if c is not None]
-    s_ctx = part.prompts
+    reuse = part.sampler_logprobs is not None
+    s_ctx, s_resp = ([], []) if reuse else (part.prompts, responses)  # student sequences to run
     t_ctx = [c for _, _, c in jobs]
     t_resp = [responses[j] for j, _, _ in jobs]
     kw = dict(max_tokens_per_batch=params.max_tokens_per_batch, logits_chunk_tokens=params.logits_chunk_tokens,
               on_batch=on_batch)
     if teacher is None:
-        both = response_logprobs(student, s_ctx + t_ctx, responses + t_resp, **kw)
-        student_lp, teacher_fb = both[: len(part)], both[len(part) :]
+        both = response_logprobs(student, s_ctx + t_ctx, s_resp + t_resp, **kw)
+        student_lp, teacher_fb = both[: len(s_ctx)], both[len(s_ctx) :]
     else:
-        student_lp = response_logprobs(student, s_ctx, responses, **kw)
+        student_lp = response_logprobs(student, s_ctx, s_resp, **kw) if s_ctx else []
         teacher_fb = response_logprobs(teacher, t_ctx, t_resp, **kw)
+    if reuse:  # the sampler's numbers are the student forward's (tcrlsd.score.reuse)
+        student_lp = [np.asarray(lp, dtype=np.float32) for lp in part.sampler_logprobs]
     teacher_lp = list(student_lp)  # no feedback: teacher = student, no second pass
     extra_lp = [[student_lp[j]] * len(row) for j, row in enumerate(extra_contexts)]  # the same rule per context
     for (j, s, _), lp in zip(jobs, teacher_fb):
@@ -209,7 +222,7 @@ def score_part(
             [list(k) for k in part.extra_teacher_kinds], pa.list_(pa.string())))
     counts = {
         "rows": len(part),
-        "forward_tokens": sum(len(c) + len(r) for c, r in zip(s_ctx + t_ctx, responses + t_resp) if r),
-        "response_tokens_scored": sum(len(r) for r in responses + t_resp),
+        "forward_tokens": sum(len(c) + len(r) for c, r in zip(s_ctx + t_ctx, s_resp + t_resp) if r),
+        "response_tokens_scored": sum(len(r) for r in s_resp + t_resp),
     }
     return table, counts

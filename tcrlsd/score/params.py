@@ -25,9 +25,14 @@ class ScoreParams:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 on GPU
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     trust_remote_code: bool = False
+    # student_logprobs from the rollouts' sampler_logprobs instead of a forward: auto (where they are the
+    # same numbers: tcrlsd.sampler.reuse_blocker) | true (demanded: an error where they are not) | false
+    reuse_sampler_logprobs: Literal["auto", True, False] = "auto"
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if not (self.reuse_sampler_logprobs == "auto" or isinstance(self.reuse_sampler_logprobs, bool)):
+            raise ValueError(f"reuse_sampler_logprobs must be auto, true or false, got {self.reuse_sampler_logprobs!r}")
         for name in ("max_tokens_per_batch", "logits_chunk_tokens", "rows_per_part"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -16,14 +16,16 @@ from tcrlsd.resume import ShardedOutput, output_settings, resume_dir, stage_fing
 from tcrlsd.score.inputs import ScoringInputs, check_vocab, encode_teacher_context, score_part
 from tcrlsd.lm_head import check_head_path
 from tcrlsd.score.params import ScoreError, ScoreParams
+from tcrlsd.score.reuse import student_source
 from tcrlsd.teachers import kept_teacher
 
 # ----------------------------------------------------------------------------- the stage
 
 # The resume fingerprint (tcrlsd.resume): the code that computes a part and the params that change it
-# (batching, chunking and placement do not; the resolved dtype does).
-CODE_MODULES = ("tcrlsd.score", "tcrlsd.policy")
-NOT_OUTPUT = ("max_tokens_per_batch", "logits_chunk_tokens", "device")
+# (batching, chunking and placement do not; the resolved dtype does, and where the student's log-probs
+# come from: the outcome of reuse_sampler_logprobs, not the param, so auto and true agree).
+CODE_MODULES = ("tcrlsd.score", "tcrlsd.policy", "tcrlsd.sampler")
+NOT_OUTPUT = ("max_tokens_per_batch", "logits_chunk_tokens", "device", "reuse_sampler_logprobs")
 
 
 def _resolve_device(name: str) -> str:
@@ -101,6 +103,10 @@ def run_score(
     ``input_paths`` (name -> the rollouts and critiques artifacts) go into the resume fingerprint by
     content; with the code, the output-changing params and the checkpoints' contents it decides
     whether finished parts on disk are still valid (:mod:`tcrlsd.resume`).
+
+    ``params.reuse_sampler_logprobs`` (:mod:`tcrlsd.score.reuse`): where the rollouts' sampler
+    log-probs are the student forward's numbers, they are the student's and only teacher sequences
+    run; without a teacher sequence to run no model is loaded at all.
     """
     import torch
 
@@ -117,9 +123,13 @@ def run_score(
         inputs={**(input_paths or {}), "policy": policy,
                 "teacher": teacher_ckpt if params.teacher != "current" else None},
         cache_dir=resume_dir(out), rows=n)
+    where = str((input_paths or {}).get("rollouts", "rollouts"))
+    source = student_source(params.reuse_sampler_logprobs, rollouts, policy_digest=fingerprint["inputs"]["policy"],
+                            device=device, dtype=dtype, where=where)
+    fingerprint["settings"]["student_logprobs_from"] = source.source
     sink = ShardedOutput(out, "scores", len(plan), fingerprint, restart=restart)
     pending = sink.pending(shard)
-    stats = ScoreRunStats(device=device, dtype=dtype)
+    stats = ScoreRunStats(device=device, dtype=dtype, extra=source.as_metrics())
     if inputs.extra_contexts:  # K > 1 only: the K = 1 metrics keep their keys
         stats.extra["teacher_contexts"] = 1 + inputs.extra_contexts
     stats.parts_skipped = sum(1 for p in range(len(plan)) if shard.owns(p)) - len(pending)
@@ -127,11 +137,28 @@ def run_score(
         stats.complete = sink.complete()
         return stats
 
+    # Forward tokens of the pending parts (the progress total): the student sequences (none when the
+    # sampler's log-probs are reused) are known from the Arrow list lengths; each part's teacher
+    # contexts are added to the total when it encodes them.
+    p_len, r_len = inputs.lengths("prompt_token_ids"), inputs.lengths("response_token_ids")
+    has_fb = inputs.has_feedback()
+    total = teacher_rows = 0
+    for part in pending:
+        rows = slice(plan[part].start, plan[part].stop)
+        nonempty = r_len[rows] > 0
+        if not source.reuse:
+            total += int(((p_len[rows] + r_len[rows]) * nonempty).sum())
+        total += int((r_len[rows] * has_fb[rows]).sum())
+        teacher_rows += int((has_fb[rows] & nonempty).sum())
+    if inputs.extra_contexts:  # an extra context may have text where the primary has none
+        teacher_rows += len(pending)
+
     tokenizer = load_tokenizer(policy, params.trust_remote_code)
-    student, _ = load_policy(policy, device=device, dtype=dtype, trust_remote_code=params.trust_remote_code)
-    check_vocab(rollouts, student.get_output_embeddings().weight.shape[0], str(policy))
-    teacher = None  # None: the student's weights play the teacher (pooled batches)
-    if params.teacher != "current" and Path(teacher_ckpt).resolve() != Path(policy).resolve():
+    separate = params.teacher != "current" and Path(teacher_ckpt).resolve() != Path(policy).resolve()
+    student = teacher = None  # teacher None: the student's weights play the teacher (pooled batches)
+    if not source.reuse or (teacher_rows and not separate):
+        student, _ = load_policy(policy, device=device, dtype=dtype, trust_remote_code=params.trust_remote_code)
+    if separate and teacher_rows:
         t_tok = load_tokenizer(teacher_ckpt, params.trust_remote_code)
         if t_tok.get_vocab() != tokenizer.get_vocab():
             raise ScoreError(
@@ -139,6 +166,14 @@ def run_score(
                 "must score the same response token ids"
             )
         teacher, _ = load_policy(teacher_ckpt, device=device, dtype=dtype, trust_remote_code=params.trust_remote_code)
+    model = student if student is not None else teacher
+    if model is not None:
+        vocab = model.get_output_embeddings().weight.shape[0]
+    else:  # nothing to run (reuse, no teacher context): the checkpoint's config says the vocabulary size
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(str(policy), trust_remote_code=params.trust_remote_code).vocab_size
+    check_vocab(rollouts, vocab, str(policy))
 
     # The load-time check: the stage's fp32 head path must reproduce model(ids).logits (logit
     # scales, soft-caps), on one short real sequence.
@@ -149,20 +184,11 @@ def run_score(
             if model is not None:
                 check_head_path(model, ids)
 
-    # Progress in forward tokens: the student sequences of the pending parts are known from the
-    # Arrow list lengths; each part's teacher contexts are added to the total when it encodes them.
-    p_len, r_len = inputs.lengths("prompt_token_ids"), inputs.lengths("response_token_ids")
-    has_fb = inputs.has_feedback()
-    total = 0
-    for part in pending:
-        rows = slice(plan[part].start, plan[part].stop)
-        nonempty = r_len[rows] > 0
-        total += int(((p_len[rows] + r_len[rows]) * nonempty).sum() + (r_len[rows] * has_fb[rows]).sum())
     bar = progress_bar(total=total, unit="tok", unit_scale=True, desc="score", enabled=progress)
     start = time.perf_counter()
     try:
         for part in pending:
-            rows = inputs.part(plan[part])  # this part's rows only, as Python lists
+            rows = inputs.part(plan[part], sampler_logprobs=source.reuse)  # this part's rows only, as Python lists
             t_ids = [None if t is None else encode_teacher_context(tokenizer, t) for t in rows.teacher_prompts]
             x_ids = [[None if t is None else encode_teacher_context(tokenizer, t) for t in row]
                      for row in rows.extra_teacher_prompts]  # K - 1 extra contexts a row ([] at K = 1)
