@@ -1,4 +1,4 @@
-"""Update-stage training throughput: the stage's loop vs a plain PyTorch loop, same run, same data.
+"""Update-stage training throughput: the stage's loop, packed and padded, vs a plain PyTorch loop, same run, same data.
 
     python bench/update.py                          # CPU, fp32, 2 threads, the default policy's shape
     python bench/update.py --shape small --rollouts 128
@@ -12,9 +12,16 @@ token-mean, AdamW, grad clip 1.0:
 - plain:  the rows in input order, ``--plain-batch-size`` sequences per micro-batch, right-padded
           with an attention mask, ``model(ids).logits`` (the full (B, T, V) tensor), fp32
           log-softmax over all of it, then the response positions gathered; torch.optim.AdamW.
-- stage:  :class:`tcrlsd.update.trainer.Trainer` (DeepSpeed ZeRO-2 engine, one process): sequences
-          sorted by length and cut by a token budget, the lm head only at response positions, in
+- padded: :class:`tcrlsd.update.trainer.Trainer` (DeepSpeed ZeRO-2 engine, one process) with
+          ``pack_tokens: 0``: sequences sorted by length and cut by a padded-token budget
+          (``--max-tokens-per-micro-batch``), the lm head only at response positions, in
           checkpointed chunks, entropy over the full vocabulary included (the plain loop skips it).
+- packed: the same Trainer with ``pack_tokens`` = ``--pack-tokens``: several sequences per row, no
+          padding, attention within each sequence (tcrlsd/update/packed_attention.py).
+
+The first optimizer step's pg_loss of each method is printed (all start from the same weights, so
+the losses must agree: the plain loop differs only by rounding; padded vs packed are the same
+per-token numbers in another layout).
 
 tokens/s counts real (prompt + response) tokens, padding excluded, over the training loop only
 (model loading and engine set-up excluded); CPU seconds of the process are shown too (on a shared
@@ -87,7 +94,8 @@ def make_policy(folder: Path, shape: dict):
 
 
 def plain_loop(policy, inputs, params, device, dtype, batch_size):
-    """A straightforward PPO loop: fixed-size padded batches, full logits. Returns (tokens, seconds)."""
+    """A straightforward PPO loop: fixed-size padded batches, full logits. Returns (tokens, seconds,
+    the first mini-batch's loss)."""
     import torch
 
     from tcrlsd.policy import load_policy
@@ -98,11 +106,13 @@ def plain_loop(policy, inputs, params, device, dtype, batch_size):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr)
     tokens = 0
+    losses = []
     start = time.perf_counter()
     for rows in plan_mini_batches(inputs.prompt_ids, params.mini_batch_prompts, seed=0, iteration=0, epoch=0,
                                   shuffle=False):
         seqs = inputs.read(rows)
         n_tok = sum(len(s.response_ids) for s in seqs)
+        step_loss = 0.0
         for b in range(0, len(seqs), batch_size):
             part = seqs[b : b + batch_size]
             T = max(s.length for s in part)
@@ -125,12 +135,14 @@ def plain_loop(policy, inputs, params, device, dtype, batch_size):
             loss, _ = ppo_clip_loss(logp, old.to(device), adv.to(device), None, ClipSettings(0.2, 0.2))  # per token: no seq
             loss = (loss * resp_mask.to(device)).sum() / n_tok
             loss.backward()
+            step_loss += float(loss)
+        losses.append(step_loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return tokens, time.perf_counter() - start
+    return tokens, time.perf_counter() - start, losses[0]
 
 
 def main() -> int:
@@ -142,7 +154,8 @@ def main() -> int:
     ap.add_argument("--max-response", type=int, default=96)
     ap.add_argument("--mini-batch-prompts", type=int, default=8)
     ap.add_argument("--plain-batch-size", type=int, default=16)
-    ap.add_argument("--max-tokens-per-micro-batch", type=int, default=4096)
+    ap.add_argument("--max-tokens-per-micro-batch", type=int, default=4096, help="padded method's budget")
+    ap.add_argument("--pack-tokens", type=int, default=4096, help="packed method's budget (real tokens)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="runs of each method, alternated; the best is shown")
@@ -163,31 +176,42 @@ def main() -> int:
                                args.max_response, seed=0)
         policy = make_policy(tmp / "policy", shape)
         inputs = UpdateInputs(**paths)
-        params = UpdateParams(lr=1e-4, mini_batch_prompts=args.mini_batch_prompts, shuffle=False,
-                              max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, zero_stage=2,
-                              device=args.device, dtype=dtype, num_threads=args.threads)
-        trainer, _, _ = open_trainer(policy, params, iteration=0)
-        # Alternate the two methods and keep each one's best run: the machine may be shared, and
-        # the best of several runs is the least disturbed one.
-        stage_runs, plain_runs = [], []
-        for _ in range(args.repeats):
-            trainer.state = replace(trainer.state, iteration=-1)  # train the same iteration again
+        base = dict(lr=1e-4, mini_batch_prompts=args.mini_batch_prompts, shuffle=False,
+                    max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, zero_stage=2, device=args.device,
+                    dtype=dtype, num_threads=args.threads)
+        trainers = {name: open_trainer(policy, UpdateParams(**base, pack_tokens=pack), iteration=0)[0]
+                    for name, pack in (("padded", 0), ("packed", args.pack_tokens))}
+        # Alternate the methods and keep each one's best run: the machine may be shared, and the
+        # best of several runs is the least disturbed one. Each trainer keeps training its own copy.
+        runs = {name: [] for name in ("plain", *trainers)}
+        first_loss = {}
+        for r in range(args.repeats):
+            for name, trainer in trainers.items():
+                trainer.state = replace(trainer.state, iteration=-1)  # train the same iteration again
+                cpu = time.process_time()
+                m = trainer.train_iteration(inputs)
+                runs[name].append((m["seconds"], time.process_time() - cpu, m["forward_tokens"]))
+                first_loss.setdefault(name, m["per_step"][0]["pg_loss"])
             cpu = time.process_time()
-            m = trainer.train_iteration(inputs)
-            stage_runs.append((m["seconds"], time.process_time() - cpu, m["forward_tokens"]))
-            cpu = time.process_time()
-            tokens, secs = plain_loop(policy, inputs, params, args.device, dtype, args.plain_batch_size)
-            plain_runs.append((secs, time.process_time() - cpu, tokens))
-        secs_stage, cpu_stage, stage_tokens = min(stage_runs)
-        secs, cpu_plain, tokens = min(plain_runs)
-        stage_tps, plain_tps = stage_tokens / secs_stage, tokens / secs
+            tokens, secs, loss = plain_loop(policy, inputs, UpdateParams(**base), args.device, dtype,
+                                            args.plain_batch_size)
+            runs["plain"].append((secs, time.process_time() - cpu, tokens))
+            first_loss.setdefault("plain", loss)
+    best = {name: min(v) for name, v in runs.items()}
     print(f"shape={args.shape} rollouts={args.rollouts} responses {args.min_response}..{args.max_response} "
           f"device={args.device} dtype={dtype} threads={args.threads} optimizer steps={m['optimizer_steps']} "
+          f"pack_tokens={args.pack_tokens} max_tokens_per_micro_batch={args.max_tokens_per_micro_batch} "
           f"best of {args.repeats}")
-    print(f"{'method':8} {'tokens':>8} {'wall s':>8} {'tokens/s':>10} {'CPU s':>8} {'tokens/CPU-s':>12}")
-    print(f"{'plain':8} {tokens:8d} {secs:8.2f} {plain_tps:10.0f} {cpu_plain:8.2f} {tokens / cpu_plain:12.0f}")
-    print(f"{'stage':8} {stage_tokens:8d} {secs_stage:8.2f} {stage_tps:10.0f} {cpu_stage:8.2f} {stage_tokens / cpu_stage:12.0f}")
-    print(f"ratio stage/plain: {stage_tps / plain_tps:.2f}x (wall), {cpu_plain / cpu_stage:.2f}x (CPU time)")
+    print(f"{'method':8} {'tokens':>8} {'wall s':>8} {'tokens/s':>10} {'CPU s':>8} {'tokens/CPU-s':>12} {'first pg_loss':>15}")
+    for name, (secs, cpu, tokens) in best.items():
+        print(f"{name:8} {tokens:8d} {secs:8.2f} {tokens / secs:10.0f} {cpu:8.2f} {tokens / cpu:12.0f} "
+              f"{first_loss[name]:15.9f}")
+    plain = best["plain"]
+    for name in trainers:
+        secs, cpu, tokens = best[name]
+        print(f"ratio {name}/plain: {tokens / secs / (plain[2] / plain[0]):.2f}x (wall), {plain[1] / cpu:.2f}x (CPU time)")
+    print(f"first-step pg_loss |packed - padded| = {abs(first_loss['packed'] - first_loss['padded']):.3g}, "
+          f"|packed - plain| = {abs(first_loss['packed'] - first_loss['plain']):.3g}")
     return 0
 
 

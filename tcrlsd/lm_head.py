@@ -120,15 +120,16 @@ class FrozenHead:
         """fp32 logits ``(n, V)`` of hidden states ``h`` ``(n, H)``."""
         return head_logits(h, self.weight, self.bias, self.post)
 
-    def logprobs_at(self, input_ids, rows, cols, targets, chunk_tokens: int):
+    def logprobs_at(self, input_ids, rows, cols, targets, chunk_tokens: int, **decoder_kwargs):
         """log p(targets[i]) from the logits at (rows[i], cols[i]) of ``input_ids`` ``(B, T)``: ``(N,)`` fp32.
 
         One decoder pass; only the gathered positions go through the head, ``chunk_tokens`` at a time.
-        Call under ``torch.inference_mode()``.
+        ``decoder_kwargs`` go to the decoder (the update's packed micro-batches: position ids and
+        sequence bounds). Call under ``torch.inference_mode()``.
         """
         import torch
 
-        hidden = self.decoder(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
+        hidden = self.decoder(input_ids=input_ids, use_cache=False, **decoder_kwargs).last_hidden_state  # (B, T, H)
         h = hidden[rows, cols]  # (N, H): only the response positions reach the lm head
         del hidden
         out = torch.empty(len(targets), dtype=torch.float32, device=h.device)  # (N,)

@@ -10,9 +10,11 @@
   through the lm head (:mod:`tcrlsd.lm_head`: fp32 projection, the head's bias, the architecture's
   logit post-processing -- the score stage's head), in chunks, each chunk under activation
   checkpointing, so neither a (B, T, V) nor an (N, V) logits tensor is ever alive (one chunk's
-  (n, V) at a time, forward and backward). Right padding, no attention mask: under causal
-  attention real tokens never see the padding (the score stage's layout, so its log-probs are
-  reproduced and the first ratio is 1).
+  (n, V) at a time, forward and backward). Padded micro-batches: right padding, no attention
+  mask (under causal attention real tokens never see the padding: the score stage's layout, so
+  its log-probs are reproduced and the first ratio is 1). Packed ones (``update.pack_tokens``):
+  the decoder also gets per-sequence position ids and sequence bounds, and the model attends
+  within each sequence (:mod:`tcrlsd.update.packed_attention`, switched on here).
 - :func:`build_engine`: AdamW (torch's, weight decay on matrices only) wrapped by ZeRO stage 1/2/3;
   fp32 on CPU, bf16 (fp32 master weights in the optimizer) on GPU; gradient clipping by DeepSpeed,
   which also skips the step when the gradient norm is not finite (counted in ``skipped_steps``).
@@ -84,9 +86,11 @@ def _token_logprobs_class():
             head = self.model.get_output_embeddings()
             return head.weight, getattr(head, "bias", None)
 
-        def forward(self, input_ids, rows, cols, targets):
-            # input_ids (B, T); rows, cols, targets (N,): logits at (rows[i], cols[i]) predict targets[i]
-            hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
+        def forward(self, input_ids, rows, cols, targets, **decoder_kwargs):
+            # input_ids (B, T); rows, cols, targets (N,): logits at (rows[i], cols[i]) predict targets[i];
+            # decoder_kwargs: MicroBatch.decoder_kwargs() (packed: position ids, sequence bounds)
+            hidden = self.model.base_model(input_ids=input_ids, use_cache=False,
+                                           **decoder_kwargs).last_hidden_state  # (B, T, H)
             h = hidden[rows, cols]  # (N, H)
             w, b = self.head_params()
             logps, ents = [], []
@@ -122,6 +126,10 @@ def build_engine(model, params, device: str, bf16: bool):
     import deepspeed
     import torch
 
+    if params.pack_tokens:
+        from tcrlsd.update.packed_attention import enable_packed_attention
+
+        enable_packed_attention(model)
     module = TokenLogprobs(model, params.logits_chunk_tokens)
     if params.zero_stage == 3:
         # The head's weight (and bias) are used by this module's forward, not only by the lm head's:

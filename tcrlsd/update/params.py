@@ -51,6 +51,7 @@ class UpdateParams:
     ppo_epochs: int = 1
     shuffle: bool = True
     max_tokens_per_micro_batch: int = 4096
+    pack_tokens: int = 4096
     logits_chunk_tokens: int = 1024
     # engine
     zero_stage: int = 2
@@ -77,6 +78,8 @@ class UpdateParams:
                      "entropy_coef", "kl_coef", "num_threads", "adam_eps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.pack_tokens < 0:
+            raise ValueError(f"pack_tokens must be >= 0 (0 = padded micro-batches), got {self.pack_tokens}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):

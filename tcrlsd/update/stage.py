@@ -99,6 +99,10 @@ def open_trainer(policy: str | os.PathLike, params: UpdateParams, *, iteration: 
                                    trust_remote_code=params.trust_remote_code)
         if check_ids:
             check_head_path(ref_model, check_ids)
+        if params.pack_tokens:  # the reference reads the same packed micro-batches
+            from tcrlsd.update.packed_attention import enable_packed_attention
+
+            enable_packed_attention(ref_model)
         ref_head = FrozenHead(ref_model)
     trainer = Trainer(engine, params, state, device=device, reference=ref_head)
     return trainer, tokenizer, why

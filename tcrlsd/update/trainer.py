@@ -6,7 +6,9 @@ process runs the same number of forward/backward passes (a process with fewer mi
 zero-weight ones), because ZeRO-2/3 reduce gradients inside every backward. The loss weights come
 from counts of the whole mini-batch (known to every process from the index), times the number of
 processes, since DeepSpeed averages gradients over processes: the sum over processes and
-micro-batches is exactly the loss of the whole mini-batch, whatever the split.
+micro-batches is exactly the loss of the whole mini-batch, whatever the split. A micro-batch is
+padded or packed (``update.pack_tokens``, :mod:`tcrlsd.update.microbatch`); the per-token numbers,
+and so the loss, are the same in both layouts.
 
 The LR of every step is set from the global optimizer step (warm-up, then constant or cosine), so
 a run cut into one process per iteration follows the same schedule as one continuous run.
@@ -23,59 +25,16 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from tcrlsd.batching import plan_packed_batches
 from tcrlsd.update.batching import (TrainSequence, UpdateInputs, plan_micro_batches, plan_mini_batches,
                                     split_for_ranks)
+from tcrlsd.update.microbatch import MicroBatch, collate
 from tcrlsd.update.params import UpdateError, UpdateParams
-from tcrlsd.offpolicy import rollout_is_weights
 from tcrlsd.optim import learning_rate
 from tcrlsd.update.losses import POLICY_LOSSES, AggregationCounts, ClipSettings, aggregate, k3_kl
 from tcrlsd.update.state import TrainerState
 
 __all__ = ["MicroBatch", "collate", "Trainer", "IterationStats", "step_metrics"]
-
-
-@dataclass
-class MicroBatch:
-    input_ids: object  # (B, T) int64, right padded with 0
-    rows: object  # (N,) int64
-    cols: object  # (N,) int64: position whose logits predict the token
-    targets: object  # (N,) int64
-    old_logprobs: object  # (N,) float32
-    advantages: object  # (N,) float32
-    seq_len: object  # (N,) int64: response length of the token's sequence
-    tokens: int  # real (prompt + response) tokens
-    is_weights: object = None  # (N,) float32 truncated importance weights (update.rollout_is), None = off
-
-
-def collate(seqs: list[TrainSequence], device, rollout_is: str = "none", rollout_is_cap: float = 2.0) -> MicroBatch:
-    """The padded ids and flat per-token tensors of ``seqs``; with ``rollout_is`` other than none,
-    each sequence's truncated importance weights (:func:`tcrlsd.offpolicy.rollout_is_weights` of its
-    old log-probs against its sampler log-probs)."""
-    import torch
-
-    B, T = len(seqs), max(s.length for s in seqs)
-    ids = np.zeros((B, T), dtype=np.int64)
-    rows, cols, tgt, old, adv, slen = [], [], [], [], [], []
-    for i, s in enumerate(seqs):
-        c, r = len(s.prompt_ids), len(s.response_ids)
-        ids[i, :c] = s.prompt_ids
-        ids[i, c : c + r] = s.response_ids
-        rows.append(np.full(r, i))
-        cols.append(np.arange(c - 1, c - 1 + r))  # logits at p predict token p + 1
-        tgt.append(np.asarray(s.response_ids))
-        old.append(s.old_logprobs)
-        adv.append(s.advantages)
-        slen.append(np.full(r, r))
-
-    def t(parts, dtype):
-        return torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
-
-    weights = None
-    if rollout_is != "none":
-        weights = t([rollout_is_weights(s.old_logprobs, s.sampler_logprobs, rollout_is, rollout_is_cap) for s in seqs],
-                    np.float32)
-    return MicroBatch(torch.from_numpy(ids).to(device), t(rows, np.int64), t(cols, np.int64), t(tgt, np.int64),
-                      t(old, np.float32), t(adv, np.float32), t(slen, np.int64), sum(s.length for s in seqs), weights)
 
 
 @dataclass
@@ -176,8 +135,8 @@ class Trainer:
         import torch
 
         p = self.params
-        logp, ent = self.engine(mb.input_ids, mb.rows, mb.cols, mb.targets)  # (N,), (N,)
-        pg, clipped = POLICY_LOSSES[p.policy_loss](logp, mb.old_logprobs, mb.advantages, mb.rows,
+        logp, ent = self.engine(mb.input_ids, mb.rows, mb.cols, mb.targets, **mb.decoder_kwargs())  # (N,), (N,)
+        pg, clipped = POLICY_LOSSES[p.policy_loss](logp, mb.old_logprobs, mb.advantages, mb.seq,
                                                    ClipSettings(p.clip_ratio_low, p.clip_ratio_high, p.dual_clip))
         if mb.is_weights is not None:  # truncated importance sampling: sampler -> scorer (tcrlsd.offpolicy)
             pg = pg * mb.is_weights
@@ -207,11 +166,11 @@ class Trainer:
 
         with torch.inference_mode():  # the reference is a tcrlsd.lm_head.FrozenHead: the score stage's head
             return self.reference.logprobs_at(mb.input_ids, mb.rows, mb.cols, mb.targets,
-                                              self.params.logits_chunk_tokens).clone()
+                                              self.params.logits_chunk_tokens, **mb.decoder_kwargs()).clone()
 
     def _dummy(self) -> MicroBatch:
         one = TrainSequence("", [0], [0], np.zeros(1, np.float32), np.zeros(1, np.float32))
-        return collate([one], self.device)
+        return collate([one], self.device, packed=self.params.pack_tokens > 0)
 
     # -- one mini-batch = one optimizer step
     def _step(self, inputs: UpdateInputs, rows: list[int], stats: IterationStats, first: bool) -> None:
@@ -231,7 +190,10 @@ class Trainer:
         counts = AggregationCounts(tokens=max(1, sum(inputs.response_lengths[i] for i in rows)),
                                    sequences=max(1, len(rows)), norm_tokens=p.loss_norm_tokens)
         shares = split_for_ranks(lengths, self.world)
-        plans = [plan_micro_batches([lengths[j] for j in share], p.max_tokens_per_micro_batch) for share in shares]
+        # packed: real tokens up to pack_tokens per micro-batch; padded: sequences x longest up to max_tokens_per_micro_batch
+        plan = ((lambda n: plan_packed_batches(n, p.pack_tokens)) if p.pack_tokens
+                else (lambda n: plan_micro_batches(n, p.max_tokens_per_micro_batch)))
+        plans = [plan([lengths[j] for j in share]) for share in shares]
         n_micro = max(1, max(len(pl) for pl in plans))
         mine = shares[self.rank]
         seqs = inputs.read([rows[j] for j in mine])
@@ -245,14 +207,14 @@ class Trainer:
         for m in range(n_micro):
             self.engine.set_gradient_accumulation_boundary(m == n_micro - 1)
             if m < len(micro):
-                mb = collate(micro[m], self.device, p.rollout_is, p.rollout_is_cap)
+                mb = collate(micro[m], self.device, p.rollout_is, p.rollout_is_cap, packed=p.pack_tokens > 0)
                 loss, pg_part, logp = self._micro_loss(mb, counts, stats)
                 pg_total += float(pg_part)
                 if first:
                     max_abs = torch.maximum(max_abs, (logp - mb.old_logprobs).abs().max().double().cpu())
             else:  # same number of passes on every process: a zero-weight one
                 mb = self._dummy()
-                logp, ent = self.engine(mb.input_ids, mb.rows, mb.cols, mb.targets)
+                logp, ent = self.engine(mb.input_ids, mb.rows, mb.cols, mb.targets, **mb.decoder_kwargs())
                 loss = 0.0 * (logp.sum() + ent.sum())
             self.engine.backward(loss, scale_wrt_gas=False)
         skipped_before = self.engine.skipped_steps
