@@ -271,6 +271,22 @@ def test_pool_deduplicates_and_keeps_order():
     assert out == grade_sequential(reqs, LIMITS)
 
 
+def test_forked_worker_limit_counts_from_what_it_inherits():
+    """A worker forked from a process that maps more than worker_memory_mb (torch and DeepSpeed map
+    gigabytes) must still grade: the limit is what the worker may add. With the limit counted from
+    zero, every allocation in the child failed (MemoryError at math-verify's import)."""
+    import mmap
+
+    reserved = mmap.mmap(-1, 3 * 2**30)  # 3 GiB of address space, untouched: costs no memory
+    try:
+        with GradingPool(workers=1, limits=LIMITS, start_method="fork", worker_memory_mb=512) as pool:
+            out = pool.grade([GradeRequest("math_verify", "so \\boxed{12}", "12")])
+            assert pool.stats["worker_crashes"] == 0
+    finally:
+        reserved.close()
+    assert out[0].reward == 1.0
+
+
 # --------------------------------------------------------------------------------------------
 # The stage through its CLI
 

@@ -49,6 +49,15 @@ def _die_with_parent() -> None:
         pass
 
 
+def _mapped_bytes() -> int:
+    """This process's virtual address space in bytes (Linux: VmSize; 0 where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _worker_main(conn, limits: GradeLimits, memory_mb: int) -> None:
     """Worker loop: receive (key, grader, response, gold), send back (key, Grade)."""
     import logging
@@ -60,7 +69,9 @@ def _worker_main(conn, limits: GradeLimits, memory_mb: int) -> None:
         import resource
 
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        soft = memory_mb * 2**20
+        # on top of what the worker already maps: a worker forked from a process that mapped
+        # gigabytes (torch, DeepSpeed) would otherwise start over its limit and fail every allocation
+        soft = _mapped_bytes() + memory_mb * 2**20
         if hard != resource.RLIM_INFINITY:
             soft = min(soft, hard)
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
