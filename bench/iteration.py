@@ -15,12 +15,15 @@ warmstart run first (not timed); then each stage of iteration 0000 runs with `dv
 - parquet I/O: reading the stage's input artifacts and writing its outputs once more, timed apart;
 - own work: main() minus parquet I/O.
 
-TRL row: the same workload (the 32 prompts the generate stage picked, 8 samples each, up to 96 new
-tokens, the same warm-started policy, the same math-verify grader as reward, AdamW at the update
-stage's lr, one optimizer step over the 256 completions in 4 micro-batches) through
-``trl.GRPOTrainer``, step 2 timed (step 1 warms up). Ratios compare it with the sum of the stages
-that do the same work (generate, verify, score, advantages, update; critique and evaluate have no
-counterpart in a GRPO step, and score computes a teacher pass TRL does not).
+TRL row (bench/trl_step.py, in its own process): the same workload (the prompts the generate stage
+picked, the same samples, token limit, warm-started policy, math-verify grader as reward, lr, and the
+update's schedule: one optimizer step per mini-batch of prompts, with the old log-probs forward the
+score stage also runs) through ``trl.GRPOTrainer`` in fp32 without gradient checkpointing (TRL 1.x
+defaults to bf16 autocast and checkpointing; the update stage does neither on CPU); the second
+generation cycle is timed, at 1 torch thread and at --threads, and the faster is TRL at its best.
+Ratios compare it with the sum of the stages that do the same work (generate, verify, score,
+advantages, update; critique and evaluate have no counterpart in a GRPO step, and score computes a
+teacher pass TRL does not).
 
 Last, the fixed per-iteration overhead here and an estimate at the GPU preset's scale (DVC hashes
 and copies every output into its cache: the 3B policy and its optimizer state dominate).
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -124,51 +128,20 @@ def _parquet_io(work: Path, stage: str) -> float:
     return took
 
 
-def _trl_step(work: Path, args) -> float:
-    import pyarrow.compute as pc
-    import torch
-
-    from tcrlsd.artifacts import read_artifact
-
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from tcrlsd.verify import GradeLimits, grade_math_verify
-
-    rollouts = read_artifact(work / "data/iter-0000/rollouts", "rollouts", columns=["prompt_id"])
-    prompts = read_artifact(work / "data/prompts.parquet", "prompts")
-    chosen = set(pc.unique(rollouts.column("prompt_id")).to_pylist())
-    rows = [r for r in prompts.select(["prompt_id", "prompt", "answer"]).to_pylist() if r["prompt_id"] in chosen]
-    data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
-    limits = GradeLimits(3, 3)
-
-    def reward(completions, answer, **_):
-        return [grade_math_verify(c, a, limits).reward for c, a in zip(completions, answer)]
-
-    policy = str(work / "models/policy-0000")
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    micro = max(args.samples, (args.prompts * args.samples) // 4)
-    cfg = GRPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=micro,
-                     gradient_accumulation_steps=(args.prompts * args.samples) // micro,
-                     num_generations=args.samples, max_completion_length=args.max_new_tokens, temperature=1.0,
-                     learning_rate=params["update"]["lr"], beta=0.0, epsilon=0.2, max_steps=2, logging_steps=1,
-                     save_strategy="no", report_to="none", use_cpu=True, seed=0, dataloader_num_workers=0)
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
-
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy), reward_funcs=reward, args=cfg,
-                          train_dataset=data, processing_class=AutoTokenizer.from_pretrained(policy),
-                          callbacks=[Timer()])
-    trainer.train()
-    return times[-1]
+def _trl_cycles(work: Path, args) -> list[dict]:
+    """bench/trl_step.py in a fresh process per thread count (1 and the stages' --threads): TRL at its
+    best is the faster (a busy 2-core machine makes 2 OpenMP threads spin; see trl_step.py)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = []
+    for threads in sorted({1, args.threads or 1}):
+        proc = subprocess.run([sys.executable, str(ROOT / "bench/trl_step.py"), "--workdir", str(work),
+                               "--threads", str(threads)], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            if "No module named 'trl'" in proc.stderr or "No module named 'datasets'" in proc.stderr:
+                raise ImportError(proc.stderr.strip().splitlines()[-1])
+            raise SystemExit(f"bench/trl_step.py --threads {threads} failed:\n{proc.stderr[-3000:]}")
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
 
 
 def main() -> None:
@@ -233,16 +206,22 @@ def main() -> None:
     if args.no_trl:
         return
     try:
-        trl_s = _trl_step(work, args)
+        runs = _trl_cycles(work, args)
     except ImportError as exc:
         print(f"\nTRL not installed ({exc}); pip install -e '.[bench]'")
         return
+    print(f"\nTRL GRPOTrainer, same workload (one generation cycle = {runs[0]['optimizer_steps']} optimizer steps over "
+          f"{runs[0]['completions']} completions; bench/trl_step.py):")
+    for r in runs:
+        print(f"  {r['threads']} torch thread(s): {r['cycle_s']:.2f} s wall ({r['cpu_s']:.2f} CPU s; generate "
+              f"{r['generate_s']:.2f} s, reward {r['reward_s']:.2f} s)")
+    best = min(runs, key=lambda r: r["cycle_s"])
+    trl_s = best["cycle_s"]
     same = sum(r["own"] for r in rows if r["stage"] in GRPO_EQUIVALENT)
     same_wall = sum(r["dvc"] for r in rows if r["stage"] in GRPO_EQUIVALENT)
-    print(f"\nTRL GRPOTrainer step (same workload): {trl_s:.2f} s")
+    print(f"TRL at its best ({best['threads']} thread(s)): {trl_s:.2f} s")
     print(f"stages' own work ({', '.join(GRPO_EQUIVALENT)}): {same:.2f} s -> ratio {same / trl_s:.2f}x TRL")
     print(f"the same stages through dvc repro (with all overhead): {same_wall:.2f} s -> ratio {same_wall / trl_s:.2f}x TRL")
-
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,9 @@ constant LR, no KL (beta 0), clip 0.2, group-normalised rewards; 20 steps = 5 it
 prompts: the split == train rows, in a seeded order. Reward: the last \\boxed{} equals the answer (the
 synthetic task's answers are integers; the same check as the warm start's accuracy). Prints greedy
 validation accuracy (all split == val rows) before training and every --eval-every steps, with the
-seconds per step, so the curve can be set beside the pipeline's (docs/RESULTS.md).
+seconds per step, so the curve can be set beside the pipeline's (docs/RESULTS.md). fp32 without
+gradient checkpointing, like the update stage (bench/trl_step.CPU_SAME_WORK; runs before that change
+used TRL 1.x's defaults, bf16 autocast and checkpointing).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def main() -> int:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+
+    from trl_step import CPU_SAME_WORK  # bench/ is this script's directory
 
     from tcrlsd.answers import last_boxed
     from tcrlsd.artifacts import read_artifact
@@ -83,7 +87,7 @@ def main() -> int:
                      num_generations=args.samples, max_completion_length=args.max_new_tokens, temperature=1.0,
                      learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, beta=0.0, epsilon=0.2,
                      max_steps=args.steps, logging_steps=args.eval_every, save_strategy="no", report_to="none",
-                     use_cpu=True, seed=args.seed, dataloader_num_workers=0, shuffle_dataset=False)
+                     use_cpu=True, seed=args.seed, dataloader_num_workers=0, shuffle_dataset=False, **CPU_SAME_WORK)
     print(f"TRL GRPOTrainer: {args.steps} steps of {args.prompts_per_step} prompts x {args.samples} samples, lr "
           f"{args.lr}, loss_type {cfg.loss_type}, scale_rewards {cfg.scale_rewards}", flush=True)
     evaluate(0, 0.0)
