@@ -16,6 +16,9 @@ same run. Rows:
 Tokens counted are response tokens before EOS (a stop id the backend keeps is not counted). A random model rarely samples EOS, so nearly every
 row runs to max_new_tokens in all three: the work is the same.
 
+Each row gives wall seconds and this process's CPU seconds, each with its ratio to the baseline: at
+``--threads 1`` the CPU seconds are the time on a quiet core even where other processes share it.
+
     python bench/generate.py [--prompts 32] [--samples 8] [--max-new-tokens 96] [--threads 1] [--repeats 1]
     .venv-vllm/bin/python bench/generate.py ...   # with the vllm column
 """
@@ -129,23 +132,26 @@ def main() -> None:
                    *([] if args.skip_hf_batched else [("hf generate(), one padded batch", hf_batched)]),
                    ("tcrlsd transformers backend", candidate),
                    *([] if vllm_backend is None else [("tcrlsd vllm backend", vllm_run)])]
-        best: dict[str, tuple[int, float]] = {}
+        best: dict[str, tuple[int, float, float]] = {}
         for _ in range(max(1, args.repeats)):  # rounds interleave the methods, so load drifts hit all
             for name, fn in methods:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 tokens = fn()
-                sec = time.perf_counter() - t0
+                sec, cpu = time.perf_counter() - t0, time.process_time() - c0
                 if name not in best or sec < best[name][1]:
-                    best[name] = (tokens, sec)
+                    best[name] = (tokens, sec, min(cpu, best.get(name, (0, 0, cpu))[2]))
         rows = [(name, *best[name]) for name, _ in methods]
 
-    base_rate = rows[0][1] / rows[0][2]
+    base_rate, base_cpu_rate = rows[0][1] / rows[0][2], rows[0][1] / rows[0][3]
     print(f"model: tiny Llama {n_params / 1e6:.2f}M params (TinyLlamaConfig defaults, random init), "
           f"{len(prompts)} prompts x {n} samples, max_new_tokens {T}, torch threads {torch.get_num_threads()}, best of {max(1, args.repeats)}")
-    print(f"{'method':34s} {'tokens':>8s} {'seconds':>8s} {'tokens/s':>9s} {'ratio':>6s}")
-    for name, tokens, sec in rows:
-        print(f"{name:34s} {tokens:8d} {sec:8.2f} {tokens / sec:9.0f} {tokens / sec / base_rate:5.2f}x")
-    by_name = {name: tokens / sec for name, tokens, sec in rows}
+    # CPU seconds of this process: at 1 thread, the time on a quiet core (time-sharing with other
+    # processes on a busy machine inflates the wall clock, not this); vLLM's engine may run elsewhere.
+    print(f"{'method':34s} {'tokens':>8s} {'seconds':>8s} {'tokens/s':>9s} {'ratio':>6s} {'CPU s':>7s} {'ratio':>6s}")
+    for name, tokens, sec, cpu in rows:
+        print(f"{name:34s} {tokens:8d} {sec:8.2f} {tokens / sec:9.0f} {tokens / sec / base_rate:5.2f}x "
+              f"{cpu:7.2f} {tokens / cpu / base_cpu_rate:5.2f}x")
+    by_name = {name: tokens / sec for name, tokens, sec, _ in rows}
     if "tcrlsd vllm backend" in by_name:
         ratio = by_name["tcrlsd vllm backend"] / by_name["tcrlsd transformers backend"]
         print(f"vllm / transformers backend: {ratio:.2f}x")
