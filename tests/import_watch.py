@@ -1,0 +1,56 @@
+"""Which heavy libraries a stage process imports: a ``sitecustomize`` for stage subprocesses.
+
+Copied as ``sitecustomize.py`` into a folder put first on a child's ``PYTHONPATH`` (:func:`watch_env`),
+it makes every Python process started with that environment -- the stage and its worker processes
+(verify's forkserver/spawn pool inherits the environment) -- append one line ``<pid> <module>`` to
+the file named by ``TCRLSD_IMPORT_LOG`` when it first looks for a watched top-level module. The
+finder only records; the import itself proceeds. A process that exits by ``os._exit`` (a pool
+worker) has already written its lines: they are written at import time, not at exit.
+
+Used by tests/test_stage_imports.py (the model-free stages import neither torch nor transformers)
+and bench/stage_timer.py (the heavy-module column).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+WATCHED = ("torch", "transformers", "deepspeed", "pandas", "polars", "dvclive", "math_verify", "tokenizers")
+
+
+class _Recorder:
+    def __init__(self, log: str):
+        self.log = log
+        self.seen: set[str] = set()
+
+    def find_spec(self, name, path=None, target=None):
+        if name in WATCHED and name not in self.seen:
+            self.seen.add(name)
+            with open(self.log, "a") as fh:
+                fh.write(f"{os.getpid()} {name}\n")
+        return None  # let the regular finders import it
+
+
+def watch_env(folder: Path, log: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment whose Python processes record watched imports into ``log``; ``folder`` receives
+    the ``sitecustomize.py`` (this file) and goes first on ``PYTHONPATH``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(__file__, folder / "sitecustomize.py")
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), env.get("PYTHONPATH", "")) if p)
+    env["TCRLSD_IMPORT_LOG"] = str(log)
+    return env
+
+
+def imported(log: Path) -> set[str]:
+    """The watched modules any process recorded in ``log``."""
+    if not log.exists():
+        return set()
+    return {line.split()[1] for line in log.read_text().splitlines() if line.strip()}
+
+
+if os.environ.get("TCRLSD_IMPORT_LOG") and __name__ == "sitecustomize":
+    sys.meta_path.insert(0, _Recorder(os.environ["TCRLSD_IMPORT_LOG"]))
