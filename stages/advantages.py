@@ -17,7 +17,7 @@ import sys
 from tcrlsd.advantages import AdvantagesParams, IterationInputs, compute_advantages
 from tcrlsd.artifacts import artifact_path
 from tcrlsd.params import load_section
-from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
+from tcrlsd.stagecli import process_main, run_stage, stage_parser, write_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,4 +51,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main(main))

@@ -18,7 +18,7 @@ import sys
 from tcrlsd.artifacts import ShardSpec, read_artifact
 from tcrlsd.critique import CriticAborted, CriticRetryLater, CritiqueParams, critique_metrics, read_inputs, run_critique
 from tcrlsd.params import load_section
-from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
+from tcrlsd.stagecli import process_main, run_stage, stage_parser, write_metrics
 
 EX_TEMPFAIL = 75  # some rows failed transiently (or the critic went down): rerun later (sysexits.h)
 
@@ -58,4 +58,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main(main))

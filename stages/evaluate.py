@@ -15,7 +15,7 @@ import sys
 
 from tcrlsd.artifacts import ShardSpec
 from tcrlsd.evaluate import load_params, run_evaluate
-from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
+from tcrlsd.stagecli import process_main, run_stage, stage_parser, write_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,4 +47,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main(main))

@@ -16,7 +16,7 @@ import sys
 from tcrlsd.artifacts import ShardSpec
 from tcrlsd.generate import GenerateParams, load_group_filter, run_generate
 from tcrlsd.params import load_section
-from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
+from tcrlsd.stagecli import process_main, run_stage, stage_parser, write_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,4 +50,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main(main))

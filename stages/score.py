@@ -17,7 +17,7 @@ import sys
 from tcrlsd.artifacts import ShardSpec, artifact_path, read_artifact
 from tcrlsd.params import load_section
 from tcrlsd.score import ScoreParams, artifact_metrics, build_inputs, run_score
-from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
+from tcrlsd.stagecli import process_main, run_stage, stage_parser, write_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,4 +62,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main(main))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
+from tcrlsd.stagecli import process_main, run_stage, stage_parser, write_metrics
 from tcrlsd.summarize import collect_rows, headline, track_rows, write_table
 from tcrlsd.tracking import Tracker, load_tracking
 
@@ -39,4 +39,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main(main))

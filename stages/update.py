@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from tcrlsd.params import load_section
-from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
+from tcrlsd.stagecli import process_main, run_stage, stage_parser, write_metrics
 from tcrlsd.tracking import load_tracking
 from tcrlsd.update.params import UpdateParams
 from tcrlsd.update.teacher import teacher_mode
@@ -61,4 +61,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main(main))

@@ -15,7 +15,7 @@ import time
 
 from tcrlsd.artifacts import read_artifact, write_artifact
 from tcrlsd.params import load_section
-from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
+from tcrlsd.stagecli import process_main, run_stage, stage_parser, write_metrics
 from tcrlsd.verify import VerifyParams, verify_rollouts
 from tcrlsd.verify.params import response_token_limit
 
@@ -52,4 +52,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main(main))

@@ -12,6 +12,11 @@
   (here or inside numpy, pyarrow, torch): it is not caught, so Python prints the traceback and
   exits with status 1. A stage may map further errors to their own status (critique: a critic that
   went down -> 75, rerun later).
+- **Start-up.** A per-iteration stage ends with ``sys.exit(process_main(main))``: run as its own
+  process (as DVC runs it), it hides pandas first (:mod:`tcrlsd.startup`: pyarrow and DVCLive would
+  import it, 0.4-0.5 s of every stage process); ``main`` called in-process (the tests) changes
+  nothing global. prepare and warmstart keep the plain ``main()``: they run once, and prepare's
+  ``hf:`` sources need pandas (Hugging Face ``datasets``).
 - **Metrics.** :func:`write_metrics` writes the stage's detail JSON atomically when ``--metrics`` was
   given (the one place a stage's metrics reach disk).
 """
@@ -24,8 +29,9 @@ import sys
 from typing import Callable, Mapping
 
 from tcrlsd.artifacts import STAGE_ERRORS, write_json
+from tcrlsd.startup import hide_pandas
 
-__all__ = ["DEFAULT_PARAMS", "EXIT_ERROR", "stage_parser", "run_stage", "write_metrics"]
+__all__ = ["DEFAULT_PARAMS", "EXIT_ERROR", "stage_parser", "run_stage", "process_main", "write_metrics"]
 
 DEFAULT_PARAMS = "params.yaml"
 EXIT_ERROR = 2  # an expected error: one `error:` line (a traceback exits with 1)
@@ -63,6 +69,12 @@ def run_stage(name: str, body: Callable[[], int | None], *,
             return EXIT_ERROR
         raise
     return 0 if rc is None else rc
+
+
+def process_main(main: Callable[[], int]) -> int:
+    """``main()`` as the body of a stage's own process, pandas hidden first (:mod:`tcrlsd.startup`)."""
+    hide_pandas()
+    return main()
 
 
 def _say(name: str, word: str, exc: BaseException) -> None:

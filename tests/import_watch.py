@@ -3,9 +3,11 @@
 Copied as ``sitecustomize.py`` into a folder put first on a child's ``PYTHONPATH`` (:func:`watch_env`),
 it makes every Python process started with that environment -- the stage and its worker processes
 (verify's forkserver/spawn pool inherits the environment) -- append one line ``<pid> <module>`` to
-the file named by ``TCRLSD_IMPORT_LOG`` when it first looks for a watched top-level module. The
-finder only records; the import itself proceeds. A process that exits by ``os._exit`` (a pool
-worker) has already written its lines: they are written at import time, not at exit.
+the file named by ``TCRLSD_IMPORT_LOG`` when it imports a watched top-level module. Only a real
+import counts: the module's code is about to run (the loader is wrapped), not a mere
+``importlib.util.find_spec`` availability probe such as transformers makes for deepspeed. A process
+that exits by ``os._exit`` (a pool worker) has already written its lines: they are written at
+import time, not at exit.
 
 Used by tests/test_stage_imports.py (the model-free stages import neither torch nor transformers)
 and bench/stage_timer.py (the heavy-module column).
@@ -13,6 +15,7 @@ and bench/stage_timer.py (the heavy-module column).
 
 from __future__ import annotations
 
+import importlib.abc
 import os
 import shutil
 import sys
@@ -22,16 +25,40 @@ WATCHED = ("torch", "transformers", "deepspeed", "pandas", "polars", "dvclive", 
 
 
 class _Recorder:
+    """A meta-path finder that asks the finders after it and wraps the loader of a watched module."""
+
     def __init__(self, log: str):
         self.log = log
-        self.seen: set[str] = set()
 
     def find_spec(self, name, path=None, target=None):
-        if name in WATCHED and name not in self.seen:
-            self.seen.add(name)
-            with open(self.log, "a") as fh:
-                fh.write(f"{os.getpid()} {name}\n")
-        return None  # let the regular finders import it
+        if name not in WATCHED:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _LoggingLoader(spec.loader, self.log, name)
+                return spec
+        return None
+
+
+class _LoggingLoader(importlib.abc.Loader):
+    def __init__(self, loader, log: str, name: str):
+        self.loader, self.log, self.name = loader, log, name
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        with open(self.log, "a") as fh:
+            fh.write(f"{os.getpid()} {self.name}\n")
+        module.__loader__ = self.loader
+        self.loader.exec_module(module)
+
+    def __getattr__(self, attr):  # get_resource_reader, is_package, ...: the real loader's
+        return getattr(self.loader, attr)
 
 
 def watch_env(folder: Path, log: Path, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -1,10 +1,13 @@
-"""The stages that need no model import neither torch nor transformers (issue 23, item 1).
+"""The stages that need no model import neither torch nor transformers, and no stage process pandas
+(issue 23, item 1).
 
 Each runs as its own process, as DVC starts it (``python stages/<name>.py ...``), on a hand-made
 8-rollout iteration, with tests/import_watch.py as the process's ``sitecustomize``: every process of
-the run -- the stage and verify's grading workers -- records the watched libraries it looks for.
-torch + transformers cost ~3.7 s of start-up per process on this machine (docs/ARCHITECTURE.md,
-"Start-up"), so a stray import in verify, critique, advantages or summarize is a regression.
+the run -- the stage and verify's grading workers -- records the watched libraries it imports.
+torch + transformers cost ~3.7 s of start-up per process on this machine, pandas 0.4-0.5 s
+(docs/ARCHITECTURE.md, "Start-up"), so a stray import in verify, critique, advantages or summarize
+is a regression. pandas is hidden in a stage process (tcrlsd/startup.py); the test also shows that
+each of these stages runs whole without it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from import_watch import imported, watch_env
 from tcrlsd.artifacts import write_artifact
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_LIBS = {"torch", "transformers"}
+NOT_IMPORTED = {"torch", "transformers", "pandas"}
 
 
 def _iteration(d: Path) -> Path:
@@ -38,7 +41,7 @@ def _iteration(d: Path) -> Path:
 
 def _params(d: Path, **critique) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["verify"].update(workers=1, start_method="forkserver")  # the pool path, one worker
+    params["verify"].update(workers=1, start_method="fork")  # the pool path, one worker
     params["critique"].update(skip_truncated=False, **critique)
     params["tracking"].update(dir=str(d / "dvclive"))  # summarize writes the live series (dvclive on)
     path = d / f"params-{critique.get('critic', 'reference')}.yaml"
@@ -81,5 +84,16 @@ def test_model_free_stages_import_no_model_library(tmp_path):
                                            "--headline", str(tmp_path / "h.json"), "--params", str(p_ref)], tmp_path)
     assert "dvclive" in seen["summarize"]  # the live series were written: the tracking path ran
     assert json.loads((tmp_path / "h.json").read_text())  # every stage produced its output
-    assert {stage: sorted(libs & MODEL_LIBS) for stage, libs in seen.items()} == {stage: [] for stage in seen}
+    assert {stage: sorted(libs & NOT_IMPORTED) for stage, libs in seen.items()} == {stage: [] for stage in seen}
     shutil.rmtree(tmp_path / "site")
+
+
+def test_hide_pandas_makes_its_import_fail_with_the_reason(tmp_path):
+    # in a child: hiding is for a stage's own process, never for the test process
+    code = ("import sys; from tcrlsd.startup import hide_pandas\n"
+            "assert hide_pandas() and not hide_pandas()  # the second call finds it hidden\n"
+            "try:\n    import pandas\nexcept ModuleNotFoundError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("No module named 'pandas': a tcrlsd stage process runs without pandas "
+                                  "(tcrlsd/startup.py)")
