@@ -14,8 +14,9 @@ reference critic), then starts every per-iteration stage as DVC does -- ``python
 a fresh interpreter -- and prints per stage: ``start+import`` (a process that only imports the stage
 script: interpreter start-up + module-level imports), ``total`` (the whole process) and ``main``
 (the difference: the stage's own work plus what it imports lazily), and the watched libraries the
-process looked for (tests/import_watch.py). With ``--baseline REF`` the same is measured, interleaved
-stage by stage, on a ``git worktree`` of REF (say ``main``), and the table adds baseline/candidate ratios.
+stage's processes imported (tests/import_watch.py). With ``--baseline REF`` the same is measured, interleaved
+stage by stage, on a ``git worktree`` of REF (say ``main``); the table adds baseline/candidate ratios
+and whether the two trees wrote the same bytes (every Parquet and safetensors file of the stage).
 Medians over ``--repeats`` runs. The machine's load average is printed with the table.
 """
 
@@ -118,7 +119,7 @@ def _argv(stage: str, it: Path, policy: Path, params: Path, out: Path) -> list[s
     if stage == "summarize":
         return ["--metrics-dir", str(it.parent / "metrics"), "--table", str(out / "t.csv"),
                 "--headline", str(out / "h.json"), "--params", str(params)]
-    return stage_argv(stage, out, it, policy, params, out / "artifact")
+    return stage_argv(stage, out, it, policy, params)  # output named as in the iteration folder
 
 
 def _timed(cmd: list[str], cwd: Path, env: dict) -> float:
@@ -143,7 +144,16 @@ def _measure(tree: Path, stage: str, argv: list[str], scratch: Path) -> dict:
     log.unlink(missing_ok=True)
     total = _timed([sys.executable, script, *argv], tree, watch_env(scratch / "site", log, base))
     return {"start": start, "total": total, "libs": sorted(imported(log) & {"torch", "transformers", "deepspeed",
-                                                                           "pandas", "polars"})}
+                                                                           "pandas", "polars"}),
+            "digests": _digests(scratch)}
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of every Parquet and safetensors file the run wrote (relative path -> digest)."""
+    import hashlib
+
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for pattern in ("*.parquet", "*.safetensors") for f in sorted(folder.rglob(pattern))}
 
 
 def tiny(args) -> int:
@@ -207,10 +217,15 @@ def _table(stages, trees, runs, args) -> None:
         line += (f" | {sums[('baseline', 'start')] / sums[('candidate', 'start')]:18.2f}x"
                  f" {sums[('baseline', 'total')] / sums[('candidate', 'total')]:5.2f}x")
     print(line)
-    print("libraries the stage's processes looked for (torch, transformers, deepspeed, pandas, polars):")
+    print("libraries each stage's processes imported (of torch, transformers, deepspeed, pandas, polars)"
+          + ("; output bytes (Parquet, safetensors) baseline vs candidate:" if args.baseline else ":"))
     for stage in stages:
-        print(f"  {stage:<11} " + "; ".join(f"{name}: {','.join(runs[(name, stage)][0]['libs']) or '-'}"
-                                          for name in trees))
+        line = f"  {stage:<11} " + "; ".join(f"{name}: {','.join(runs[(name, stage)][0]['libs']) or '-'}"
+                                            for name in trees)
+        if args.baseline:
+            base, cand = runs[("baseline", stage)][0]["digests"], runs[("candidate", stage)][0]["digests"]
+            line += f"; {len(cand)} files " + ("identical" if base == cand else "DIFFER")
+        print(line)
 
 
 def main() -> int:

@@ -9,8 +9,9 @@ That import is 0.4-0.5 s of a model-free stage's ~1.1 s process on this machine 
 per-iteration stage runs (pyarrow, numpy, torch, transformers, deepspeed, DVCLive, math-verify, the
 HTTP critic client, vLLM): all of them treat it as optional and work without it when its import
 fails. So the process of a per-iteration stage hides pandas (:func:`hide_pandas`, called by
-:func:`tcrlsd.stagecli.process_main`): an import of it fails as if it were not installed, with a
-message that says why.
+:func:`tcrlsd.stagecli.process_main`): the import system's finders are wrapped so that none of them
+finds it, and both ``import pandas`` and ``importlib.util.find_spec("pandas")`` see it as not
+installed.
 
 Outputs do not change: pyarrow writes pandas metadata only for tables made from pandas objects,
 which no stage builds (bench/stage_timer.py compares the stages' Parquet bytes with and without this).
@@ -23,21 +24,26 @@ import sys
 __all__ = ["hide_pandas"]
 
 
-class _NoPandas:
-    """Meta-path finder: ``import pandas`` (or a submodule) fails as if pandas were not installed."""
+class _WithoutPandas:
+    """A meta-path finder wrapped so that it never finds pandas (nor a submodule): to ``import`` and to
+    ``importlib.util.find_spec`` (torch's dynamo asks it) pandas then looks not installed."""
+
+    def __init__(self, finder):
+        self._finder = finder
 
     def find_spec(self, name, path=None, target=None):
-        if name == "pandas" or name.startswith("pandas."):
-            raise ModuleNotFoundError(
-                f"No module named {name!r}: a tcrlsd stage process runs without pandas (tcrlsd/startup.py)",
-                name=name)
-        return None
+        if name.partition(".")[0] == "pandas":
+            return None
+        return self._finder.find_spec(name, path, target)
+
+    def __getattr__(self, attr):  # invalidate_caches, find_distributions, ...: the wrapped finder's
+        return getattr(self._finder, attr)
 
 
 def hide_pandas() -> bool:
-    """Make ``import pandas`` fail for the rest of this process; False (nothing done) when pandas was
-    already imported or is already hidden. For a stage's own process only: never in a library call."""
-    if "pandas" in sys.modules or any(isinstance(f, _NoPandas) for f in sys.meta_path):
+    """Make pandas look not installed for the rest of this process; False (nothing done) when pandas
+    was already imported or is already hidden. For a stage's own process only: never in a library call."""
+    if "pandas" in sys.modules or any(isinstance(f, _WithoutPandas) for f in sys.meta_path):
         return False
-    sys.meta_path.insert(0, _NoPandas())
+    sys.meta_path[:] = [f if not hasattr(f, "find_spec") else _WithoutPandas(f) for f in sys.meta_path]
     return True

@@ -29,19 +29,24 @@ class _Recorder:
 
     def __init__(self, log: str):
         self.log = log
+        self.asking = False  # re-entered through a wrapper of this finder (tcrlsd.startup): not again
 
     def find_spec(self, name, path=None, target=None):
-        if name not in WATCHED:
+        if name not in WATCHED or self.asking:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _LoggingLoader(spec.loader, self.log, name)
-                return spec
-        return None
+        self.asking = True
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    if spec.loader is not None:
+                        spec.loader = _LoggingLoader(spec.loader, self.log, name)
+                    return spec
+            return None
+        finally:
+            self.asking = False
 
 
 class _LoggingLoader(importlib.abc.Loader):
