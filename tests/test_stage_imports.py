@@ -13,11 +13,13 @@ each of these stages runs whole without it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from critic_server import CriticServer
@@ -98,3 +100,16 @@ def test_hide_pandas_makes_it_look_not_installed():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "No module named 'pandas'"
+
+
+@pytest.mark.parametrize("keep", ["", "1"])
+def test_stage_process_keeps_pandas_when_the_environment_asks(keep):
+    # process_main hides pandas unless TCRLSD_STAGE_PANDAS=1 (code of one's own that needs it)
+    code = ("from tcrlsd.stagecli import process_main\n"
+            "def main():\n    import importlib.util\n    print(importlib.util.find_spec('pandas') is not None)\n"
+            "    return 0\n"
+            "raise SystemExit(process_main(main))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TCRLSD_STAGE_PANDAS"} | {"TCRLSD_STAGE_PANDAS": keep}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("True" if keep == "1" else "False")
