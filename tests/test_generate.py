@@ -141,8 +141,10 @@ def test_greedy_batched_equals_unbatched_and_hf_generate(loaded):
     single = TransformersBackend(model, tok, batch_size=1).generate(prompts, 2, greedy)
     ids = lambda out: [[c.token_ids for c in g] for g in out]
     assert ids(batched) == ids(single)
-    for g in batched:  # greedy: the group's copies agree
-        assert g[0] == g[1]
+    for g in batched:  # greedy: the group's copies agree (log-probs to rounding: with 2 threads a row's
+        # numbers depend on its place in the batch, in the last bit)
+        assert (g[0].token_ids, g[0].text, g[0].finish_reason) == (g[1].token_ids, g[1].text, g[1].finish_reason)
+        assert g[0].logprobs == pytest.approx(g[1].logprobs, abs=1e-5)
     # Our KV-cache loop against transformers' own greedy decoding, one unpadded prompt at a time.
     for p, g in zip(prompts, batched):
         ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
