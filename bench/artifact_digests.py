@@ -33,10 +33,11 @@ VOLATILE = ("seconds", "time", "wall", "elapsed", "per_s", "tokens_per_s", "rows
             "finished", "throughput", "pid")
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_params(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base``, section by section, key by key."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_params(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -67,18 +68,24 @@ def _run(cmd: list[str], cwd: Path) -> None:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def build(work: Path, setting: Path) -> None:
-    for rel in COPY:
+def make_workspace(work: Path, setting: dict, extra: tuple[str, ...] = ()) -> None:
+    """A DVC project in ``work``: the repository's pipeline files (COPY + ``extra``), params.yaml with
+    ``setting`` merged over it, `dvc init`; nothing run yet (bench/dvc_overhead.py uses it too)."""
+    for rel in COPY + list(extra):
         src = ROOT / rel
         if src.is_dir():
             shutil.copytree(src, work / rel, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, work / rel)
-    params = _merge(yaml.safe_load((work / "params.yaml").read_text()), yaml.safe_load(setting.read_text()))
+    params = merge_params(yaml.safe_load((work / "params.yaml").read_text()), setting)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["dvc", "init", "--no-scm", "-q"], work)
     _run(["dvc", "config", "core.analytics", "false"], work)
+
+
+def build(work: Path, setting: Path) -> None:
+    make_workspace(work, yaml.safe_load(setting.read_text()))
     _run(["dvc", "repro"], work)
     _run(["tcrlsd", "iterate", "1"], work)
 

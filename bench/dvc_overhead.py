@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from artifact_digests import COPY, _merge  # noqa: E402 -- the same workspace recipe
+from artifact_digests import make_workspace  # noqa: E402 -- the same workspace recipe
 
 STAGE = "verify@0000"  # cheap, deterministic, leaves identical bytes (nothing downstream reruns)
 # DVC's own entry point, run by the interpreter of this venv; "pure" hides ruamel's C parser
@@ -83,18 +83,8 @@ def build(work: Path) -> None:
 
     import yaml
 
-    for rel in COPY + [".dvcignore"]:
-        src = ROOT / rel
-        if src.is_dir():
-            shutil.copytree(src, work / rel, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / rel)
-    setting = yaml.safe_load((ROOT / "tests" / "data" / "small-pipeline.yaml").read_text())
-    params = _merge(yaml.safe_load((work / "params.yaml").read_text()), setting)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["dvc", "init", "--no-scm", "-q"], work)
-    _run(["dvc", "config", "core.analytics", "false"], work)
+    make_workspace(work, yaml.safe_load((ROOT / "tests" / "data" / "small-pipeline.yaml").read_text()),
+                   extra=(".dvcignore",))
     project = configparser.ConfigParser()
     project.read(ROOT / ".dvc" / "config")
     if project.has_option("cache", "type"):  # the project's cache links (hardlink,copy)
