@@ -3,8 +3,9 @@
 Two modes.
 
 ``python bench/stage_timer.py LOG.jsonl stages/generate.py --params ...`` (used by bench/iteration.py)
-runs one stage script in-process and appends one JSON line to LOG: seconds spent importing the heavy
-libraries the stages use (torch, transformers, pyarrow, deepspeed when the stage is update), seconds
+runs one stage script in-process (pandas hidden, as in the stage's own process) and appends one JSON
+line to LOG: seconds spent importing the heavy libraries that stage imports (``heavy_for``: pyarrow
+and numpy; torch and transformers where a model is loaded; deepspeed for the update), seconds
 in the stage's ``main()``, and this process's total wall time from interpreter start. Imports done
 first are then free for the stage, so ``main`` is the stage's own work plus its Parquet I/O.
 
@@ -35,7 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 
-HEAVY = ("pyarrow.parquet", "numpy", "torch", "transformers")
 ROOT = Path(__file__).resolve().parents[1]
 TINY_STAGES = ("generate", "verify", "critique", "score", "advantages", "update", "evaluate", "summarize")
 # bench-only sizes over the harness's params: the update and evaluate sections the harness lacks
@@ -45,10 +45,39 @@ TINY_EXTRA = {"update": {"num_threads": 1, "mini_batch_prompts": 4, "device": "c
               "tracking": {"dvclive": True}}
 
 
+MODEL_STAGES = ("generate", "score", "update", "evaluate")
+
+
+def heavy_for(script: str, args: list[str]) -> list[str]:
+    """The heavy libraries the stage ``script`` itself imports when run with ``args``: pyarrow and numpy
+    for all; torch and transformers for the stages that load a model (critique only with a model
+    critic); deepspeed for the update. Pre-importing more would charge a model-free stage for imports
+    it never does."""
+    name = Path(script).stem
+    libs = ["pyarrow.parquet", "numpy"]
+    model = name in MODEL_STAGES
+    if name == "critique" and "--params" in args:
+        import yaml
+
+        section = (yaml.safe_load(Path(args[args.index("--params") + 1]).read_text()) or {}).get("critique") or {}
+        model = section.get("critic") in ("transformers", "vllm")
+    if model:
+        libs += ["torch", "transformers"]
+    if name == "update":
+        libs.append("deepspeed")
+    return libs
+
+
 def record(log: str, script: str, args: list[str]) -> int:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tcrlsd.startup import hide_pandas
+    except ImportError:  # a tree from before stage processes hid pandas (a --baseline of the benches)
+        hide_pandas = None
+    if hide_pandas is not None and os.environ.get("TCRLSD_STAGE_PANDAS", "") != "1":
+        hide_pandas()  # as stagecli.process_main does in the stage's own process
     t0 = time.perf_counter()
-    heavy = list(HEAVY) + (["deepspeed"] if script.endswith("update.py") else [])
-    for name in heavy:
+    for name in heavy_for(script, args):
         importlib.import_module(name)
     t_import = time.perf_counter() - t0
     namespace = runpy.run_path(script, run_name="bench_stage")  # defines main() without running it
@@ -72,17 +101,13 @@ def record(log: str, script: str, args: list[str]) -> int:
 # ----------------------------------------------------------------------------- --tiny: every stage as a process
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _build(d: Path) -> tuple[Path, Path, Path]:
     """The tiny iteration (prepare .. advantages, run in this process) and its params file."""
     import torch
     import yaml
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from artifact_digests import merge_params as _merge
 
     sys.path.insert(0, str(ROOT / "tests"))
     from fixtures import tiny_policy
