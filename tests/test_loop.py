@@ -358,3 +358,16 @@ def test_final_table_on_the_test_split_is_paired_by_seed(tmp_path, monkeypatch):
     assert cmd[cmd.index("--policy") + 1] == "models/policy-0002"  # the last iteration's update
     assert (ws / cmd[cmd.index("--preset") + 1]).read_text() == "evaluate:\n  split: test\n"
     assert cmd[cmd.index("--metrics") + 1] == "data/metrics/final-test.json"
+
+
+def test_a_preset_given_as_a_path_is_labelled_by_its_stem(tmp_path):
+    # `--presets grpo,configs/experiments/lr/grpo-lr2e-4.yaml`: the run folder and report row are
+    # "grpo-lr2e-4", not a nested path; two files with one stem are refused, not run into one folder
+    from tcrlsd.loop.experiment import preset_labels
+
+    presets = ROOT / "configs" / "presets"
+    sweep = ROOT / "configs" / "experiments" / "lr" / "grpo-lr2e-4.yaml"
+    assert preset_labels(["grpo", str(sweep)], presets) == {"grpo": presets / "grpo.yaml", "grpo-lr2e-4": sweep}
+    (tmp_path / "grpo.yaml").write_text("update:\n  lr: 0.0002\n")
+    with pytest.raises(ValueError, match="both called 'grpo'"):
+        preset_labels(["grpo", str(tmp_path / "grpo.yaml")], presets)

@@ -103,13 +103,18 @@ def test_hide_pandas_makes_it_look_not_installed():
 
 
 @pytest.mark.parametrize("keep", ["", "1"])
-def test_stage_process_keeps_pandas_when_the_environment_asks(keep):
-    # process_main hides pandas unless TCRLSD_STAGE_PANDAS=1 (code of one's own that needs it)
+def test_stage_process_keeps_pandas_when_the_environment_asks(keep, tmp_path):
+    # process_main hides pandas unless TCRLSD_STAGE_PANDAS=1 (code of one's own that needs it).
+    # pandas is no dependency of tcrlsd (a clean environment has none), so the child gets a stand-in
+    # package on its path: without one, "kept" and "hidden" would both print False
+    (tmp_path / "pandas").mkdir()
+    (tmp_path / "pandas" / "__init__.py").write_text("")
     code = ("from tcrlsd.stagecli import process_main\n"
             "def main():\n    import importlib.util\n    print(importlib.util.find_spec('pandas') is not None)\n"
             "    return 0\n"
             "raise SystemExit(process_main(main))\n")
     env = {k: v for k, v in os.environ.items() if k != "TCRLSD_STAGE_PANDAS"} | {"TCRLSD_STAGE_PANDAS": keep}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ("True" if keep == "1" else "False")

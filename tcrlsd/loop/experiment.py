@@ -37,7 +37,7 @@ from typing import Sequence
 from tcrlsd.loop.final import final_evaluation, final_lines
 from tcrlsd.loop.results import RESULT_COLUMNS, Run, collect_results, summary_table, write_results
 
-__all__ = ["SEED_KEYS", "RESULT_COLUMNS", "Run", "prepare_workspace", "run_experiment", "collect_results",
+__all__ = ["SEED_KEYS", "RESULT_COLUMNS", "Run", "preset_labels", "prepare_workspace", "run_experiment", "collect_results",
            "summary_table", "write_results"]
 
 # params set to the run's seed: what samples and trains differs between seeds; the data, the warm
@@ -75,12 +75,29 @@ def _dvc() -> str:
     return str(local) if local.exists() else "dvc"
 
 
+def preset_labels(presets: list[str], presets_dir: Path) -> dict[str, Path]:
+    """Each ``--presets`` entry by its label: a named preset by its name, a YAML path by its file's stem
+    (``configs/experiments/lr/grpo-lr2e-4.yaml`` -> ``grpo-lr2e-4``: the run's folder and report row).
+    Two entries with one label are an error, not two runs in one folder."""
+    from tcrlsd.presets import preset_path
+
+    found: dict[str, Path] = {}
+    for entry in presets:
+        label = Path(entry).stem if Path(entry).suffix in (".yaml", ".yml") else entry
+        path = preset_path(entry, presets_dir)
+        if label in found and found[label].resolve() != path.resolve():
+            raise ValueError(f"two presets are both called {label!r} ({found[label]} and {path}): rename one")
+        found[label] = path
+    return found
+
+
 def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: Path, ws: Path, cache: Path,
-                      iterations: int, setting: Path | None = None) -> Path:
+                      iterations: int, setting: Path | None = None, preset_file: Path | None = None) -> Path:
     """Create (or refresh) the run's workspace; returns it. Existing outputs are kept (resume).
 
     params.yaml = ``base_params``, then ``setting`` (a params-shaped YAML shared by every run of the
-    experiment, e.g. another task mix), then the run's preset, then its seed keys.
+    experiment, e.g. another task mix), then the run's preset (``preset_file``, by default the preset
+    named ``run.preset`` in ``presets_dir``), then its seed keys.
     """
     import yaml
 
@@ -100,7 +117,7 @@ def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: P
     _copy(base_params, ws / "params.yaml")
     if setting is not None:
         apply_preset(ws / "params.yaml", setting)
-    apply_preset(ws / "params.yaml", preset_path(run.preset, presets_dir))
+    apply_preset(ws / "params.yaml", preset_file or preset_path(run.preset, presets_dir))
     seeds = {}
     for section, key in SEED_KEYS:
         seeds.setdefault(section, {})[key] = run.seed
@@ -181,6 +198,8 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
     """
     out.mkdir(parents=True, exist_ok=True)
     cache = cache or out / "cache"
+    files = preset_labels(presets, presets_dir)
+    presets = list(files)
     runs = [Run(p, s) for p in presets for s in seeds]
     if report_only:  # the workspaces as they are: nothing copied, nothing run
         rows = collect_results(out, runs)
@@ -188,7 +207,7 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
         return rows
     started = time.perf_counter()
     spaces = [prepare_workspace(project, base_params, run, presets_dir, out / "runs" / run.name, cache, iterations,
-                                setting) for run in runs]
+                                setting, files[run.preset]) for run in runs]
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
     failures: list[str] = []
     lock = threading.Lock()  # one writer of the results files at a time
