@@ -75,6 +75,11 @@ def _dvc() -> str:
     return str(local) if local.exists() else "dvc"
 
 
+def preset_label(entry: str) -> str:
+    """A ``--presets`` entry's label: a YAML path's file stem, a preset name as it is."""
+    return Path(entry).stem if Path(entry).suffix in (".yaml", ".yml") else entry
+
+
 def preset_labels(presets: list[str], presets_dir: Path) -> dict[str, Path]:
     """Each ``--presets`` entry by its label: a named preset by its name, a YAML path by its file's stem
     (``configs/experiments/lr/grpo-lr2e-4.yaml`` -> ``grpo-lr2e-4``: the run's folder and report row).
@@ -83,7 +88,7 @@ def preset_labels(presets: list[str], presets_dir: Path) -> dict[str, Path]:
 
     found: dict[str, Path] = {}
     for entry in presets:
-        label = Path(entry).stem if Path(entry).suffix in (".yaml", ".yml") else entry
+        label = preset_label(entry)
         path = preset_path(entry, presets_dir)
         if label in found and found[label].resolve() != path.resolve():
             raise ValueError(f"two presets are both called {label!r} ({found[label]} and {path}): rename one")
@@ -198,13 +203,15 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
     """
     out.mkdir(parents=True, exist_ok=True)
     cache = cache or out / "cache"
-    files = preset_labels(presets, presets_dir)
-    presets = list(files)
-    runs = [Run(p, s) for p in presets for s in seeds]
-    if report_only:  # the workspaces as they are: nothing copied, nothing run
+    if report_only:  # the workspaces as they are: nothing copied, nothing run, no preset file read
+        presets = list(dict.fromkeys(preset_label(p) for p in presets))
+        runs = [Run(p, s) for p in presets for s in seeds]
         rows = collect_results(out, runs)
         _report(out, rows, presets, runs, command, doc, title, intro, aims, final_split)
         return rows
+    files = preset_labels(presets, presets_dir)
+    presets = list(files)
+    runs = [Run(p, s) for p in presets for s in seeds]
     started = time.perf_counter()
     spaces = [prepare_workspace(project, base_params, run, presets_dir, out / "runs" / run.name, cache, iterations,
                                 setting, files[run.preset]) for run in runs]

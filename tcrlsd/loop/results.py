@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from tcrlsd.loop.compute import compute_lines
 from tcrlsd.loop.controls import controls_lines, critique_lines
 
 __all__ = ["RESULT_COLUMNS", "Aim", "Run", "collect_results", "load_aims", "summary_table", "paired_table",
@@ -271,6 +272,7 @@ def write_results(out: Path, rows: list[dict], presets: list[str], runs: list[Ru
     md += controls_lines(rows, presets)  # issue 20: content and noise, paired by seed (tcrlsd/loop/controls.py)
     md += critique_lines(out, presets, {p: [r.name for r in runs if r.preset == p] for p in presets})
     md += no_feedback_lines(rows, presets)
+    md += compute_lines(out, rows, presets, {p: [r.name for r in runs if r.preset == p] for p in presets})
     for col, fig_title in FIGURES:
         series = {}
         for preset in presets:
