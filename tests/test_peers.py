@@ -101,6 +101,28 @@ def test_a_missing_peer_package_is_one_line(monkeypatch, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 2 and not (tmp_path / "exp").exists()  # params line + error
 
 
+def test_an_unfinished_peer_run_starts_over_from_the_warm_start(tmp_path):
+    # what a killed run leaves (checkpoints, evaluations, rows, a final evaluation, scratch) goes; the warm
+    # start, the baseline, the prompts and the pipeline files stay; without its marker a run is not finished
+    from tcrlsd.commands.trl_grpo import clean
+    from tcrlsd.loop.peers import params_sha256, peer_finished
+
+    ws = tmp_path / "ws"
+    keep = ["params.yaml", "models/policy-0000/model.safetensors", "data/prompts.parquet", "dvc.yaml",
+            "data/baseline/evaluations/part-00000.parquet", "data/metrics/evaluate-baseline.json", "repro.log"]
+    gone = ["models/policy-0001/model.safetensors", "models/policy-0002/config.json", ".peer-step0/policy/x",
+            "data/iter-0000/evaluations/part-00000.parquet", "data/metrics/iter-0001/trl.json", ".trl/x",
+            "data/summary/iterations.csv", "data/final-test/evaluations/x", "data/metrics/final-test.json"]
+    for rel in keep + gone:
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws / rel).write_text("x")
+    (ws / "peer.json").write_text(json.dumps({"iterations": 2, "params_sha256": params_sha256(ws)}))
+    assert peer_finished(ws, 2) and not peer_finished(ws, 3)  # more iterations: trained again, from the start
+    clean(ws, "models/policy-0000")
+    assert all((ws / rel).exists() for rel in keep) and not any((ws / rel).exists() for rel in gone)
+    assert not peer_finished(ws, 2) and not (ws / "models/policy-0001").exists()
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     work = tmp_path_factory.mktemp("peer") / "work"

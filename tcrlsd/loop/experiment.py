@@ -189,7 +189,8 @@ def _peer(ws: Path, name: str, iterations: int, threads: int, tag: str, log) -> 
         log(f"{tag}: finished before ({ws / MARKER}); not trained again")
         return 0
     log(f"{tag}: {PEERS[name].about}")
-    return _logged(ws, peer_command(name), threads)
+    code = _logged(ws, peer_command(name), threads)
+    return code if code >= 0 else 128 - code  # killed by a signal: a failure to report, like a shell's status
 
 
 def _prune(ws: Path) -> list[str]:
