@@ -17,13 +17,13 @@ keys set, all sharing one DVC cache ``DIR/cache``. Why workspaces and not `dvc e
 
 Resumable: a rerun re-enters each workspace, extends iterations.yaml to K items if needed and
 calls `dvc repro`, which skips what is done (a killed stage resumes from its finished parts).
+Results: ``DIR/results.csv`` (one row per preset, seed, iteration), ``DIR/results.md`` (peak and
+final validation accuracy, mean +- std over seeds, like the method note's tables) and PNG curves.
 
 A ``--presets`` entry naming a peer (:data:`tcrlsd.loop.peers.PEERS`, e.g. ``trl_grpo``) is another
 trainer: its workspace is prepared like a run of the peer's preset, `dvc repro baseline` there gives
 the same warm start and baseline evaluation, and the peer's own command trains in it and writes the
 rows the report reads (a finished peer run is skipped on a rerun; an unfinished one starts over).
-Results: ``DIR/results.csv`` (one row per preset, seed, iteration), ``DIR/results.md`` (peak and
-final validation accuracy, mean +- std over seeds, like the method note's tables) and PNG curves.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
                 failures.append(f"{runs[i].name}: the final {final_split} evaluation failed; see "
                                 f"{spaces[i] / 'repro.log'}")
         if code > 0:
-            what = "the peer" if peer else "dvc repro"
+            what = "the peer run (dvc repro baseline, then its trainer)" if peer else "dvc repro"
             failures.append(f"{runs[i].name}: {what} failed (exit {code}); see {spaces[i] / 'repro.log'}")
         elif code == 0:
             log(f"{tag}: done")
