@@ -5,8 +5,9 @@
 
 WORKSPACE is a bench/iteration.py workspace after its iteration 0000 ran (models/policy-0000,
 data/prompts.parquet, data/iter-0000/rollouts, params.yaml). The workload is the pipeline's, read
-from its params.yaml: the prompts the generate stage picked, ``samples_per_prompt`` samples each,
-temperature 1, <= ``max_new_tokens`` new tokens, the same math-verify grader as reward, AdamW at the
+from its params.yaml by the trl_grpo peer's own mapping (tcrlsd/commands/trl_grpo.py: grpo_settings,
+the one TRL config of the project): the prompts the generate stage picked, ``samples_per_prompt``
+samples each, the generate stage's sampling, the same math-verify grader as reward, AdamW at the
 update's lr (constant), mini-batches of ``update.mini_batch_prompts`` prompts, one optimizer step
 each, ``ppo_epochs`` passes. In TRL's terms: ``steps_per_generation`` = prompts per iteration /
 prompts per mini-batch and ``num_iterations`` = ppo_epochs, so TRL, like the score stage, runs one
@@ -24,7 +25,8 @@ TRL at its best on CPU (what made the peer slow here, measured in bench/iteratio
   stages' thread count and keeps the faster.
 - **TRL 1.x's config defaults** ``bf16=True`` (CPU autocast to bfloat16 in the loss forward) and
   ``gradient_checkpointing=True`` (a second forward in the backward). The update stage runs fp32
-  without recomputation on CPU, so :data:`CPU_SAME_WORK` turns both off: same arithmetic, same work.
+  without recomputation on CPU, so ``CPU_SAME_WORK`` (tcrlsd/commands/trl_grpo.py) turns both off:
+  same arithmetic, same work.
   On this CPU (avx512_bf16) they cost no measurable CPU time at 1 thread (6.58 vs 6.66 CPU s); on a
   CPU without native bfloat16 the autocast matmuls are emulated.
 - Not the cause: the math-verify reward (0.1-0.2 s for 256 completions; its timeouts are
@@ -37,27 +39,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-
-import yaml
-
-# GRPOConfig overrides that make TRL's step the update stage's work on CPU: fp32 (TRL 1.x defaults
-# bf16=True, autocasting the loss forward) and no activation recomputation (TRL 1.x defaults
-# gradient_checkpointing=True). Shared with bench/trl_learning.py.
-CPU_SAME_WORK = {"bf16": False, "gradient_checkpointing": False}
-
-
-def schedule(params: dict) -> dict:
-    """The pipeline iteration's schedule in GRPOConfig's terms, from a params.yaml mapping."""
-    gen, upd = params["generate"], params["update"]
-    prompts, per_step = gen["prompts_per_step"], upd["mini_batch_prompts"]
-    if prompts % per_step:
-        raise SystemExit(f"generate.prompts_per_step ({prompts}) is not a multiple of update.mini_batch_prompts "
-                         f"({per_step}); TRL's steps_per_generation must be a whole number")
-    return {"per_device_train_batch_size": per_step * gen["samples_per_prompt"], "gradient_accumulation_steps": 1,
-            "steps_per_generation": prompts // per_step, "num_iterations": upd["ppo_epochs"],
-            "num_generations": gen["samples_per_prompt"], "max_completion_length": gen["sampling"]["max_new_tokens"],
-            "temperature": 1.0, "learning_rate": upd["lr"], "lr_scheduler_type": "constant", "beta": 0.0,
-            "epsilon": upd["clip_ratio_low"], "epsilon_high": upd["clip_ratio_high"]}
 
 
 def main() -> None:
@@ -76,15 +57,16 @@ def main() -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from tcrlsd.artifacts import read_artifact
-    from tcrlsd.verify import GradeLimits, grade_math_verify
+    from tcrlsd.commands.trl_grpo import CPU_SAME_WORK, grpo_settings, load_params
+    from tcrlsd.verify import grade_math_verify
 
-    params = yaml.safe_load((work / "params.yaml").read_text())
+    params = load_params(work / "params.yaml")
     rollouts = read_artifact(work / "data/iter-0000/rollouts", "rollouts", columns=["prompt_id"])
     prompts = read_artifact(work / "data/prompts.parquet", "prompts")
     chosen = set(pc.unique(rollouts.column("prompt_id")).to_pylist())
     rows = [r for r in prompts.select(["prompt_id", "prompt", "answer"]).to_pylist() if r["prompt_id"] in chosen]
     data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
-    limits = GradeLimits(params["verify"]["parse_timeout_s"], params["verify"]["verify_timeout_s"])
+    limits = params["verify"].limits
     inside = {"generate": 0.0, "reward": 0.0}
 
     def reward(completions, answer, **_):
@@ -93,10 +75,10 @@ def main() -> None:
         inside["reward"] += time.perf_counter() - t0
         return out
 
-    sched = schedule(params)
-    cycle = sched["steps_per_generation"] * sched["num_iterations"]  # optimizer steps per generation
-    cfg = GRPOConfig(output_dir=str(work / "trl"), max_steps=2 * cycle, logging_steps=cycle, save_strategy="no",
-                     report_to="none", use_cpu=True, seed=0, dataloader_num_workers=0, **sched, **CPU_SAME_WORK)
+    sched, _ = grpo_settings(params, iterations=2)  # two generation cycles
+    cycle = sched["max_steps"] // 2  # optimizer steps per generation
+    cfg = GRPOConfig(output_dir=str(work / "trl"), logging_steps=cycle, save_strategy="no", report_to="none",
+                     use_cpu=True, dataloader_num_workers=0, **{**sched, "seed": 0}, **CPU_SAME_WORK)
     policy = str(work / "models/policy-0000")
     model = AutoModelForCausalLM.from_pretrained(policy)
     generate = model.generate

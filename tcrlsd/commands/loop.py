@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from tcrlsd.loop.peers import PEERS  # light: the registry gives --presets' help its peers
+
 
 def _dvc_repro() -> list[str]:
     dvc = Path(sys.executable).parent / "dvc"
@@ -119,7 +121,9 @@ def report(
 
 
 def experiment(
-    presets: str = typer.Option(..., help="Comma-separated preset names (configs/presets) or YAML paths."),
+    presets: str = typer.Option(..., help="Comma-separated preset names (configs/presets) or YAML paths; a peer "
+                                          "name is another trainer from the same warm start, not a preset file: "
+                                          + "; ".join(f"{n} ({p.about})" for n, p in PEERS.items()) + "."),
     iterations: int = typer.Option(..., help="Training iterations per run."),
     seeds: int = typer.Option(1, help="Seeds per preset (0..S-1; sets generate/update/critique seeds)."),
     out: Path = typer.Option(..., help="Folder for the runs' workspaces, the shared DVC cache and the results."),

@@ -19,6 +19,11 @@ Resumable: a rerun re-enters each workspace, extends iterations.yaml to K items 
 calls `dvc repro`, which skips what is done (a killed stage resumes from its finished parts).
 Results: ``DIR/results.csv`` (one row per preset, seed, iteration), ``DIR/results.md`` (peak and
 final validation accuracy, mean +- std over seeds, like the method note's tables) and PNG curves.
+
+A ``--presets`` entry naming a peer (:data:`tcrlsd.loop.peers.PEERS`, e.g. ``trl_grpo``) is another
+trainer: its workspace is prepared like a run of the peer's preset, `dvc repro baseline` there gives
+the same warm start and baseline evaluation, and the peer's own command trains in it and writes the
+rows the report reads (a finished peer run is skipped on a rerun; an unfinished one starts over).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tcrlsd.loop.final import final_evaluation, final_lines
+from tcrlsd.loop.peers import MARKER, PEERS, peer_command, peer_finished, require_peer
 from tcrlsd.loop.results import RESULT_COLUMNS, Run, collect_results, summary_table, write_results
 
 __all__ = ["SEED_KEYS", "RESULT_COLUMNS", "Run", "preset_labels", "prepare_workspace", "run_experiment", "collect_results",
@@ -82,14 +88,15 @@ def preset_label(entry: str) -> str:
 
 def preset_labels(presets: list[str], presets_dir: Path) -> dict[str, Path]:
     """Each ``--presets`` entry by its label: a named preset by its name, a YAML path by its file's stem
-    (``configs/experiments/lr/grpo-lr2e-4.yaml`` -> ``grpo-lr2e-4``: the run's folder and report row).
+    (``configs/experiments/lr/grpo-lr2e-4.yaml`` -> ``grpo-lr2e-4``: the run's folder and report row);
+    a peer (a name in PEERS) by its name, with the preset its workspace is prepared with.
     Two entries with one label are an error, not two runs in one folder."""
     from tcrlsd.presets import preset_path
 
     found: dict[str, Path] = {}
     for entry in presets:
         label = preset_label(entry)
-        path = preset_path(entry, presets_dir)
+        path = preset_path(PEERS[entry].preset if entry in PEERS else entry, presets_dir)
         if label in found and found[label].resolve() != path.resolve():
             raise ValueError(f"two presets are both called {label!r} ({found[label]} and {path}): rename one")
         found[label] = path
@@ -158,19 +165,37 @@ def _add_seconds(path: Path, seconds: float) -> None:
     write_json({"seconds": round(spent + seconds, 1)}, path)
 
 
-def _repro(ws: Path, target: str | None = None, threads: int = 0) -> int:
-    """``dvc repro [target]`` in ``ws``, output appended to ``ws/repro.log``; its wall time is added to
-    ``ws/wall.json`` (kept across resumes). ``threads`` > 0 caps torch's CPU threads per stage process."""
+def _logged(ws: Path, cmd: list[str], threads: int = 0) -> int:
+    """``cmd`` in ``ws``, output appended to ``ws/repro.log``; its wall time is added to ``ws/wall.json``
+    (kept across resumes). ``threads`` > 0 caps torch's CPU threads per process."""
     env = dict(os.environ)
     if threads > 0:
         env["OMP_NUM_THREADS"] = str(threads)
         env["MKL_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     with open(ws / "repro.log", "a") as fh:
-        code = subprocess.call([_dvc(), "repro"] + ([target] if target else []), cwd=ws, stdout=fh,
-                               stderr=subprocess.STDOUT, env=env)
+        code = subprocess.call(cmd, cwd=ws, stdout=fh, stderr=subprocess.STDOUT, env=env)
     _add_seconds(ws / "wall.json", time.perf_counter() - start)
     return code
+
+
+def _repro(ws: Path, target: str | None = None, threads: int = 0) -> int:
+    """``dvc repro [target]`` in ``ws`` (:func:`_logged`)."""
+    return _logged(ws, [_dvc(), "repro"] + ([target] if target else []), threads)
+
+
+def _peer(ws: Path, name: str, iterations: int, threads: int, tag: str, log) -> int:
+    """A peer run in ``ws``: its warm start and baseline evaluation (`dvc repro baseline`: the shared cache's
+    warm start), then the peer's command unless the workspace holds a finished run (its marker)."""
+    code = _repro(ws, "baseline", threads)
+    if code != 0:
+        return code
+    if peer_finished(ws, iterations):
+        log(f"{tag}: finished before ({ws / MARKER}); not trained again")
+        return 0
+    log(f"{tag}: {PEERS[name].about}")
+    code = _logged(ws, peer_command(name), threads)
+    return code if code >= 0 else 128 - code  # killed by a signal: a failure to report, like a shell's status
 
 
 def _prune(ws: Path) -> list[str]:
@@ -201,6 +226,10 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
     ``final_split`` (e.g. "test"): after a run's repro, its last policy is evaluated on that split
     (:mod:`tcrlsd.loop.final`) and the report gets the final table.
     """
+    if not report_only:
+        for name in presets:
+            if name in PEERS:
+                require_peer(name)  # its package, before any work
     out.mkdir(parents=True, exist_ok=True)
     cache = cache or out / "cache"
     if report_only:  # the workspaces as they are: nothing copied, nothing run, no preset file read
@@ -225,19 +254,24 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
                                "Rerun the same command to resume.")
 
     def one(i: int) -> None:
-        log(f"[{i + 1}/{len(runs)}] {runs[i].name}: dvc repro in {spaces[i]} (log: {spaces[i] / 'repro.log'})")
-        code = _repro(spaces[i], threads=threads)
+        tag, peer = f"[{i + 1}/{len(runs)}] {runs[i].name}", runs[i].preset in PEERS
+        log(f"{tag}: {'peer' if peer else 'dvc repro'} in {spaces[i]} (log: {spaces[i] / 'repro.log'})")
+        if peer:
+            code = _peer(spaces[i], runs[i].preset, iterations, threads, tag, log)
+        else:
+            code = _repro(spaces[i], threads=threads)
         if code == 0 and final_split:
             if final_evaluation(spaces[i], final_split, threads) != 0:
                 code = -1
                 failures.append(f"{runs[i].name}: the final {final_split} evaluation failed; see "
                                 f"{spaces[i] / 'repro.log'}")
         if code > 0:
-            failures.append(f"{runs[i].name}: dvc repro failed (exit {code}); see {spaces[i] / 'repro.log'}")
+            what = "the peer run (dvc repro baseline, then its trainer)" if peer else "dvc repro"
+            failures.append(f"{runs[i].name}: {what} failed (exit {code}); see {spaces[i] / 'repro.log'}")
         elif code == 0:
-            log(f"[{i + 1}/{len(runs)}] {runs[i].name}: done")
+            log(f"{tag}: done")
             for line in _prune(spaces[i]):
-                log(f"[{i + 1}/{len(runs)}] {runs[i].name}: {line}")
+                log(f"{tag}: {line}")
         with lock:  # results so far, after every run: a long experiment shows its table as it goes
             _report(out, collect_results(out, runs), presets, runs, command, doc, title, intro, aims, final_split)
 
