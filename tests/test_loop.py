@@ -235,18 +235,29 @@ def test_signals_table_and_report_with_command_and_doc(tmp_path):
     assert header.startswith("preset,seed,iteration,val_greedy") and "saturated_nonzero_adv_share" in header
 
 
-def test_hypothesis_line_reports_met_or_not():
+def test_hypothesis_line_is_decided_by_the_paired_interval_not_the_mean():
     from tcrlsd.loop.results import hypothesis_lines, load_aims
 
     aims = load_aims(ROOT / "configs" / "aims.yaml")  # the aim is data: tc_rlsd_hybrid >= grpo + 2 points
     assert [(a.run, a.reference, a.margin_points) for a in aims] == [("tc_rlsd_hybrid", "grpo", 2.0)]
-    rows = _rows("grpo", 0, [0.5, 0.60]) + _rows("tc_rlsd_hybrid", 0, [0.5, 0.61])
-    line = hypothesis_lines(rows, ["grpo", "tc_rlsd_hybrid"], aims)[0]
-    assert "tc_rlsd_hybrid ≥ grpo + 2 points" in line and "**not met** (difference +1.0 points" in line
+    presets = ["grpo", "tc_rlsd_hybrid"]
+
+    def line(diffs):  # tc_rlsd_hybrid minus grpo, in points, one seed each
+        rows = []
+        for seed, d in enumerate(diffs):
+            rows += _rows("grpo", seed, [0.5, 0.60]) + _rows("tc_rlsd_hybrid", seed, [0.5, 0.60 + d / 100])
+        return hypothesis_lines(rows, presets, aims)[0]
+
+    # +3.0 (sd 0.2), 3 seeds: the interval is 3.0 ± 4.303 * 0.2 / sqrt(3) = [+2.5, +3.5], above 2
+    assert "tc_rlsd_hybrid ≥ grpo + 2 points" in line([3.0, 3.2, 2.8])
+    assert "**met** (difference +3.0 points, 95% interval [+2.5, +3.5]" in line([3.0, 3.2, 2.8])
+    assert "**not met** (difference +1.0 points, 95% interval [+0.5, +1.5]" in line([1.0, 1.2, 0.8])
+    # a mean above the margin with a wide spread is not "met": the mean alone never decides
+    assert "**undecided** (difference +3.0 points" in line([3.0, 8.0, -2.0])
+    assert "**undecided** (difference +3.0 points from one seed" in line([3.0])
     rows = _rows("grpo", 0, [0.5, 0.60]) + _rows("tc_rlsd_hybrid", 0, [0.5, 0.63])
-    assert "**met** (difference +3.0 points" in hypothesis_lines(rows, ["grpo", "tc_rlsd_hybrid"], aims)[0]
     assert hypothesis_lines(rows, ["grpo"], aims) == []
-    assert hypothesis_lines(rows, ["grpo", "tc_rlsd_hybrid"]) == []  # no aims, no line
+    assert hypothesis_lines(rows, presets) == []  # no aims, no line
 
 
 def test_a_run_without_any_feedback_is_called_out():

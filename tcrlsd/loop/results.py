@@ -184,19 +184,29 @@ def load_aims(path: Path | None) -> list[Aim]:
 
 
 def hypothesis_lines(rows: list[dict], presets: list[str], aims: Sequence[Aim] = ()) -> list[str]:
-    """Each aim whose two runs are in the experiment, checked on the final greedy accuracy (mean of seeds)."""
+    """Each aim whose two runs are in the experiment, decided by the paired test, never by the means:
+    the 95% two-sided confidence interval of run − reference (final greedy accuracy, paired by seed,
+    Student's t) lies above the margin: met; below it: not met; across it (or one seed): undecided."""
+    from tcrlsd.loop.controls import paired_difference
+
     out = []
     for aim in aims:
         if not {aim.run, aim.reference} <= set(presets):
             continue
-        final = {p: [c[-1][1] for c in _curves(rows, p, "val_greedy").values() if c] for p in (aim.reference, aim.run)}
-        if not all(final.values()):
+        p = paired_difference(rows, aim.run, aim.reference)
+        if p is None:
             continue
-        diff = 100 * (statistics.mean(final[aim.run]) - statistics.mean(final[aim.reference]))
-        met = "met" if diff >= aim.margin_points else "not met"
-        out += [f"{aim.name}, {aim.run} ≥ {aim.reference} + {aim.margin_points:g} points of final greedy accuracy "
-                f"(mean of {len(final[aim.reference])} / {len(final[aim.run])} seeds): **{met}** (difference "
-                f"{diff:+.1f} points; see the paired test above for whether it exceeds the seed spread).", ""]
+        mean, sd, _, n = p
+        head = (f"{aim.name}, {aim.run} ≥ {aim.reference} + {aim.margin_points:g} points of final greedy accuracy, "
+                f"paired by seed ({n} seed{'s' if n > 1 else ''}): ")
+        if sd is None:
+            out += [head + f"**undecided** (difference {mean:+.1f} points from one seed: no paired test).", ""]
+            continue
+        half = T_CRIT_95.get(n - 1, 2.0) * sd / math.sqrt(n)
+        low, high = mean - half, mean + half
+        verdict = "met" if low >= aim.margin_points else "not met" if high < aim.margin_points else "undecided"
+        out += [head + f"**{verdict}** (difference {mean:+.1f} points, 95% interval [{low:+.1f}, {high:+.1f}]; met "
+                "when the whole interval is at or above the margin, not met when it is below).", ""]
     return out
 
 
