@@ -355,6 +355,18 @@ def test_final_table_on_the_test_split_is_paired_by_seed(tmp_path, monkeypatch):
     assert "| grpo | 3 | 45.0 ± 5.0 | 22.5 ± 2.5 |  |  |  |" in text
     assert "| tc | 3 | 55.0 ± 4.4 | 27.5 ± 2.2 | +10.0 (2.0) | +8.66 | differs |" in text
     assert final_lines(tmp_path, ["grpo"], runs, "val") == []
+    assert "## Controls" not in text  # no control preset in this experiment
+    # with tc's content-free control (tc_blank 55/45/49%): content = tc − tc_blank +5, +7, +4 on the test split
+    blank = [Run("tc_blank", s) for s in range(3)]
+    for run, acc in zip(blank, (0.55, 0.45, 0.49)):
+        path = tmp_path / "runs" / run.name / final_paths("test")[1]
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"greedy_mean_at_1": acc, "avg_at_k": acc / 2, "split": "test"}))
+    text = "\n".join(final_lines(tmp_path, ["grpo", "tc", "tc_blank"], runs + blank, "test"))
+    assert "## Controls on the test split" in text
+    assert "| tc | gain over grpo | +10.0 (2.0) | +8.66 | 3 |" in text
+    assert "| tc | content (run − blank) | +5.3 (1.5) | +6.05 | 3 |" in text
+    assert "| tc | content share of the gain | 53% | | |" in text
 
     ws = tmp_path / "ws"
     ws.mkdir()

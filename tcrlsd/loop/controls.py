@@ -58,13 +58,16 @@ def _cell(p) -> str:
     return f"{mean:+.1f}" + ("" if sd is None else f" ({sd:.1f})") + f" | {'' if t is None else f'{t:+.2f}'} "
 
 
-def controls_lines(rows: list[dict], presets: list[str]) -> list[str]:
-    """The Markdown section (a list of lines; empty when no preset has a control in the experiment)."""
+def controls_lines(rows: list[dict], presets: list[str], where: str = "") -> list[str]:
+    """The Markdown section (a list of lines; empty when no preset has a control in the experiment).
+    ``where``: what the rows' accuracy is, for the heading (default: the validation curves' last point;
+    the final table passes its split's scores as one-iteration rows)."""
     bases = [p for p in presets if any(p + s in presets for s, _ in CONTROL_SUFFIXES)]
     if not bases:
         return []
-    lines = ["## Controls", "",
-             "Final greedy accuracy, points, paired by seed: mean difference (sd over seeds) and Student's t. "
+    lines = [f"## Controls{' on the ' + where if where else ''}", "",
+             f"Final greedy accuracy{' on the ' + where if where else ''}, points, paired by seed: mean difference "
+             "(sd over seeds) and Student's t. "
              "Content share = (run − blank) / (run − grpo): the part of the gain over grpo that the critique's "
              "content explains (the rest came from a feedback block being there at all).", "",
              "| run | vs | mean diff (sd) | t | seeds |", "|---|---|---|---|---|"]

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tcrlsd.loop.controls import controls_lines
 from tcrlsd.loop.results import T_CRIT_95, Run
 
 
@@ -102,4 +103,7 @@ def final_lines(out: Path, presets: list[str], runs: list[Run], split: str) -> l
             elif d:
                 cells = [f"{d[0]:+.1f}", "", "too few seeds"]
         lines.append(f"| {preset} | {len(got)} | {ms(greedy)} | {ms(avg)} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    # the controls (content share) on the same held-out scores: each final score as a one-iteration row
+    rows = [{"preset": p, "seed": s, "iteration": 0, "val_greedy": m.get("greedy_mean_at_1")}
+            for p, by_seed in scores.items() for s, m in by_seed.items()]
+    return lines + [""] + controls_lines(rows, presets, where=f"{split} split")
