@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from tcrlsd.loop.final import final_evaluation, final_lines
+from tcrlsd.loop.final import final_evaluation, final_lines, thread_env
 from tcrlsd.loop.peers import MARKER, PEERS, peer_command, peer_finished, require_peer
 from tcrlsd.loop.results import RESULT_COLUMNS, Run, collect_results, summary_table, write_results
 
@@ -168,13 +168,9 @@ def _add_seconds(path: Path, seconds: float) -> None:
 def _logged(ws: Path, cmd: list[str], threads: int = 0) -> int:
     """``cmd`` in ``ws``, output appended to ``ws/repro.log``; its wall time is added to ``ws/wall.json``
     (kept across resumes). ``threads`` > 0 caps torch's CPU threads per process."""
-    env = dict(os.environ)
-    if threads > 0:
-        env["OMP_NUM_THREADS"] = str(threads)
-        env["MKL_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     with open(ws / "repro.log", "a") as fh:
-        code = subprocess.call(cmd, cwd=ws, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        code = subprocess.call(cmd, cwd=ws, stdout=fh, stderr=subprocess.STDOUT, env=thread_env(threads))
     _add_seconds(ws / "wall.json", time.perf_counter() - start)
     return code
 

@@ -28,20 +28,25 @@ def final_paths(split: str) -> tuple[str, str]:
     return f"data/final-{split}/evaluations", f"data/metrics/final-{split}.json"
 
 
+def thread_env(threads: int = 0) -> dict:
+    """This process's environment, with torch's CPU threads capped at ``threads`` when it is > 0."""
+    env = dict(os.environ)
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
 def evaluate_stage(ws: Path, policy: str, out: str, metrics: str, preset: str | None = None,
                    threads: int = 0) -> int:
     """The evaluate stage on ``policy`` in the workspace ``ws`` (its params.yaml and prompts file, paths
     relative to it: the command dvc.yaml runs, outside DVC), output appended to ``ws/repro.log``; its exit
     status. ``preset``: a params-shaped YAML beside params.yaml merged over it (params.yaml, and DVC's view
     of it, stay as they are). ``threads`` > 0 caps torch's CPU threads."""
-    env = dict(os.environ)
-    if threads > 0:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "stages/evaluate.py", "--params", "params.yaml"] + (["--preset", preset] if preset else [])
     with open(ws / "repro.log", "a") as fh:
         return subprocess.call(cmd + ["--prompts", "data/prompts.parquet", "--policy", str(policy), "--out", out,
                                       "--metrics", metrics, "--restart", "--no-progress"],
-                               cwd=ws, stdout=fh, stderr=subprocess.STDOUT, env=env)
+                               cwd=ws, stdout=fh, stderr=subprocess.STDOUT, env=thread_env(threads))
 
 
 def final_evaluation(ws: Path, split: str, threads: int = 0) -> int:
