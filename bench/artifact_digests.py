@@ -8,6 +8,7 @@ hold wall times and are listed with the keys that vary removed (``--keep-timings
 
     python bench/artifact_digests.py --out /tmp/digests-before.json            # on the old tree
     python bench/artifact_digests.py --compare /tmp/digests-before.json        # on the new tree
+    python bench/artifact_digests.py --stage-host --compare /tmp/digests-before.json  # through the stage host
 
 ``--compare`` prints the files whose digest differs (and those only one side has) and exits 1 if any.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw", "tcrlsd"]
+COPY = [".dvcignore", "dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw", "tcrlsd"]
 # metrics keys that hold times, hosts or paths of the workspace: not outputs of the method
 VOLATILE = ("seconds", "time", "wall", "elapsed", "per_s", "tokens_per_s", "rows_per_s", "host", "started",
             "finished", "throughput", "pid")
@@ -59,11 +60,14 @@ def _digest(path: Path, keep_timings: bool) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
+def _env(cwd: Path) -> dict:
     bindir = Path(sys.executable).parent
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", PYTHONPATH=str(cwd),
-               PATH=os.pathsep.join([str(bindir), os.environ.get("PATH", "")]))
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    return dict(os.environ, PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", PYTHONPATH=str(cwd),
+                PATH=os.pathsep.join([str(bindir), os.environ.get("PATH", "")]))
+
+
+def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, env=env or _env(cwd), capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
@@ -84,10 +88,15 @@ def make_workspace(work: Path, setting: dict, extra: tuple[str, ...] = ()) -> No
     _run(["dvc", "config", "core.analytics", "false"], work)
 
 
-def build(work: Path, setting: Path) -> None:
+def build(work: Path, setting: Path, host: bool = False) -> None:
+    """Both iterations; ``host``: the first `dvc repro` through a warm stage host too (tcrlsd/stagehost.py),
+    and `tcrlsd iterate` with its default host (else --no-stage-host: every stage its own process)."""
+    from tcrlsd.stagehost import stage_host
+
     make_workspace(work, yaml.safe_load(setting.read_text()))
-    _run(["dvc", "repro"], work)
-    _run(["tcrlsd", "iterate", "1"], work)
+    with stage_host(_env(work), cwd=work, enabled=host) as env:
+        _run(["dvc", "repro"], work, env)
+    _run(["tcrlsd", "iterate", "1"] + ([] if host else ["--no-stage-host"]), work)
 
 
 def digests(work: Path, keep_timings: bool) -> dict[str, str]:
@@ -108,6 +117,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write {path: sha256} as JSON here")
     ap.add_argument("--compare", type=Path, help="a JSON written by --out: list differences, exit 1 if any")
     ap.add_argument("--keep-timings", action="store_true", help="hash metrics JSON as written (times included)")
+    ap.add_argument("--stage-host", action="store_true",
+                    help="run the stages through a warm stage host (default: each stage its own process)")
     args = ap.parse_args()
     tmp = None
     work = args.workspace
@@ -115,7 +126,7 @@ def main() -> None:
         tmp = tempfile.mkdtemp(prefix="tcrlsd-digests-")
         work = Path(tmp)
     try:
-        build(work, args.setting)
+        build(work, args.setting, args.stage_host)
         found = digests(work, args.keep_timings)
     finally:
         if tmp:

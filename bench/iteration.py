@@ -45,7 +45,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw", "tcrlsd",
+COPY = [".dvcignore", "dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw", "tcrlsd",
         "bench/stage_timer.py"]
 STAGES = ("generate", "verify", "critique", "score", "advantages", "update", "evaluate")
 GRPO_EQUIVALENT = ("generate", "verify", "score", "advantages", "update")
@@ -103,6 +103,48 @@ def _workspace(work: Path, args) -> None:
     (work / "dvc.yaml").write_text(text)
 
 
+def _unwrap(work: Path) -> None:
+    """dvc.yaml's commands as the project has them (no stage_timer wrapper): the stage-host arms."""
+    shutil.copy2(ROOT / "dvc.yaml", work / "dvc.yaml")
+
+
+def _outputs_digest(work: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for top in ("data/iter-0000", "models/policy-0001"):
+        for path in sorted((work / top).rglob("*")):
+            if path.is_file() and "/metrics/" not in path.as_posix() and not path.name.startswith("."):
+                h.update(path.relative_to(work).as_posix().encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def _host_arms(work: Path, dvc: str, repeats: int, log) -> dict:
+    """Iteration 0000's stages, each forced (`dvc repro -s -f`), once with every stage its own process and
+    once through a warm stage host (as `tcrlsd iterate` runs them), alternating ``repeats`` times;
+    per stage and arm the median wall seconds, and whether both arms wrote the same bytes."""
+    from tcrlsd.stagehost import stage_host
+
+    walls = {arm: {s: [] for s in STAGES} for arm in ("process", "host")}
+    digests = {"process": set(), "host": set()}
+    for rep in range(repeats):
+        for arm in (("process", "host") if rep % 2 == 0 else ("host", "process")):
+            with stage_host(dict(os.environ), cwd=work, enabled=arm == "host") as env:
+                for stage in STAGES:
+                    t0 = time.perf_counter()
+                    proc = subprocess.run([dvc, "repro", "-s", "-f", f"{stage}@0000"], cwd=work, env=env,
+                                          capture_output=True, text=True)
+                    walls[arm][stage].append(time.perf_counter() - t0)
+                    log.write(proc.stdout + proc.stderr)
+                    if proc.returncode != 0:
+                        raise SystemExit(f"{arm}: dvc repro -s -f {stage}@0000 failed:\n{proc.stderr[-3000:]}")
+            digests[arm].add(_outputs_digest(work))
+            print(f"  stage-host bench, repeat {rep + 1}/{repeats}, {arm}: "
+                  f"{sum(w[-1] for w in walls[arm].values()):.1f} s", flush=True)
+    return {"walls": {arm: {s: statistics.median(v) for s, v in by.items()} for arm, by in walls.items()},
+            "same_bytes": len(digests["process"] | digests["host"]) == 1}
+
+
 def _bytes(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -153,6 +195,9 @@ def main() -> None:
     ap.add_argument("--warmstart-steps", type=int, default=300)
     ap.add_argument("--workdir", type=Path, default=None, help="keep the workspace here (default: a temp dir)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    ap.add_argument("--host-repeats", type=int, default=2,
+                    help="repeats of the stage-host comparison (each: the iteration's stages in own processes and "
+                         "through the warm stage host); 0 skips it")
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="tcrlsd-bench-"))
@@ -203,6 +248,24 @@ def main() -> None:
           f"engine start) plus DVC hashing+caching of ~{gpu_gb:.0f} GB of outputs per iteration at "
           f"~{DVC_S_PER_GB:.1f} s/GB = ~{gpu_gb * DVC_S_PER_GB:.0f} s (cache.type hardlink/reflink removes the "
           f"copy: ~{gpu_gb * 1.8:.0f} s)")
+    host = None
+    if args.host_repeats > 0:
+        print(f"\nthe same stages again, each forced: own processes vs a warm stage host (tcrlsd/stagehost.py, "
+              f"what tcrlsd iterate uses), alternating, {args.host_repeats} repeat(s)", flush=True)
+        _unwrap(work)
+        with open(work / "bench.log", "a") as log:
+            host = _host_arms(work, dvc, args.host_repeats, log)
+        w = host["walls"]
+        print(f"{'stage':<11}{'processes':>10}{'host':>8}{'ratio':>8}")
+        for stage in STAGES:
+            print(f"{stage:<11}{w['process'][stage]:>10.2f}{w['host'][stage]:>8.2f}"
+                  f"{w['process'][stage] / w['host'][stage]:>7.2f}x")
+        tp, th = sum(w["process"].values()), sum(w["host"].values())
+        print(f"{'total':<11}{tp:>10.2f}{th:>8.2f}{tp / th:>7.2f}x   same output bytes in both arms: "
+              f"{host['same_bytes']}")
+        own_all = tot["own"] + tot["parquet_io"]
+        print(f"fixed overhead per iteration through the host (its wall - the stages' main() above): "
+              f"{th - own_all:.1f} s (processes: {tp - own_all:.1f} s; aim <= 10 s)")
     if args.no_trl:
         return
     try:
@@ -222,6 +285,12 @@ def main() -> None:
     print(f"TRL at its best ({best['threads']} thread(s)): {trl_s:.2f} s")
     print(f"stages' own work ({', '.join(GRPO_EQUIVALENT)}): {same:.2f} s -> ratio {same / trl_s:.2f}x TRL")
     print(f"the same stages through dvc repro (with all overhead): {same_wall:.2f} s -> ratio {same_wall / trl_s:.2f}x TRL")
+    if host:
+        hw = sum(host["walls"]["host"][s] for s in GRPO_EQUIVALENT)
+        without = hw - host["walls"]["host"]["score"]
+        print(f"the same stages through dvc repro and the warm stage host (all overhead): {hw:.2f} s -> ratio "
+              f"{hw / trl_s:.2f}x TRL; without the score stage (its teacher forward, which a GRPO step does not "
+              f"run; the student log-probs come from the sampler): {without:.2f} s -> {without / trl_s:.2f}x")
 
 if __name__ == "__main__":
     main()

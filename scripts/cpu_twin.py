@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GPU_PRESET = ROOT / "configs" / "gpu" / "llama3b_qwen3_4b_math.yaml"
 TWIN_PRESET = ROOT / "configs" / "cpu-twin" / "twin.yaml"
-COPY = ["dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw"]
+COPY = [".dvcignore", "dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw"]
 SERVED = "Qwen3-4B"  # = the GPU preset's critique.critic_model (the twin serves under that name)
 SERVER_START_TIMEOUT_S = 420
 # Positions of both tiny models and of the server: a MATH problem rendered with a template, or a

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import sys
 
+from tcrlsd.stagehost import hand_off
+
+hand_off()  # with a warm stage host (tcrlsd iterate / experiment) it runs this script and this exits
+
 from tcrlsd.advantages import AdvantagesParams, IterationInputs, compute_advantages
 from tcrlsd.artifacts import artifact_path
 from tcrlsd.params import load_section

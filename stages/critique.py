@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import sys
 
+from tcrlsd.stagehost import hand_off
+
+hand_off()  # with a warm stage host (tcrlsd iterate / experiment) it runs this script and this exits
+
 from tcrlsd.artifacts import ShardSpec, read_artifact
 from tcrlsd.critique import CriticAborted, CriticRetryLater, CritiqueParams, critique_metrics, read_inputs, run_critique
 from tcrlsd.params import load_section

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import sys
 
+from tcrlsd.stagehost import hand_off
+
+hand_off()  # with a warm stage host (tcrlsd iterate / experiment) it runs this script and this exits
+
 from tcrlsd.artifacts import ShardSpec
 from tcrlsd.generate import GenerateParams, load_group_filter, run_generate
 from tcrlsd.params import load_section

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import sys
 
+from tcrlsd.stagehost import hand_off
+
+hand_off()  # with a warm stage host (tcrlsd iterate / experiment) it runs this script and this exits
+
 from tcrlsd.artifacts import ShardSpec, artifact_path, read_artifact
 from tcrlsd.params import load_section
 from tcrlsd.score import ScoreParams, artifact_metrics, build_inputs, run_score

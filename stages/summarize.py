@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import sys
 
+from tcrlsd.stagehost import hand_off
+
+hand_off()  # with a warm stage host (tcrlsd iterate / experiment) it runs this script and this exits
+
 from tcrlsd.stagecli import process_main, run_stage, stage_parser, write_metrics
 from tcrlsd.summarize import collect_rows, headline, track_rows, write_table
 from tcrlsd.tracking import Tracker, load_tracking

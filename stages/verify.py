@@ -13,6 +13,10 @@ from __future__ import annotations
 import sys
 import time
 
+from tcrlsd.stagehost import hand_off
+
+hand_off()  # with a warm stage host (tcrlsd iterate / experiment) it runs this script and this exits
+
 from tcrlsd.artifacts import read_artifact, write_artifact
 from tcrlsd.params import load_section
 from tcrlsd.stagecli import process_main, run_stage, stage_parser, write_metrics

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from tcrlsd.code import fingerprint, fingerprint_path, imports, package_modules, runs
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "tcrlsd"
 MAX_LINES = 500
@@ -26,76 +28,15 @@ MAX_LINES = 500
 FRONT_ENDS = {"tcrlsd.commands", "tcrlsd.cli"}
 
 
-def _modname(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(parts)
-
-
-MODULES: dict[str, Path] = {_modname(p): p for p in sorted(PKG.rglob("*.py"))}
-
-
-def _lazy_exports(mod: str) -> dict:
-    for node in ast.parse(MODULES[mod].read_text()).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        if any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in targets):
-            return ast.literal_eval(node.value)
-    return {}
-
-
-def _resolve(name: str) -> list[str]:
-    """The modules that ``import name`` (or ``from parent import last``) runs, outermost first."""
-    out: list[str] = []
-    parts = name.split(".")
-    for i in range(1, len(parts) + 1):
-        mod = ".".join(parts[:i])
-        if mod in MODULES:
-            out.append(mod)
-        elif out and out[-1] == ".".join(parts[: i - 1]):
-            sub = _lazy_exports(out[-1]).get(parts[i - 1])
-            if sub:
-                out.append(f"{out[-1]}.{sub}")
-            break
-    return out
-
-
-def _walk_run(tree: ast.AST):
-    """``ast.walk`` without the bodies of ``if TYPE_CHECKING:`` (annotations only: never run)."""
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        yield node
-        if isinstance(node, ast.If) and (getattr(node.test, "id", None) == "TYPE_CHECKING"
-                                         or getattr(node.test, "attr", None) == "TYPE_CHECKING"):
-            todo += node.orelse
-            continue
-        todo += list(ast.iter_child_nodes(node))
+MODULES: dict[str, Path] = package_modules(ROOT)
 
 
 def _imports(path: Path) -> list[list[str]]:
-    """For each tcrlsd import statement (name) in ``path``: the modules it runs, outermost first."""
-    found = []
-    for node in _walk_run(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found += [_resolve(a.name) for a in node.names if a.name.split(".")[0] == "tcrlsd"]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "tcrlsd":
-            base = _resolve(node.module)
-            found.append(base)
-            found += [r for a in node.names if len(r := _resolve(f"{node.module}.{a.name}")) > len(base)]
-    return [f for f in found if f]
+    return imports(path, MODULES)
 
 
 def _runs(path: Path) -> set[str]:
-    """Every tcrlsd module that running ``path`` can import (transitively, ancestors included)."""
-    seen: set[str] = set()
-    todo = [m for chain in _imports(path) for m in chain]
-    while todo:
-        mod = todo.pop()
-        if mod not in seen:
-            seen.add(mod)
-            todo += [m for chain in _imports(MODULES[mod]) for m in chain]
-    return seen
+    return runs(path, MODULES)
 
 
 def _stage_package(mod: str) -> str | None:
@@ -170,21 +111,47 @@ def test_modules_are_small():
     assert not big, f"modules of {MAX_LINES}+ lines: {big}"
 
 
-def test_dvc_deps_are_exactly_the_modules_each_stage_runs():
+def test_each_dvc_stage_depends_on_the_fingerprint_of_exactly_the_code_it_runs():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    code = stages.pop("code")
+    assert set(code["deps"]) == {"stages", "tcrlsd"}  # any code change reruns the (cheap) code stage
+    written = {next(iter(o)) if isinstance(o, dict) else o for o in code["outs"]}
+    scripts = sorted(p for p in (ROOT / "stages").glob("*.py") if p.name != "code.py")
+    assert written == {fingerprint_path(p) for p in scripts}
     assert stages
     for name, stage in stages.items():
         body = stage.get("do", stage)
         script = next(w for w in body["cmd"].split() if w.startswith("stages/"))
         deps = {d if isinstance(d, str) else next(iter(d)) for d in body["deps"]}
-        listed = {d for d in deps if d.startswith("tcrlsd/")}
-        runs = {str(MODULES[m].relative_to(ROOT)) for m in _runs(ROOT / script)}
-        assert script in deps, f"dvc.yaml stage {name}: its script {script} is not a dep"
-        assert not runs - listed, f"dvc.yaml stage {name}: deps miss modules it runs: {sorted(runs - listed)}"
-        assert not listed - runs, f"dvc.yaml stage {name}: deps list modules it never runs: {sorted(listed - runs)}"
+        assert fingerprint_path(script) in deps, f"dvc.yaml stage {name}: no dep on its code fingerprint"
+        assert not any(d.startswith(("tcrlsd/", "stages/")) for d in deps), f"dvc.yaml stage {name}: a code path dep"
+    # the fingerprint lists the script and exactly the modules it runs, with their current digests
+    for script in scripts:
+        listed = {line.split("  ", 1)[1] for line in fingerprint(ROOT, script).splitlines()}
+        assert listed == {f"stages/{script.name}"} | {str(MODULES[m].relative_to(ROOT)) for m in _runs(script)}
     # The warm start does not depend on the critique stage's code (issue 10, item 7).
-    warm = {d for d in stages["warmstart"]["deps"] if isinstance(d, str)}
-    assert not any(d.startswith("tcrlsd/critique") for d in warm)
+    warm = fingerprint(ROOT, ROOT / "stages" / "warmstart.py")
+    assert "tcrlsd/critique" not in warm and "tcrlsd/reference_critic.py" in warm
+
+
+def test_the_code_graph_follows_lazy_imports_and_skips_type_checking_blocks(tmp_path):
+    pkg = tmp_path / "tcrlsd"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from tcrlsd.b import g\n    return g\n")
+    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import tcrlsd.c\n")
+    (pkg / "c.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("_EXPORTS = {'thing': 'impl'}\n")
+    (pkg / "sub" / "impl.py").write_text("thing = 1\n")
+    script = tmp_path / "s.py"
+    script.write_text("import tcrlsd.a\nfrom tcrlsd.sub import thing\n")
+    mods = package_modules(tmp_path)
+    assert runs(script, mods) == {"tcrlsd", "tcrlsd.a", "tcrlsd.b", "tcrlsd.sub", "tcrlsd.sub.impl"}
+    before = fingerprint(tmp_path, script)
+    (pkg / "c.py").write_text("x = 1\n")  # not run: the fingerprint stays
+    assert fingerprint(tmp_path, script) == before
+    (pkg / "b.py").write_text((pkg / "b.py").read_text() + "y = 2\n")  # run lazily: it changes
+    assert fingerprint(tmp_path, script) != before
 
 
 def _private_uses(source: str) -> list[str]:

@@ -25,7 +25,7 @@ from tcrlsd.loop.peers import PEERS, Peer, PeerError, require_peer
 from tcrlsd.presets import apply_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw"]
+COPY = [".dvcignore", "dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw"]
 SMALL = yaml.safe_load((ROOT / "tests" / "data" / "small-pipeline.yaml").read_text())
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24}
 TINY = {  # over SMALL, section by section: the cheapest run that still trains, evaluates and walks prompts

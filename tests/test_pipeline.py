@@ -33,7 +33,7 @@ from tcrlsd.artifacts import read_artifact
 from tcrlsd.schemas import check_token_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw"]
+COPY = [".dvcignore", "dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw"]
 ITERS = ("0000", "0001")
 ITER_STAGES = ("generate", "verify", "critique", "score", "advantages", "update", "evaluate")
 
@@ -53,6 +53,15 @@ def _run(cmd, cwd):
 
 def _ran(out: str) -> set[str]:
     return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def _digests(work: Path, tops: tuple[str, ...]) -> dict[str, str]:
+    """sha256 of every file under ``tops`` (hidden resume journals aside: they hold times)."""
+    import hashlib
+
+    return {p.relative_to(work).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for top in tops for p in sorted((work / top).rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(work).parts)}
 
 
 def _weights(folder: Path) -> bytes:
@@ -89,10 +98,28 @@ def repo(tmp_path_factory):
 
 @pytest.mark.slow
 def test_adding_an_iteration_runs_only_its_stages(repo):
-    assert {f"{s}@0000" for s in ITER_STAGES} | {"prepare", "warmstart", "baseline", "summarize"} <= _ran(repo["first"])
+    assert {f"{s}@0000" for s in ITER_STAGES} | {"code", "prepare", "warmstart", "baseline", "summarize"} <= _ran(repo["first"])
     assert _ran(repo["second"]) == {f"{s}@0001" for s in ITER_STAGES} | {"summarize"}, repo["second"]
     items = yaml.safe_load((repo["work"] / "iterations.yaml").read_text())["iterations"]
     assert items["0001"] == {"k": 1, "policy": "models/policy-0001", "next_policy": "models/policy-0002"}
+
+
+@pytest.mark.slow
+def test_the_stage_host_changes_no_output_byte(repo, tmp_path):
+    """`tcrlsd iterate 1` ran iteration 0001 through the warm stage host (tcrlsd/stagehost.py, its
+    default); the same stages rerun by plain `dvc repro` (a new interpreter each, no run cache) write
+    the same bytes: every artifact part, the checkpoint, the advantages."""
+    work = tmp_path / "copy"
+    shutil.copytree(repo["work"], work, symlinks=True)
+    tops = ("data/iter-0001", "models/policy-0002")
+    before = _digests(work, tops)
+    assert any(k.endswith("model.safetensors") for k in before) and any("/scores/" in k for k in before)
+    for rel in tops + ("models/policy-0002-state", "data/metrics/iter-0001"):
+        shutil.rmtree(work / rel, ignore_errors=True)
+    ran = _ran(_run([repo["dvc"], "repro", "--no-run-cache"], work).stdout)
+    assert {f"{s}@0001" for s in ITER_STAGES} <= ran and not any(s.endswith("@0000") for s in ran), ran
+    assert _digests(work, tops) == before
+    assert "stage host: imported" in (repo["work"] / ".dvc" / "tmp" / "stage-host.log").read_text()
 
 
 @pytest.mark.slow
@@ -166,6 +193,20 @@ def test_no_op_alpha_rerun_and_checkout(repo):
     # generate lists the advantages section for dynamic sampling (off here): stale to DVC through that
     # param alone; its resume fingerprint leaves it out, so that run would recompute nothing
     assert status.get("generate@0000", []) in ([], [{"changed deps": {"params.yaml": {"advantages": "modified"}}}])
+    assert json.loads(_run([dvc, "status", "--json"], work).stdout) == {}
+    # a code change: the code stage's fingerprints name the stages that run the changed module, only them
+    module = work / "tcrlsd" / "advantages" / "estimators.py"
+    source = module.read_text()
+    module.write_text(source + "\n# an edit\n")
+    try:
+        assert set(json.loads(_run([dvc, "status", "--json"], work).stdout)) == {"code"}
+        _run([dvc, "repro", "code"], work)
+        stale = set(json.loads(_run([dvc, "status", "--json"], work).stdout))
+    finally:
+        module.write_text(source)
+    _run([dvc, "repro", "code"], work)
+    assert {"advantages@0000", "advantages@0001"} <= stale, stale
+    assert not {f"{s}@000{i}" for s in ("verify", "critique", "score", "update") for i in (0, 1)} & stale
     assert json.loads(_run([dvc, "status", "--json"], work).stdout) == {}
     # an earlier iteration's outputs come back from the cache
     adv = work / "data" / "iter-0000" / "advantages.parquet"

@@ -22,7 +22,7 @@ from tcrlsd.stagecli import run_stage, stage_parser, write_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "stages").glob("*.py"))
-OPTIONAL_PARAMS = {"summarize"}  # --params only for its optional live tracking: no default
+OPTIONAL_PARAMS = {"summarize", "code"}  # no --params default: summarize reads it only for live tracking, code never
 
 
 def _main(name: str):

@@ -32,6 +32,10 @@ def iterate(
     iterations: Path = typer.Option(Path("iterations.yaml"), help="The iterations file dvc.yaml reads."),
     repro: bool = typer.Option(True, "--repro/--no-repro", help="Run `dvc repro` after appending."),
     params: Path = typer.Option(Path("params.yaml"), help="The params file (its checkpoints section: retention)."),
+    stage_host: bool = typer.Option(True, "--stage-host/--no-stage-host",
+                                    help="Run the stages through a warm stage host (tcrlsd/stagehost.py): one process "
+                                         "imports torch/transformers once and forks each stage, same outputs; "
+                                         "--no-stage-host: every stage a new interpreter, as plain `dvc repro`."),
 ) -> None:
     """Append N iterations (each generating with the policy the one before it wrote) and run them.
 
@@ -41,9 +45,22 @@ def iterate(
     """
     from tcrlsd.loop.iterations import IterationsError, append_iterations
     from tcrlsd.loop.retention import plan_ignores, prune
+    from tcrlsd.code import ensure_ignored
+    from tcrlsd.stagehost import stage_host as host
 
     keep = _retention(params)
     root = iterations.parent
+    for line in ensure_ignored(root):
+        typer.echo(f"added to .dvcignore: {line}")
+    logs = root / ".dvc" / "tmp"
+    with host(log_path=logs / "stage-host.log" if logs.is_dir() else None, enabled=stage_host and repro) as env:
+        _iterate(n, iterations, repro, keep, root, env)
+
+
+def _iterate(n: int, iterations: Path, repro: bool, keep, root: Path, env: dict) -> None:
+    from tcrlsd.loop.iterations import IterationsError, append_iterations
+    from tcrlsd.loop.retention import plan_ignores, prune
+
     for _ in range(n if repro else 1):
         try:
             new = append_iterations(iterations, 1 if repro else n)
@@ -57,7 +74,7 @@ def iterate(
             return
         cmd = _dvc_repro()
         typer.echo(f"running: {' '.join(cmd)}")
-        code = subprocess.call(cmd)
+        code = subprocess.call(cmd, env=env)
         if code != 0:
             raise typer.Exit(code)
         for line in prune(root, iterations, keep).lines():
@@ -146,6 +163,10 @@ def experiment(
                                                "and add the final table, paired by seed, to the report."),
     report_only: bool = typer.Option(False, "--report-only", help="Run nothing: rewrite the results and the report "
                                      "from the workspaces as they are (the recorded command omits this flag)."),
+    stage_host: bool = typer.Option(True, "--stage-host/--no-stage-host",
+                                    help="Each run's stages through a warm stage host (tcrlsd/stagehost.py; same "
+                                         "outputs, no per-stage torch/transformers import); --no-stage-host: a new "
+                                         "interpreter per stage."),
 ) -> None:
     """Run each preset x seed from the same warm start (resumable); write results.csv, results.md, PNGs.
 
@@ -178,7 +199,7 @@ def experiment(
         run_experiment(root, params, names, list(range(seeds)), iterations, out, presets_dir, log=typer.echo,
                        jobs=max(1, jobs), command=command, doc=doc, title=title, intro=text,
                        setting=setting, report_only=report_only,
-                       cache=cache, aims=load_aims(aims), final_split=final_split)
+                       cache=cache, aims=load_aims(aims), final_split=final_split, host=stage_host)
     except (ParamsError, ValueError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)

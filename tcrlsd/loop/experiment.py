@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tcrlsd.loop.final import final_evaluation, final_lines, thread_env
+from tcrlsd.stagehost import stage_host
 from tcrlsd.loop.peers import MARKER, PEERS, peer_command, peer_finished, require_peer
 from tcrlsd.loop.results import RESULT_COLUMNS, Run, collect_results, summary_table, write_results
 
@@ -113,6 +114,7 @@ def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: P
     """
     import yaml
 
+    from tcrlsd.code import ensure_ignored
     from tcrlsd.loop.iterations import append_iterations, read_iterations, truncate_iterations
     from tcrlsd.loop.retention import CheckpointParams, plan_ignores
     from tcrlsd.params import load_section
@@ -141,6 +143,7 @@ def prepare_workspace(project: Path, base_params: Path, run: Run, presets_dir: P
         subprocess.run([_dvc(), "init", "--no-scm", "-q"], cwd=ws, check=True)
         subprocess.run([_dvc(), "config", "core.analytics", "false"], cwd=ws, check=True)
     subprocess.run([_dvc(), "config", "--local", "cache.dir", str(cache.resolve())], cwd=ws, check=True)
+    ensure_ignored(ws)  # bytecode out of the code stage's folder deps
     if (project / ".dvc" / "config").is_file():  # the project's cache link type (hardlinks: no second copy)
         shutil.copyfile(project / ".dvc" / "config", ws / ".dvc" / "config")
         subprocess.run([_dvc(), "config", "core.no_scm", "true"], cwd=ws, check=True)
@@ -165,25 +168,26 @@ def _add_seconds(path: Path, seconds: float) -> None:
     write_json({"seconds": round(spent + seconds, 1)}, path)
 
 
-def _logged(ws: Path, cmd: list[str], threads: int = 0) -> int:
+def _logged(ws: Path, cmd: list[str], threads: int = 0, env: dict | None = None) -> int:
     """``cmd`` in ``ws``, output appended to ``ws/repro.log``; its wall time is added to ``ws/wall.json``
-    (kept across resumes). ``threads`` > 0 caps torch's CPU threads per process."""
+    (kept across resumes). ``threads`` > 0 caps torch's CPU threads per process; ``env`` (a stage host's
+    environment, made with the same cap) replaces that."""
     start = time.perf_counter()
     with open(ws / "repro.log", "a") as fh:
-        code = subprocess.call(cmd, cwd=ws, stdout=fh, stderr=subprocess.STDOUT, env=thread_env(threads))
+        code = subprocess.call(cmd, cwd=ws, stdout=fh, stderr=subprocess.STDOUT, env=env or thread_env(threads))
     _add_seconds(ws / "wall.json", time.perf_counter() - start)
     return code
 
 
-def _repro(ws: Path, target: str | None = None, threads: int = 0) -> int:
+def _repro(ws: Path, target: str | None = None, threads: int = 0, env: dict | None = None) -> int:
     """``dvc repro [target]`` in ``ws`` (:func:`_logged`)."""
-    return _logged(ws, [_dvc(), "repro"] + ([target] if target else []), threads)
+    return _logged(ws, [_dvc(), "repro"] + ([target] if target else []), threads, env)
 
 
-def _peer(ws: Path, name: str, iterations: int, threads: int, tag: str, log) -> int:
+def _peer(ws: Path, name: str, iterations: int, threads: int, tag: str, log, env: dict | None = None) -> int:
     """A peer run in ``ws``: its warm start and baseline evaluation (`dvc repro baseline`: the shared cache's
     warm start), then the peer's command unless the workspace holds a finished run (its marker)."""
-    code = _repro(ws, "baseline", threads)
+    code = _repro(ws, "baseline", threads, env)
     if code != 0:
         return code
     if peer_finished(ws, iterations):
@@ -213,14 +217,16 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
                    out: Path, presets_dir: Path, log=print, jobs: int = 1, command: str = "",
                    doc: Path | None = None, title: str = "Experiment", intro: str = "",
                    setting: Path | None = None, report_only: bool = False,
-                   cache: Path | None = None, aims: Sequence = (), final_split: str | None = None) -> list[dict]:
+                   cache: Path | None = None, aims: Sequence = (), final_split: str | None = None,
+                   host: bool = True) -> list[dict]:
     """Run (or resume) every preset x seed for ``iterations`` iterations; returns the result rows.
 
     The first run's prepare and warm start go first, alone (into the shared cache); then ``jobs``
     runs at a time, each stage process capped at ``cpu_count // jobs`` torch threads when jobs > 1
     (results then depend on ``jobs`` through float rounding: keep it in the command you publish).
     ``final_split`` (e.g. "test"): after a run's repro, its last policy is evaluated on that split
-    (:mod:`tcrlsd.loop.final`) and the report gets the final table.
+    (:mod:`tcrlsd.loop.final`) and the report gets the final table. ``host``: each run's stages go
+    through a warm stage host (:mod:`tcrlsd.stagehost`; False: a new interpreter per stage).
     """
     if not report_only:
         for name in presets:
@@ -252,12 +258,12 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
     def one(i: int) -> None:
         tag, peer = f"[{i + 1}/{len(runs)}] {runs[i].name}", runs[i].preset in PEERS
         log(f"{tag}: {'peer' if peer else 'dvc repro'} in {spaces[i]} (log: {spaces[i] / 'repro.log'})")
-        if peer:
-            code = _peer(spaces[i], runs[i].preset, iterations, threads, tag, log)
-        else:
-            code = _repro(spaces[i], threads=threads)
-        if code == 0 and final_split:
-            if final_evaluation(spaces[i], final_split, threads) != 0:
+        # one warm stage host per run, with the run's thread cap (tcrlsd/stagehost.py): same outputs
+        with stage_host(thread_env(threads), log_path=spaces[i] / "stage-host.log", cwd=spaces[i],
+                        enabled=host) as env:
+            code = (_peer(spaces[i], runs[i].preset, iterations, threads, tag, log, env) if peer
+                    else _repro(spaces[i], threads=threads, env=env))
+            if code == 0 and final_split and final_evaluation(spaces[i], final_split, threads, env) != 0:
                 code = -1
                 failures.append(f"{runs[i].name}: the final {final_split} evaluation failed; see "
                                 f"{spaces[i] / 'repro.log'}")

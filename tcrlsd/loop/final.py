@@ -37,19 +37,20 @@ def thread_env(threads: int = 0) -> dict:
 
 
 def evaluate_stage(ws: Path, policy: str, out: str, metrics: str, preset: str | None = None,
-                   threads: int = 0) -> int:
+                   threads: int = 0, env: dict | None = None) -> int:
     """The evaluate stage on ``policy`` in the workspace ``ws`` (its params.yaml and prompts file, paths
     relative to it: the command dvc.yaml runs, outside DVC), output appended to ``ws/repro.log``; its exit
     status. ``preset``: a params-shaped YAML beside params.yaml merged over it (params.yaml, and DVC's view
-    of it, stay as they are). ``threads`` > 0 caps torch's CPU threads."""
+    of it, stay as they are). ``threads`` > 0 caps torch's CPU threads; ``env``: the environment to run
+    it in instead (a stage host's, :mod:`tcrlsd.stagehost`)."""
     cmd = [sys.executable, "stages/evaluate.py", "--params", "params.yaml"] + (["--preset", preset] if preset else [])
     with open(ws / "repro.log", "a") as fh:
         return subprocess.call(cmd + ["--prompts", "data/prompts.parquet", "--policy", str(policy), "--out", out,
                                       "--metrics", metrics, "--restart", "--no-progress"],
-                               cwd=ws, stdout=fh, stderr=subprocess.STDOUT, env=thread_env(threads))
+                               cwd=ws, stdout=fh, stderr=subprocess.STDOUT, env=env or thread_env(threads))
 
 
-def final_evaluation(ws: Path, split: str, threads: int = 0) -> int:
+def final_evaluation(ws: Path, split: str, threads: int = 0, env: dict | None = None) -> int:
     """Evaluate the workspace's last policy on ``split``; the exit status of the evaluate stage.
 
     Output appended to ``ws/repro.log``. The split is set by a preset file beside params.yaml, so the
@@ -61,7 +62,7 @@ def final_evaluation(ws: Path, split: str, threads: int = 0) -> int:
     preset = ws / f".final-{split}.yaml"
     preset.write_text(f"evaluate:\n  split: {split}\n")
     out, metrics = final_paths(split)
-    return evaluate_stage(ws, last, out, metrics, preset.name, threads)
+    return evaluate_stage(ws, last, out, metrics, preset.name, threads, env)
 
 
 def final_scores(out: Path, runs: list[Run], split: str) -> dict[str, dict[int, dict]]:
