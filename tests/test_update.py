@@ -729,20 +729,22 @@ def test_packed_update_equals_padded(tiny_policy, signed, tmp_path, mode):
     data = _with_sampler_logprobs(signed, tmp_path, lambda i: 0.1 * (i % 3)) if "rollout_is" in extra else signed
     inputs = UpdateInputs(**data, sampler_logprobs="rollout_is" in extra)
     got = {}
-    for pack in (0, 40):
-        params = UpdateParams(**{**FAST, "lr": 1e-3, **extra, "pack_tokens": pack})
+    for pack, share in ((0, False), (40, False), (40, True)):  # padded, packed, packed with shared prompts
+        params = UpdateParams(**{**FAST, "lr": 1e-3, **extra, "pack_tokens": pack, "share_prompts": share})
         trainer, _, _ = open_trainer(tiny_policy, params, iteration=inputs.iteration,
                                      reference=tiny_policy if "kl_coef" in extra else None)
-        got[pack] = trainer.train_iteration(inputs)
-    padded, packed = got[0], got[40]
-    assert padded["optimizer_steps"] == packed["optimizer_steps"] == 1  # all numbers: before the step
-    assert packed["forward_tokens"] == padded["forward_tokens"]  # the same real tokens
-    for key in ("pg_loss", "pg_clipfrac", "ppo_kl", "entropy", "kl_to_reference", "rollout_is_weight_mean"):
-        assert packed[key] == pytest.approx(padded[key], abs=1e-6), key
-    assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-5)
-    assert packed["first_minibatch_max_abs_log_ratio"] < 1e-5  # the score stage's (padded) log-probs: ratio 1
-    if "kl_coef" in extra:
-        assert abs(packed["kl_to_reference"]) < 1e-6 and packed["entropy"] > 0
+        got[pack, share] = trainer.train_iteration(inputs)
+    padded = got[0, False]
+    assert got[40, False]["forward_tokens"] == padded["forward_tokens"]  # the same real tokens
+    assert got[40, True]["forward_tokens"] < padded["forward_tokens"]  # each prompt once per micro-batch
+    for packed in (got[40, False], got[40, True]):
+        assert padded["optimizer_steps"] == packed["optimizer_steps"] == 1  # all numbers: before the step
+        for key in ("pg_loss", "pg_clipfrac", "ppo_kl", "entropy", "kl_to_reference", "rollout_is_weight_mean"):
+            assert packed[key] == pytest.approx(padded[key], abs=1e-6), key
+        assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-5)
+        assert packed["first_minibatch_max_abs_log_ratio"] < 1e-5  # the score stage's (padded) log-probs: ratio 1
+        if "kl_coef" in extra:
+            assert abs(packed["kl_to_reference"]) < 1e-6 and packed["entropy"] > 0
 
 
 def test_packed_update_is_deterministic(tiny_policy, signed, tmp_path):

@@ -31,7 +31,8 @@ from tcrlsd.artifacts import artifact_files
 from tcrlsd.batching import plan_padded_batches
 from tcrlsd.update.params import UpdateError
 
-__all__ = ["TrainSequence", "UpdateInputs", "plan_mini_batches", "split_for_ranks", "plan_micro_batches"]
+__all__ = ["TrainSequence", "UpdateInputs", "plan_mini_batches", "split_for_ranks", "plan_micro_batches",
+           "plan_shared_batches"]
 
 _COLUMNS = {
     "rollouts": ("rollout_id", "prompt_id", "iteration", "prompt_token_ids", "response_token_ids", "finish_reason"),
@@ -202,3 +203,32 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int
     than the budget runs alone.
     """
     return plan_padded_batches(lengths, max_tokens)
+
+
+def plan_shared_batches(prompt_keys: Sequence, prompt_lengths: Sequence[int], response_lengths: Sequence[int],
+                        max_tokens: int) -> list[list[int]]:
+    """Packed micro-batches with each prompt written once (``update.share_prompts``): indices grouped
+    by prompt (order of first appearance), a group cut into chunks of at most ``max_tokens`` real
+    tokens (its prompt counted once per chunk; a response longer than that runs alone), the chunks
+    placed first-fit decreasing by :func:`tcrlsd.batching.plan_packed_batches`. A chunk's members
+    stay together, in their order."""
+    from tcrlsd.batching import plan_packed_batches
+
+    groups: dict = {}
+    for i, key in enumerate(prompt_keys):
+        groups.setdefault(key, []).append(i)
+    chunks: list[list[int]] = []
+    sizes: list[int] = []
+    for members in groups.values():
+        plen = prompt_lengths[members[0]]
+        current, size = [], plen
+        for i in members:
+            if current and size + response_lengths[i] > max_tokens:
+                chunks.append(current)
+                sizes.append(size)
+                current, size = [], plen
+            current.append(i)
+            size += response_lengths[i]
+        chunks.append(current)
+        sizes.append(size)
+    return [[i for c in batch for i in chunks[c]] for batch in plan_packed_batches(sizes, max_tokens)]

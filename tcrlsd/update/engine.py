@@ -129,7 +129,7 @@ def build_engine(model, params, device: str, bf16: bool):
     if params.pack_tokens:
         from tcrlsd.update.packed_attention import enable_packed_attention
 
-        enable_packed_attention(model)
+        enable_packed_attention(model, share_prompts=params.share_prompts)
     module = TokenLogprobs(model, params.logits_chunk_tokens)
     if params.zero_stage == 3:
         # The head's weight (and bias) are used by this module's forward, not only by the lm head's:

@@ -1,4 +1,4 @@
-"""One micro-batch's tensors, in one of two layouts (``update.pack_tokens``):
+"""One micro-batch's tensors, in one of three layouts (``update.pack_tokens``, ``update.share_prompts``):
 
 - padded (``pack_tokens: 0``): ``(B, T)`` ids, one sequence per row, right padded with 0, no
   attention mask (under causal attention real tokens never see the padding: the score stage's
@@ -8,7 +8,13 @@
   within each sequence (:mod:`tcrlsd.update.packed_attention`). Cut by
   :func:`tcrlsd.batching.plan_packed_batches` (real tokens per micro-batch).
 
-In both, every response token t of sequence i is one entry of the flat ``(N,)`` tensors: the
+- packed with shared prompts (``share_prompts``): a group's prompt is written once, followed by each
+  of its responses; a response's positions continue from the prompt's length and it attends to the
+  prompt and to itself, never to a sibling (``prefix_groups``; :mod:`tcrlsd.update.packed_attention`).
+  The first token of every response is predicted by the prompt's last position. Cut by
+  :func:`tcrlsd.update.batching.plan_shared_batches` (real tokens, each prompt counted once).
+
+In all, every response token t of sequence i is one entry of the flat ``(N,)`` tensors: the
 logits at ``(rows, cols)`` predict ``targets``; ``seq`` is its sequence's index in the
 micro-batch (GSPO's per-sequence ratio), ``seq_len`` its sequence's response length (the
 aggregation weights). Per token the two layouts compute the same numbers (``tests/test_packing.py``).
@@ -41,10 +47,14 @@ class MicroBatch:
     position_ids: object = None  # (1, N) int64, packed only: 0.. per sequence
     cu_seqlens: object = None  # (S + 1,) int32, packed only: sequence i is ids[0, cu[i]:cu[i+1]]
     max_len: int = 0  # packed only: the longest sequence
+    # shared prompts only: per prompt group (start, prompt length, ((response start, length), ...)) in the row
+    prefix_groups: tuple = ()
 
     def decoder_kwargs(self) -> dict:
         """What the decoder's forward needs besides the ids: nothing padded; positions and sequence
         bounds packed (the names transformers' flash-attention varlen path reads)."""
+        if self.prefix_groups:
+            return {"position_ids": self.position_ids, "tcrlsd_prefix_groups": self.prefix_groups}
         if self.cu_seqlens is None:
             return {}
         return {"position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
@@ -52,11 +62,15 @@ class MicroBatch:
 
 
 def collate(seqs: list[TrainSequence], device, rollout_is: str = "none", rollout_is_cap: float = 2.0, *,
-            packed: bool = False) -> MicroBatch:
-    """The ids and flat per-token tensors of ``seqs`` (padded or packed); with ``rollout_is`` other
-    than none, each sequence's truncated importance weights (:func:`tcrlsd.offpolicy.rollout_is_weights`
-    of its old log-probs against its sampler log-probs)."""
+            packed: bool = False, share_prompts: bool = False) -> MicroBatch:
+    """The ids and flat per-token tensors of ``seqs`` (padded, packed, or packed with each distinct
+    prompt written once: ``share_prompts``); with ``rollout_is`` other than none, each sequence's
+    truncated importance weights (:func:`tcrlsd.offpolicy.rollout_is_weights` of its old log-probs
+    against its sampler log-probs)."""
     import torch
+
+    if share_prompts:
+        return _collate_shared(seqs, device, rollout_is, rollout_is_cap)
 
     lengths = [s.length for s in seqs]
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64) if packed else np.zeros(len(seqs), np.int64)
@@ -92,4 +106,56 @@ def collate(seqs: list[TrainSequence], device, rollout_is: str = "none", rollout
         mb.position_ids = torch.from_numpy(positions).to(device)
         mb.cu_seqlens = torch.from_numpy(starts.astype(np.int32)).to(device)
         mb.max_len = max(lengths)
+    return mb
+
+
+def _collate_shared(seqs: list[TrainSequence], device, rollout_is: str, rollout_is_cap: float) -> MicroBatch:
+    import torch
+
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(tuple(s.prompt_ids), []).append(i)
+    n = sum(len(p) for p in groups) + sum(len(s.response_ids) for s in seqs)
+    ids = np.zeros((1, n), dtype=np.int64)
+    positions = np.zeros((1, n), dtype=np.int64)
+    cols_of: dict[int, np.ndarray] = {}
+    layout = []
+    at = 0
+    for prompt, members in groups.items():
+        c, start = len(prompt), at
+        ids[0, at : at + c] = prompt
+        positions[0, at : at + c] = np.arange(c)
+        at += c
+        responses = []
+        for i in members:
+            r = len(seqs[i].response_ids)
+            ids[0, at : at + r] = seqs[i].response_ids
+            positions[0, at : at + r] = np.arange(c, c + r)
+            # the first token is predicted by the prompt's last position, the others by their predecessor
+            cols_of[i] = np.concatenate([[start + c - 1], np.arange(at, at + r - 1)])
+            responses.append((at, r))
+            at += r
+        layout.append((start, c, tuple(responses)))
+    rows, cols, tgt, old, adv, slen, seq = [], [], [], [], [], [], []
+    for i, s in enumerate(seqs):
+        r = len(s.response_ids)
+        rows.append(np.zeros(r))
+        cols.append(cols_of[i])
+        tgt.append(np.asarray(s.response_ids))
+        old.append(s.old_logprobs)
+        adv.append(s.advantages)
+        slen.append(np.full(r, r))
+        seq.append(np.full(r, i))
+
+    def t(parts, dtype):
+        return torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
+
+    weights = None
+    if rollout_is != "none":
+        weights = t([rollout_is_weights(s.old_logprobs, s.sampler_logprobs, rollout_is, rollout_is_cap) for s in seqs],
+                    np.float32)
+    mb = MicroBatch(torch.from_numpy(ids).to(device), t(rows, np.int64), t(cols, np.int64), t(tgt, np.int64),
+                    t(old, np.float32), t(adv, np.float32), t(slen, np.int64), t(seq, np.int64), n, weights)
+    mb.position_ids = torch.from_numpy(positions).to(device)
+    mb.prefix_groups = tuple(layout)
     return mb

@@ -18,6 +18,12 @@ across a sequence boundary. Two ways, by the model's attention implementation:
 A call without ``cu_seq_lens_q`` (the load-time head check, an unpacked batch) treats each row as
 one sequence: right-padded rows stay correct, since real tokens never attend to later positions.
 
+Shared prompts (``update.share_prompts``, the micro-batch's ``tcrlsd_prefix_groups``): a prompt is
+in the row once, followed by its responses. The prompt attends causally to itself; each response's
+queries attend to the prompt's keys and causally to their own (a (L, P + L) mask, bottom-right
+aligned), never to a sibling's: per response the same attention as in a row of its own, with the
+prompt's keys and values computed once for the group.
+
 torch and transformers are imported inside the functions: importing this module is cheap.
 """
 
@@ -49,32 +55,79 @@ def _eager_one(module, q, k, v, mask, kwargs):
     return fn(module, q, k, v, mask, **kwargs)[0]
 
 
-def _causal_additive(length: int, window, dtype, device):
-    """(1, 1, L, L) additive mask: 0 where key j <= query i (and i - j < window), else the dtype's min."""
+def _causal_keep(length: int, window, device, prefix: int = 0):
+    """(L, prefix + L) bool: query i (at position prefix + i) sees key j when j <= prefix + i (and
+    prefix + i - j < window)."""
     import torch
 
-    i = torch.arange(length, device=device)[:, None]
-    j = torch.arange(length, device=device)[None, :]
+    i = torch.arange(length, device=device)[:, None] + prefix
+    j = torch.arange(prefix + length, device=device)[None, :]
     keep = j <= i
     if window:
         keep = keep & (i - j < window)
+    return keep
+
+
+def _causal_additive(length: int, window, dtype, device, prefix: int = 0):
+    """(1, 1, L, prefix + L) additive mask of :func:`_causal_keep`: 0 where seen, else the dtype's min."""
+    import torch
+
+    keep = _causal_keep(length, window, device, prefix)
     return torch.zeros((), dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)[None, None]
 
 
-# model's attention implementation -> (function attending one sequence, whether it needs the causal mask)
-PACKED_ATTENTION: dict[str, tuple[Callable, bool]] = {
-    "sdpa": (_sdpa_one, False),
-    "eager": (_eager_one, True),
+def _sdpa_prefixed(module, q, k, v, prefix, window, kwargs):
+    """transformers' SDPA for a response after a shared prompt: its bool mask, prompt keys all seen."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mask = _causal_keep(q.shape[2], window, q.device, prefix)[None, None]
+    return sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0]
+
+
+def _eager_prefixed(module, q, k, v, prefix, window, kwargs):
+    return _eager_one(module, q, k, v, _causal_additive(q.shape[2], window, q.dtype, q.device, prefix), kwargs)
+
+
+# model's attention implementation -> (function attending one sequence, whether it needs the causal mask,
+# function attending one response after a shared prompt)
+PACKED_ATTENTION: dict[str, tuple[Callable, bool, Callable]] = {
+    "sdpa": (_sdpa_one, False, _sdpa_prefixed),
+    "eager": (_eager_one, True, _eager_prefixed),
 }
 
 
+def _shared_prompts(one, needs_mask, prefixed, module, query, key, value, groups, kwargs):
+    """The packed row of prompt groups (one row): each prompt causal on itself, each response on the
+    prompt and itself. Returns (1, T, H, d)."""
+    import torch
+
+    if query.shape[0] != 1:
+        raise UpdateError(f"a packed micro-batch is one row, got {query.shape[0]} rows")
+    window = kwargs.get("sliding_window")
+    parts = []
+    for start, plen, responses in groups:
+        sl = slice(start, start + plen)
+        qp, kp, vp = query[:, :, sl], key[:, :, sl], value[:, :, sl]
+        parts.append(one(module, qp, kp, vp, _causal_additive(plen, window, qp.dtype, qp.device) if needs_mask
+                         else None, kwargs))
+        for rs, rlen in responses:
+            r = slice(rs, rs + rlen)
+            k = torch.cat([kp, key[:, :, r]], dim=2)
+            v = torch.cat([vp, value[:, :, r]], dim=2)
+            parts.append(prefixed(module, query[:, :, r], k, v, plen, window, kwargs))
+    return torch.cat(parts, dim=1)
+
+
 def _packed_forward(impl: str):
-    one, needs_mask = PACKED_ATTENTION[impl]
+    one, needs_mask, prefixed = PACKED_ATTENTION[impl]
 
     def forward(module, query, key, value, attention_mask, **kwargs):
         # query (B, H, T, d), key/value (B, Hkv, T, d) -> (B, T, H, d), as every transformers attention returns
         import torch
 
+        groups = kwargs.pop("tcrlsd_prefix_groups", None)
+        if groups:
+            return _shared_prompts(one, needs_mask, prefixed, module, query, key, value, groups, kwargs), None
         cu = kwargs.pop("cu_seq_lens_q", None)
         for name in _PACKING_KWARGS[1:]:
             kwargs.pop(name, None)
@@ -97,16 +150,22 @@ def _packed_forward(impl: str):
     return forward
 
 
-def enable_packed_attention(model) -> str:
+def enable_packed_attention(model, share_prompts: bool = False) -> str:
     """Make ``model`` attend within each packed sequence; returns the implementation now in use.
 
     Raises :class:`UpdateError`, naming the architecture, for an attention implementation this
-    module cannot run per sequence (set ``update.pack_tokens: 0`` for such a model)."""
+    module cannot run per sequence (set ``update.pack_tokens: 0`` for such a model), and with
+    ``share_prompts`` for flash-attention's varlen path, which cannot show a response its prompt
+    without its siblings (set ``update.share_prompts: false``)."""
     from transformers import AttentionInterface
 
     from tcrlsd.lm_head import architecture
 
     impl = model.config._attn_implementation
+    if share_prompts and impl in NATIVE_VARLEN:
+        raise UpdateError(f"{architecture(model)}: update.share_prompts needs the sdpa or eager attention, not {impl!r} "
+                          "(flash-attention's varlen kernel keeps whole sequences apart); set update.share_prompts: "
+                          "false")
     if impl in NATIVE_VARLEN or impl.startswith(_PREFIX):
         return impl
     if impl not in PACKED_ATTENTION:

@@ -52,6 +52,7 @@ class UpdateParams:
     shuffle: bool = True
     max_tokens_per_micro_batch: int = 4096
     pack_tokens: int = 4096
+    share_prompts: bool = False
     logits_chunk_tokens: int = 1024
     # engine
     zero_stage: int = 2
@@ -80,6 +81,9 @@ class UpdateParams:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.pack_tokens < 0:
             raise ValueError(f"pack_tokens must be >= 0 (0 = padded micro-batches), got {self.pack_tokens}")
+        if self.share_prompts and not self.pack_tokens:
+            raise ValueError("share_prompts needs packed micro-batches (pack_tokens > 0); set share_prompts: false "
+                             "with pack_tokens: 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):

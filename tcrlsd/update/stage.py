@@ -102,7 +102,7 @@ def open_trainer(policy: str | os.PathLike, params: UpdateParams, *, iteration: 
         if params.pack_tokens:  # the reference reads the same packed micro-batches
             from tcrlsd.update.packed_attention import enable_packed_attention
 
-            enable_packed_attention(ref_model)
+            enable_packed_attention(ref_model, share_prompts=params.share_prompts)
         ref_head = FrozenHead(ref_model)
     trainer = Trainer(engine, params, state, device=device, reference=ref_head)
     return trainer, tokenizer, why

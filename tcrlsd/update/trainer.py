@@ -27,7 +27,7 @@ import numpy as np
 
 from tcrlsd.batching import plan_packed_batches
 from tcrlsd.update.batching import (TrainSequence, UpdateInputs, plan_micro_batches, plan_mini_batches,
-                                    split_for_ranks)
+                                    plan_shared_batches, split_for_ranks)
 from tcrlsd.update.microbatch import MicroBatch, collate
 from tcrlsd.update.params import UpdateError, UpdateParams
 from tcrlsd.optim import learning_rate
@@ -170,7 +170,7 @@ class Trainer:
 
     def _dummy(self) -> MicroBatch:
         one = TrainSequence("", [0], [0], np.zeros(1, np.float32), np.zeros(1, np.float32))
-        return collate([one], self.device, packed=self.params.pack_tokens > 0)
+        return collate([one], self.device, packed=self.params.pack_tokens > 0, share_prompts=self.params.share_prompts)
 
     # -- one mini-batch = one optimizer step
     def _step(self, inputs: UpdateInputs, rows: list[int], stats: IterationStats, first: bool) -> None:
@@ -191,9 +191,16 @@ class Trainer:
                                    sequences=max(1, len(rows)), norm_tokens=p.loss_norm_tokens)
         shares = split_for_ranks(lengths, self.world)
         # packed: real tokens up to pack_tokens per micro-batch; padded: sequences x longest up to max_tokens_per_micro_batch
-        plan = ((lambda n: plan_packed_batches(n, p.pack_tokens)) if p.pack_tokens
-                else (lambda n: plan_micro_batches(n, p.max_tokens_per_micro_batch)))
-        plans = [plan([lengths[j] for j in share]) for share in shares]
+        # shared prompts: the same, each distinct prompt counted once per micro-batch
+        if p.share_prompts:
+            plans = [plan_shared_batches([inputs.prompt_ids[rows[j]] for j in share],
+                                         [lengths[j] - inputs.response_lengths[rows[j]] for j in share],
+                                         [inputs.response_lengths[rows[j]] for j in share], p.pack_tokens)
+                     for share in shares]
+        else:
+            plan = ((lambda n: plan_packed_batches(n, p.pack_tokens)) if p.pack_tokens
+                    else (lambda n: plan_micro_batches(n, p.max_tokens_per_micro_batch)))
+            plans = [plan([lengths[j] for j in share]) for share in shares]
         n_micro = max(1, max(len(pl) for pl in plans))
         mine = shares[self.rank]
         seqs = inputs.read([rows[j] for j in mine])
@@ -207,7 +214,8 @@ class Trainer:
         for m in range(n_micro):
             self.engine.set_gradient_accumulation_boundary(m == n_micro - 1)
             if m < len(micro):
-                mb = collate(micro[m], self.device, p.rollout_is, p.rollout_is_cap, packed=p.pack_tokens > 0)
+                mb = collate(micro[m], self.device, p.rollout_is, p.rollout_is_cap, packed=p.pack_tokens > 0,
+                             share_prompts=p.share_prompts)
                 loss, pg_part, logp = self._micro_loss(mb, counts, stats)
                 pg_total += float(pg_part)
                 if first:
