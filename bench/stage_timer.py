@@ -37,6 +37,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] != "--tiny":
+    # bench/iteration.py's stage-host arm: a warm stage host (tcrlsd/stagehost.py) runs this timer, and
+    # the stage inside it, in a forked child; without TCRLSD_STAGE_HOST this does nothing
+    from tcrlsd.stagehost import hand_off
+
+    hand_off()
 TINY_STAGES = ("generate", "verify", "critique", "score", "advantages", "update", "evaluate", "summarize")
 # bench-only sizes over the harness's params: the update and evaluate sections the harness lacks
 TINY_EXTRA = {"update": {"num_threads": 1, "mini_batch_prompts": 4, "device": "cpu", "zero_stage": 2},
