@@ -20,7 +20,9 @@ cannot give the child what a new process would have: another interpreter, anothe
 an environment variable read at import time that differs (thread counts, ``PYTHONPATH``, CUDA and
 Hugging Face settings: :data:`IMPORT_TIME_ENV`), a tcrlsd module changed on disk since the host
 imported it, or a thread running in the host (forking a threaded process is unsafe). A script run by
-a launcher (torchrun sets ``RANK``) or as a multiprocessing child always runs in its own process.
+a launcher (torchrun sets ``RANK``) or as a multiprocessing child always runs in its own process, and
+``tcrlsd iterate`` / ``experiment`` start no host for a run whose params put vLLM in a stage
+(:func:`host_blockers`).
 
 Outputs are byte-identical with and without the host (``tests/test_stagehost.py`` compares every
 artifact of a pipeline iteration); ``bench/iteration.py`` measures the time it saves.
@@ -42,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["ENV", "IMPORT_TIME_ENV", "PRELOAD", "hand_off", "stage_host", "serve"]
+__all__ = ["ENV", "IMPORT_TIME_ENV", "PRELOAD", "ENGINE_KEYS", "hand_off", "host_blockers", "stage_host", "serve"]
 
 ENV = "TCRLSD_STAGE_HOST"
 # Environment variables (exact names, or prefixes ending in "_") whose value a process reads at start-up
@@ -62,6 +64,9 @@ PRELOAD = ("pyarrow", "pyarrow.parquet", "pyarrow.dataset", "pyarrow.compute", "
            "tcrlsd.generate", "tcrlsd.verify", "tcrlsd.critique", "tcrlsd.score", "tcrlsd.advantages",
            "tcrlsd.update", "tcrlsd.evaluate", "tcrlsd.summarize")
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+# params that start vLLM inside a stage (its engine processes, its own CUDA and fork handling): the host is
+# not used for such a run -- not verified through a forked child (CI's vLLM tests run without it)
+ENGINE_KEYS = (("generate", "backend"), ("evaluate", "backend"), ("critique", "critic"), ("critique", "self_backend"))
 _HEADER = struct.Struct("!I")
 _served = False  # True in a child the host forked: hand_off() is then a no-op
 
@@ -442,6 +447,18 @@ def serve(path: str, preload=PRELOAD, idle_s: float = 3600.0) -> int:
         return 0
     _become(req)  # never returns: the child exits with the script's status
     return 1
+
+
+def host_blockers(params: str | os.PathLike) -> list[str]:
+    """The params (``section.key=vllm``) of the file ``params`` that keep a run off the host (:data:`ENGINE_KEYS`)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(params).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []  # the stages report a missing or broken params file themselves
+    return [f"{sec}.{key}=vllm" for sec, key in ENGINE_KEYS
+            if isinstance(data.get(sec), dict) and data[sec].get(key) == "vllm"]
 
 
 @contextlib.contextmanager

@@ -171,3 +171,15 @@ def test_the_same_interpreter_by_another_name_is_served(host, tmp_path):
     # a venv's python and python3.11 are one interpreter
     out = subprocess.run([str(other), str(script), "0"], env=host, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and json.loads(out.stdout)["served"] is True, out.stderr
+
+
+def test_runs_that_start_vllm_stay_off_the_host(tmp_path):
+    from tcrlsd.stagehost import host_blockers
+
+    params = tmp_path / "params.yaml"
+    params.write_text("generate: {backend: transformers}\nevaluate: {backend: vllm}\n"
+                      "critique: {critic: reference, self_backend: vllm}\n")
+    assert host_blockers(params) == ["evaluate.backend=vllm", "critique.self_backend=vllm"]
+    params.write_text("generate: {backend: transformers}\ncritique: {critic: openai}\n")
+    assert host_blockers(params) == []
+    assert host_blockers(tmp_path / "missing.yaml") == []

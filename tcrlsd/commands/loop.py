@@ -46,14 +46,19 @@ def iterate(
     from tcrlsd.loop.iterations import IterationsError, append_iterations
     from tcrlsd.loop.retention import plan_ignores, prune
     from tcrlsd.code import ensure_ignored
-    from tcrlsd.stagehost import stage_host as host
+    from tcrlsd.stagehost import host_blockers, stage_host as host
 
     keep = _retention(params)
     root = iterations.parent
     for line in ensure_ignored(root):
         typer.echo(f"added to .dvcignore: {line}")
     logs = root / ".dvc" / "tmp"
-    with host(log_path=logs / "stage-host.log" if logs.is_dir() else None, enabled=stage_host and repro) as env:
+    blockers = host_blockers(params) if stage_host and repro else []
+    if blockers:
+        typer.echo(f"stage host off: {', '.join(blockers)} (vLLM's engine is not run from the host's forked "
+                   "processes); every stage runs as its own process")
+    with host(log_path=logs / "stage-host.log" if logs.is_dir() else None,
+              enabled=stage_host and repro and not blockers) as env:
         _iterate(n, iterations, repro, keep, root, env)
 
 

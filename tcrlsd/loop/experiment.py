@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tcrlsd.loop.final import final_evaluation, final_lines, thread_env
-from tcrlsd.stagehost import stage_host
+from tcrlsd.stagehost import host_blockers, stage_host
 from tcrlsd.loop.peers import MARKER, PEERS, peer_command, peer_finished, require_peer
 from tcrlsd.loop.results import RESULT_COLUMNS, Run, collect_results, summary_table, write_results
 
@@ -260,7 +260,7 @@ def run_experiment(project: Path, base_params: Path, presets: list[str], seeds: 
         log(f"{tag}: {'peer' if peer else 'dvc repro'} in {spaces[i]} (log: {spaces[i] / 'repro.log'})")
         # one warm stage host per run, with the run's thread cap (tcrlsd/stagehost.py): same outputs
         with stage_host(thread_env(threads), log_path=spaces[i] / "stage-host.log", cwd=spaces[i],
-                        enabled=host) as env:
+                        enabled=host and not host_blockers(spaces[i] / "params.yaml")) as env:
             code = (_peer(spaces[i], runs[i].preset, iterations, threads, tag, log, env) if peer
                     else _repro(spaces[i], threads=threads, env=env))
             if code == 0 and final_split and final_evaluation(spaces[i], final_split, threads, env) != 0:
