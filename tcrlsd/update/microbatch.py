@@ -71,7 +71,6 @@ def collate(seqs: list[TrainSequence], device, rollout_is: str = "none", rollout
 
     if share_prompts:
         return _collate_shared(seqs, device, rollout_is, rollout_is_cap)
-
     lengths = [s.length for s in seqs]
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64) if packed else np.zeros(len(seqs), np.int64)
     if packed:
@@ -79,7 +78,7 @@ def collate(seqs: list[TrainSequence], device, rollout_is: str = "none", rollout
         positions = np.concatenate([np.arange(n) for n in lengths])[None]  # (1, N)
     else:
         ids = np.zeros((len(seqs), max(lengths)), dtype=np.int64)
-    rows, cols, tgt, old, adv, slen, seq = [], [], [], [], [], [], []
+    rows, cols = [], []
     for i, s in enumerate(seqs):
         c, r = len(s.prompt_ids), len(s.response_ids)
         row, at = (0, int(starts[i])) if packed else (i, 0)
@@ -87,21 +86,7 @@ def collate(seqs: list[TrainSequence], device, rollout_is: str = "none", rollout
         ids[row, at + c : at + c + r] = s.response_ids
         rows.append(np.full(r, row))
         cols.append(np.arange(at + c - 1, at + c - 1 + r))  # logits at p predict token p + 1
-        tgt.append(np.asarray(s.response_ids))
-        old.append(s.old_logprobs)
-        adv.append(s.advantages)
-        slen.append(np.full(r, r))
-        seq.append(np.full(r, i))
-
-    def t(parts, dtype):
-        return torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
-
-    weights = None
-    if rollout_is != "none":
-        weights = t([rollout_is_weights(s.old_logprobs, s.sampler_logprobs, rollout_is, rollout_is_cap) for s in seqs],
-                    np.float32)
-    mb = MicroBatch(torch.from_numpy(ids).to(device), t(rows, np.int64), t(cols, np.int64), t(tgt, np.int64),
-                    t(old, np.float32), t(adv, np.float32), t(slen, np.int64), t(seq, np.int64), sum(lengths), weights)
+    mb = _micro_batch(seqs, ids, rows, cols, sum(lengths), device, rollout_is, rollout_is_cap)
     if packed:
         mb.position_ids = torch.from_numpy(positions).to(device)
         mb.cu_seqlens = torch.from_numpy(starts.astype(np.int32)).to(device)
@@ -136,16 +121,18 @@ def _collate_shared(seqs: list[TrainSequence], device, rollout_is: str, rollout_
             responses.append((at, r))
             at += r
         layout.append((start, c, tuple(responses)))
-    rows, cols, tgt, old, adv, slen, seq = [], [], [], [], [], [], []
-    for i, s in enumerate(seqs):
-        r = len(s.response_ids)
-        rows.append(np.zeros(r))
-        cols.append(cols_of[i])
-        tgt.append(np.asarray(s.response_ids))
-        old.append(s.old_logprobs)
-        adv.append(s.advantages)
-        slen.append(np.full(r, r))
-        seq.append(np.full(r, i))
+    rows = [np.zeros(len(s.response_ids)) for s in seqs]
+    mb = _micro_batch(seqs, ids, rows, [cols_of[i] for i in range(len(seqs))], n, device, rollout_is, rollout_is_cap)
+    mb.position_ids = torch.from_numpy(positions).to(device)
+    mb.prefix_groups = tuple(layout)
+    return mb
+
+
+def _micro_batch(seqs: list[TrainSequence], ids, rows: list, cols: list, tokens: int, device, rollout_is: str,
+                 rollout_is_cap: float) -> MicroBatch:
+    """The MicroBatch of a layout (``ids``, and the row / column of the logits predicting each response
+    token, per sequence): the per-token tensors, in the order of ``seqs``."""
+    import torch
 
     def t(parts, dtype):
         return torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
@@ -154,8 +141,8 @@ def _collate_shared(seqs: list[TrainSequence], device, rollout_is: str, rollout_
     if rollout_is != "none":
         weights = t([rollout_is_weights(s.old_logprobs, s.sampler_logprobs, rollout_is, rollout_is_cap) for s in seqs],
                     np.float32)
-    mb = MicroBatch(torch.from_numpy(ids).to(device), t(rows, np.int64), t(cols, np.int64), t(tgt, np.int64),
-                    t(old, np.float32), t(adv, np.float32), t(slen, np.int64), t(seq, np.int64), n, weights)
-    mb.position_ids = torch.from_numpy(positions).to(device)
-    mb.prefix_groups = tuple(layout)
-    return mb
+    return MicroBatch(torch.from_numpy(ids).to(device), t(rows, np.int64), t(cols, np.int64),
+                      t([np.asarray(s.response_ids) for s in seqs], np.int64),
+                      t([s.old_logprobs for s in seqs], np.float32), t([s.advantages for s in seqs], np.float32),
+                      t([np.full(len(s.response_ids), len(s.response_ids)) for s in seqs], np.int64),
+                      t([np.full(len(s.response_ids), i) for i, s in enumerate(seqs)], np.int64), tokens, weights)
