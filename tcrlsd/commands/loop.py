@@ -43,8 +43,6 @@ def iterate(
     keep (tcrlsd/loop/retention.py). Only the new iterations' stages (and the summary) run; earlier
     ones stay as they are.
     """
-    from tcrlsd.loop.iterations import IterationsError, append_iterations
-    from tcrlsd.loop.retention import plan_ignores, prune
     from tcrlsd.code import ensure_ignored
     from tcrlsd.stagehost import host_blockers, stage_host as host
 
@@ -63,6 +61,7 @@ def iterate(
 
 
 def _iterate(n: int, iterations: Path, repro: bool, keep, root: Path, env: dict) -> None:
+    """The loop of `iterate`: append, `dvc repro` in ``env``, prune; one iteration at a time."""
     from tcrlsd.loop.iterations import IterationsError, append_iterations
     from tcrlsd.loop.retention import plan_ignores, prune
 
