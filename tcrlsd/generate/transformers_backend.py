@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 
+from tcrlsd.generate import shared_prefix
 from tcrlsd.generate.backend_base import check_sampling, derive_seed, plan_batches, resolve_stop_ids
 from tcrlsd.generation import Completion, SamplingConfig
 
@@ -43,13 +44,16 @@ def _chosen_logprob(logits, chosen):
 class TransformersBackend:
     """Batched sampling with a KV cache over any Hugging Face causal LM (see the module notes)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 256, max_batch_tokens: int = 65536):
+    def __init__(self, model, tokenizer, batch_size: int = 256, max_batch_tokens: int = 65536,
+                 shared_prefix: bool = True):
         if batch_size < 1 or max_batch_tokens < 1:
             raise ValueError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size}, {max_batch_tokens}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.max_batch_tokens = int(max_batch_tokens)
+        # One copy of a prompt's keys/values for its group while decoding (tcrlsd/generate/shared_prefix.py).
+        self.shared_prefix = bool(shared_prefix)
         self.stop_ids = resolve_stop_ids(tokenizer, model.config, getattr(model, "generation_config", None))
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.stop_ids[0])
@@ -72,10 +76,11 @@ class TransformersBackend:
         out: list[list[Completion]] = [[] for _ in prompts]
         batches = plan_batches([len(p) for p in prompts], samples_per_prompt, sampling.max_new_tokens,
                                self.batch_size, self.max_batch_tokens)
+        shared = self.shared_prefix and samples_per_prompt > 1 and shared_prefix.usable(self.model)
         with torch.inference_mode():
             for b, idxs in enumerate(batches):
                 gen = torch.Generator(device=self.device).manual_seed(derive_seed(sampling.seed, b))
-                rows = self._generate_batch([prompts[i] for i in idxs], samples_per_prompt, sampling, gen)
+                rows = self._generate_batch([prompts[i] for i in idxs], samples_per_prompt, sampling, gen, shared)
                 for k, i in enumerate(idxs):
                     out[i] = [self._completion(ids, reason, lps)
                               for ids, reason, lps in rows[k * samples_per_prompt:(k + 1) * samples_per_prompt]]
@@ -87,22 +92,38 @@ class TransformersBackend:
         text = self.tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return Completion(token_ids=tuple(ids), text=text, finish_reason=reason, logprobs=tuple(logprobs))
 
-    def _new_cache(self, capacity: int):
+    def _new_cache(self, prompt_len: int, max_new_tokens: int, shared: bool):
+        """A DynamicCache whose layers are preallocated (or, with ``shared``, keep the prompts once
+        per group: :mod:`tcrlsd.generate.shared_prefix`); the stock one where that cannot be done.
+        Returns ``(cache, shared)``: whether the shared-prefix layers are in use."""
         from transformers import DynamicCache
 
         try:
             cache = DynamicCache(config=self.model.config)
         except TypeError:  # transformers 4.x
-            return DynamicCache()
+            return DynamicCache(), False
         layers = getattr(cache, "layers", None)
         prealloc = _preallocated_layer_class()
-        if prealloc is not None and layers and all(type(x) is prealloc.__mro__[1] for x in layers):
-            cache.layers = [prealloc(capacity) for _ in layers]
-        return cache
+        if prealloc is None or not layers or not all(type(x) is prealloc.__mro__[1] for x in layers):
+            return cache, False
+        if shared:
+            cls = shared_prefix.layer_class()
+            cache.layers = [cls(max_new_tokens) for _ in layers]
+        else:
+            cache.layers = [prealloc(prompt_len + max_new_tokens) for _ in layers]
+        return cache, shared
 
-    def _generate_batch(self, prompts, n: int, sampling: SamplingConfig, gen) -> list[tuple[list[int], str, list[float]]]:
+    def _generate_batch(self, prompts, n: int, sampling: SamplingConfig, gen,
+                        shared: bool = False) -> list[tuple[list[int], str, list[float]]]:
         """Sample ``n`` continuations of each prompt: (ids, finish reason, sampler log-probs) per row,
         rows ordered (prompt, sample)."""
+        cache, shared = self._new_cache(max(len(p) for p in prompts), sampling.max_new_tokens, shared)
+        if not shared:
+            return self._decode(prompts, n, sampling, gen, cache)
+        with shared_prefix.activated(self.model, cache):
+            return self._decode(prompts, n, sampling, gen, cache)
+
+    def _decode(self, prompts, n: int, sampling: SamplingConfig, gen, cache) -> list[tuple[list[int], str, list[float]]]:
         import torch
 
         dev = self.device
@@ -114,9 +135,11 @@ class TransformersBackend:
             mask[i, L - len(p):] = 1
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L) real tokens count from 0
-        cache = self._new_cache(L + T)
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
                             use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1, :]  # (B, V)
+        for layer in getattr(cache, "layers", ()):
+            if hasattr(layer, "set_prefix_mask"):
+                layer.set_prefix_mask(mask)
         if n > 1:  # one prefill per prompt, then the group shares it
             cache.batch_repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)  # (R, V), R = B * n
