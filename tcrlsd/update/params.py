@@ -52,7 +52,7 @@ class UpdateParams:
     shuffle: bool = True
     max_tokens_per_micro_batch: int = 4096
     pack_tokens: int = 4096
-    share_prompts: bool = False
+    share_prompts: bool = True
     logits_chunk_tokens: int = 1024
     # engine
     zero_stage: int = 2
