@@ -44,6 +44,8 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: artifact_digests
+
 ROOT = Path(__file__).resolve().parents[1]
 COPY = [".dvcignore", "dvc.yaml", "params.yaml", "iterations.yaml", "stages", "configs", "data/raw", "tcrlsd",
         "bench/stage_timer.py"]
@@ -104,15 +106,20 @@ def _workspace(work: Path, args) -> None:
 
 
 def _outputs_digest(work: Path) -> str:
+    """One digest of everything the workspace's stages wrote (bench/artifact_digests.py's per-file
+    digests, metrics' timings left out)."""
     import hashlib
 
-    h = hashlib.sha256()
-    for top in ("data/iter-0000", "models/policy-0001"):
-        for path in sorted((work / top).rglob("*")):
-            rel = path.relative_to(work)
-            if path.is_file() and "metrics" not in rel.parts and not any(p.startswith(".") for p in rel.parts):
-                h.update(rel.as_posix().encode() + path.read_bytes())
-    return h.hexdigest()
+    from artifact_digests import digests
+
+    return hashlib.sha256(json.dumps(digests(work, keep_timings=False), sort_keys=True).encode()).hexdigest()
+
+
+def _cells(m: dict, io_s: float) -> dict:
+    """One stage's split of its ``dvc repro`` wall time (``m``: dvc, process_s, main_s; ``io_s``: its
+    Parquet I/O): DVC's overhead, process start-up + imports, and its own work (main() minus I/O)."""
+    return {"dvc": m["dvc"], "ovh": m["dvc"] - m["process_s"], "imp": m["process_s"] - m["main_s"],
+            "own": max(m["main_s"] - io_s, 0.0)}
 
 
 def _clear_outputs(work: Path, stage: str) -> None:
@@ -249,13 +256,12 @@ def main() -> None:
     by_stage = {Path(r["script"]).stem: r for r in records}
     python_start = statistics.median(_run([sys.executable, "-c", "pass"], work) for _ in range(3))
 
+    io = {stage: _parquet_io(work, stage) for stage in STAGES}
     rows = []
     for stage in STAGES:
-        r = by_stage[stage]
-        io = _parquet_io(work, stage)
-        own = max(r["main_s"] - io, 0.0)
-        rows.append({"stage": stage, "dvc": walls[stage], "dvc_overhead": walls[stage] - r["process_s"],
-                     "start_imports": r["process_s"] - r["main_s"], "parquet_io": io, "own": own})
+        c = _cells({**by_stage[stage], "dvc": walls[stage]}, io[stage])
+        rows.append({"stage": stage, "dvc": c["dvc"], "dvc_overhead": c["ovh"], "start_imports": c["imp"],
+                     "parquet_io": io[stage], "own": c["own"]})
     print()
     print(f"one iteration: {args.prompts} prompts x {args.samples} samples, <= {args.max_new_tokens} new tokens, "
           f"{args.threads} torch threads (python start-up alone: {python_start:.2f} s)")
@@ -285,14 +291,11 @@ def main() -> None:
               flush=True)
         with open(work / "bench.log", "a") as log:
             host = _host_arms(work, dvc, args.host_repeats, log)
-        io = {r["stage"]: r["parquet_io"] for r in rows}
         print(f"{'stage':<11}{'arm':<9}{'dvc repro':>10}{'dvc ovh':>9}{'start+imp':>10}{'own work':>10}")
         sums = {arm: {"dvc": 0.0, "ovh": 0.0, "imp": 0.0, "own": 0.0} for arm in ("process", "host")}
         for stage in STAGES:
             for arm in ("process", "host"):
-                m = host["stages"][arm][stage]
-                cells = {"dvc": m["dvc"], "ovh": m["dvc"] - m["process_s"], "imp": m["process_s"] - m["main_s"],
-                         "own": max(m["main_s"] - io[stage], 0.0)}
+                cells = _cells(host["stages"][arm][stage], io[stage])
                 for k, v in cells.items():
                     sums[arm][k] += v
                 print(f"{stage:<11}{arm:<9}{cells['dvc']:>10.2f}{cells['ovh']:>9.2f}{cells['imp']:>10.2f}"
@@ -325,11 +328,10 @@ def main() -> None:
     print(f"stages' own work ({', '.join(GRPO_EQUIVALENT)}): {same:.2f} s -> ratio {same / trl_s:.2f}x TRL")
     print(f"the same stages through dvc repro (with all overhead): {same_wall:.2f} s -> ratio {same_wall / trl_s:.2f}x TRL")
     if host:
-        h = host["stages"]["host"]
-        io = {r["stage"]: r["parquet_io"] for r in rows}
-        own = sum(max(h[s]["main_s"] - io[s], 0.0) for s in GRPO_EQUIVALENT)
-        no_score = own - max(h["score"]["main_s"] - io["score"], 0.0)
-        wall = sum(h[s]["dvc"] for s in GRPO_EQUIVALENT)
+        h = {s: _cells(host["stages"]["host"][s], io[s]) for s in GRPO_EQUIVALENT}
+        own = sum(c["own"] for c in h.values())
+        no_score = own - h["score"]["own"]
+        wall = sum(c["dvc"] for c in h.values())
         print(f"through the warm stage host: stages' own work {own:.2f} s -> {own / trl_s:.2f}x TRL (aim <= 1.5x); "
               f"without the score stage (the teacher forward a GRPO step does not run; the student log-probs come "
               f"from the sampler): {no_score:.2f} s -> {no_score / trl_s:.2f}x; with all overhead {wall:.2f} s -> "
