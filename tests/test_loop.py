@@ -185,6 +185,21 @@ def _rows(preset, seed, greedy, **extra):
              **{k: vals[i] for k, vals in extra.items()}} for i, v in enumerate(greedy)]
 
 
+def test_paired_t_with_equal_differences_is_infinite_not_a_rounding_artefact():
+    from tcrlsd.loop.controls import paired_t
+    from tcrlsd.loop.results import paired_table
+
+    # 0.755 - 0.78 and 0.685 - 0.71 are both -2.5 points, apart only in the last float bits: sd 0
+    assert paired_t([100 * (0.755 - 0.78), 100 * (0.685 - 0.71)]) == (-2.5, 0.0, float("-inf"))
+    assert paired_t([1.0, 1.0, 1.0])[2] == float("inf") and paired_t([0.0, 0.0])[2] == 0.0
+    mean, sd, t = paired_t([10.0, 12.0, 8.0])
+    assert (mean, sd) == (10.0, 2.0) and t == pytest.approx(8.660254)
+    rows = _rows("a", 0, [0.3, 0.78]) + _rows("a", 1, [0.3, 0.71])
+    rows += _rows("p", 0, [0.3, 0.755]) + _rows("p", 1, [0.3, 0.685])
+    line = next(ln for ln in paired_table(rows, ["a", "p"], "a").splitlines() if ln.startswith("| p |"))
+    assert "-2.5 (0.0) | -inf" in line and "differs (peak and final)" in line, line
+
+
 def test_paired_comparison_by_seed_and_its_verdict():
     from tcrlsd.loop.results import paired_table
 

@@ -37,6 +37,17 @@ def _final(rows: list[dict], preset: str) -> dict[int, float]:
     return {s: v for s, (_, v) in last.items()}
 
 
+def paired_t(d: list[float]) -> tuple[float, float, float]:
+    """``(mean, sd, t)`` of paired differences ``d`` (>= 2 of them): Student's t = mean / (sd / sqrt(n)).
+    Differences are rounded to 1e-9 first, so seeds that differ by the same amount (sd 0 up to float
+    rounding) give t = ±inf (0 when the mean is 0 too), not a huge finite number."""
+    d = [round(x, 9) for x in d]
+    mean, sd = statistics.mean(d), statistics.stdev(d)
+    if sd == 0:
+        return mean, 0.0, (math.copysign(math.inf, mean) if mean else 0.0)
+    return mean, sd, mean / (sd / math.sqrt(len(d)))
+
+
 def paired_difference(rows: list[dict], a: str, b: str) -> tuple[float, float | None, float | None, int] | None:
     """``(mean, sd, t, n)`` of ``a − b`` in points of final greedy accuracy over the seeds both ran
     (sd and t None for one seed); None when no seed is shared."""
@@ -46,9 +57,7 @@ def paired_difference(rows: list[dict], a: str, b: str) -> tuple[float, float | 
         return None
     if len(d) == 1:
         return d[0], None, None, 1
-    mean, sd = statistics.mean(d), statistics.stdev(d)
-    t = mean / (sd / math.sqrt(len(d))) if sd > 0 else (math.inf if mean else 0.0)
-    return mean, sd, t, len(d)
+    return (*paired_t(d), len(d))
 
 
 def _cell(p) -> str:

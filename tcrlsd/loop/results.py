@@ -135,6 +135,8 @@ def paired_table(rows: list[dict], presets: list[str], reference: str) -> str:
     """
     lines = [f"| run − {reference} | seeds | greedy peak: mean diff (sd) | t | greedy final: mean diff (sd) | t | verdict |",
              "|---|---|---|---|---|---|---|"]
+    from tcrlsd.loop.controls import paired_t
+
     ref = _curves(rows, reference, "val_greedy")
     for preset in presets:
         if preset == reference:
@@ -148,8 +150,7 @@ def paired_table(rows: list[dict], presets: list[str], reference: str) -> str:
                 cells += [f"{d[0]:+.1f}" if d else "", ""]
                 verdicts.append(None)
                 continue
-            mean, sd = statistics.mean(d), statistics.stdev(d)
-            t = mean / (sd / math.sqrt(len(d))) if sd > 0 else (math.inf if mean else 0.0)
+            mean, sd, t = paired_t(d)
             crit = T_CRIT_95.get(len(d) - 1, 2.0)
             cells += [f"{mean:+.1f} ({sd:.1f})", f"{t:+.2f}"]
             verdicts.append(abs(t) > crit)
