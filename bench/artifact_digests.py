@@ -82,6 +82,9 @@ def make_workspace(work: Path, setting: dict, extra: tuple[str, ...] = ()) -> No
         elif src.exists():
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, work / rel)
+    from tcrlsd.loop.iterations import truncate_iterations
+
+    truncate_iterations(work / "iterations.yaml", 1)  # this checkout's own `tcrlsd iterate` may have appended more
     params = merge_params(yaml.safe_load((work / "params.yaml").read_text()), setting)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["dvc", "init", "--no-scm", "-q"], work)

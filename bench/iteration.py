@@ -90,6 +90,9 @@ def _workspace(work: Path, args) -> None:
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
         else:
             shutil.copy2(src, dst)
+    from tcrlsd.loop.iterations import truncate_iterations
+
+    truncate_iterations(work / "iterations.yaml", 1)  # this checkout's own `tcrlsd iterate` may have appended more
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["warmstart"].update({"steps": args.warmstart_steps, "warmup_steps": min(100, args.warmstart_steps // 5)})
     params["generate"].update({"prompts_per_step": args.prompts, "samples_per_prompt": args.samples,

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tcrlsd.commands.trl_grpo import grpo_settings, load_params, trl_schedule
+from tcrlsd.loop.iterations import truncate_iterations
 from tcrlsd.loop.peers import PEERS, Peer, PeerError, require_peer
 from tcrlsd.presets import apply_preset
 
@@ -130,6 +131,7 @@ def project(tmp_path_factory):
         src, dst = ROOT / rel, work / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    truncate_iterations(work / "iterations.yaml", 1)  # this checkout's own `tcrlsd iterate` may have appended more
     shutil.copytree(ROOT / "tcrlsd", work / "tcrlsd", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((work / "params.yaml").read_text())
     for section in set(SMALL) | set(TINY):

@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from tcrlsd.artifacts import read_artifact
+from tcrlsd.loop.iterations import truncate_iterations
 from tcrlsd.schemas import check_token_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +82,8 @@ def repo(tmp_path_factory):
         else:
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, work / rel)
+    # The first iteration only: `tcrlsd iterate` in this checkout (the README's first command) appends more.
+    truncate_iterations(work / "iterations.yaml", 1)
     # dvc.yaml lists library files as deps; they resolve against the copy.
     shutil.copytree(ROOT / "tcrlsd", work / "tcrlsd", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((work / "params.yaml").read_text())
