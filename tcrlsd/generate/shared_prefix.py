@@ -31,6 +31,7 @@ ATTENTION_NAME = "tcrlsd_shared_prefix"
 # The cache of the generate call in progress: the attention function reads its layers.
 _ACTIVE: ContextVar = ContextVar("tcrlsd_shared_prefix_cache", default=None)
 _LAYER_CLASS: list = []
+_REGISTERED: list = []
 
 
 def _flash_cpu():
@@ -101,7 +102,6 @@ def layer_class():
             self.resp_len = 0
             # (r,) each live row's index in the (group, sample) grid of the prefix; None: row i is slot i
             self.slot = None
-            self.decoding = False
 
         def set_prefix_mask(self, mask_2d) -> None:
             """The prompts' 2-D padding mask ``(B, L)``, 1 = real token; kept additive (0 / -inf) in
@@ -119,7 +119,6 @@ def layer_class():
                 self.is_initialized = True
                 self.keys, self.values = key_states, value_states
                 return key_states, value_states
-            self.decoding = True
             if self.resp_k is None:
                 r, kvh, _, d = key_states.shape
                 self.resp_k = key_states.new_zeros((r, kvh, self.capacity, d))
@@ -131,6 +130,11 @@ def layer_class():
             self.resp_v[:, :, self.resp_len:end] = value_states
             self.resp_len = end
             return self.resp_k[:, :, :end], self.resp_v[:, :, :end]
+
+        @property
+        def decoding(self) -> bool:
+            """A decode step has written its keys (the response buffers exist)."""
+            return self.resp_k is not None
 
         def get_seq_length(self) -> int:
             return 0 if not self.is_initialized else self.prefix_k.shape[-2] + self.resp_len
@@ -177,13 +181,18 @@ def usable(model) -> bool:
 
 
 def _register() -> bool:
+    """Register the attention and mask functions with transformers once per process."""
+    if _REGISTERED:
+        return _REGISTERED[0]
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
+        _REGISTERED.append(False)
         return False
     AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    _REGISTERED.append(True)
     return True
 
 
