@@ -83,6 +83,17 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     return out.reshape(r, 1, h, d), None
 
 
+def write_in_place(k_buf, v_buf, start: int, keys, values, what: str) -> int:
+    """Write ``keys``/``values`` ``(b, h, t, d)`` into preallocated buffers ``(b, h, capacity, d)`` at
+    positions ``start..start+t``; returns the new filled length (a RuntimeError past the capacity)."""
+    end = start + keys.shape[-2]
+    if end > k_buf.shape[2]:
+        raise RuntimeError(f"{what} of {k_buf.shape[2]} positions overflowed ({end})")
+    k_buf[:, :, start:end] = keys
+    v_buf[:, :, start:end] = values
+    return end
+
+
 def layer_class():
     """The cache layer class (built on first use: it subclasses transformers' DynamicLayer)."""
     if _LAYER_CLASS:
@@ -123,13 +134,9 @@ def layer_class():
                 r, kvh, _, d = key_states.shape
                 self.resp_k = key_states.new_zeros((r, kvh, self.capacity, d))
                 self.resp_v = value_states.new_zeros((r, kvh, self.capacity, value_states.shape[-1]))
-            end = self.resp_len + key_states.shape[-2]
-            if end > self.capacity:
-                raise RuntimeError(f"response cache of {self.capacity} positions overflowed ({end})")
-            self.resp_k[:, :, self.resp_len:end] = key_states
-            self.resp_v[:, :, self.resp_len:end] = value_states
-            self.resp_len = end
-            return self.resp_k[:, :, :end], self.resp_v[:, :, :end]
+            self.resp_len = write_in_place(self.resp_k, self.resp_v, self.resp_len, key_states, value_states,
+                                           "response cache")
+            return self.resp_k[:, :, :self.resp_len], self.resp_v[:, :, :self.resp_len]
 
         @property
         def decoding(self) -> bool:

@@ -222,12 +222,7 @@ def _preallocated_layer_class():
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            end = self.length + key_states.shape[-2]
-            if end > self.capacity:
-                raise RuntimeError(f"KV cache of {self.capacity} positions overflowed ({end})")
-            self._k[:, :, self.length:end] = key_states
-            self._v[:, :, self.length:end] = value_states
-            self.length = end
+            self.length = shared_prefix.write_in_place(self._k, self._v, self.length, key_states, value_states, "KV cache")
             self._views()
             return self.keys, self.values
 
